@@ -1,0 +1,85 @@
+"""GSM8K -> verl RL parquet (train.parquet, test.parquet).
+
+Source: the Hugging Face hub (``openai/gsm8k``, config ``main``), or ``--local-dir DIR``
+holding ``train.jsonl`` and ``test.jsonl`` with the same schema (``question``, ``answer``).
+
+Each row: ``data_source="openai/gsm8k"`` (verl's gsm8k scorer), the question followed by
+the instruction in ``verl_format.INSTRUCTIONS["gsm8k"]`` as one user message, and the
+ground truth = the number after the last ``####`` of the worked answer, commas removed.
+
+    python data_prep/gsm8k.py                                   # from the hub, to ~/data/gsm8k
+    python data_prep/gsm8k.py --local-dir ../shared/data/gsm8k --output-dir data/gsm8k
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import verl_format as vf  # noqa: E402  (sibling module; this folder is not a package)
+
+SPLITS = ("train", "test")
+
+
+def convert(row: vf.SourceRow, split: str, index: int) -> dict:
+    """One GSM8K row -> one verl row (BadRowError when a field or the ``#### N`` is missing)."""
+    question = vf.require_str(row, "question")
+    answer = vf.require_str(row, "answer")
+    truth = vf.gsm8k_ground_truth(answer)
+    if truth is None:
+        raise vf.BadRowError(f"{row.where}:{row.line}: no numeric final answer after '####' in field 'answer'")
+    return {
+        "data_source": vf.GSM8K_SOURCE,
+        "prompt": [{"role": "user", "content": f"{question} {vf.INSTRUCTIONS['gsm8k']}"}],
+        "ability": "math",
+        "reward_model": {"style": "rule", "ground_truth": truth},
+        "extra_info": {
+            "split": split,
+            "index": index,
+            "source_file": row.where,
+            "source_line": row.line,
+            "question": question,
+            "answer": answer,
+        },
+    }
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="data_prep/gsm8k.py",
+        description="Write GSM8K as verl RL parquet (train 7,473 rows, test 1,319 rows on the full data).",
+    )
+    parser.add_argument(
+        "--local-dir",
+        default=None,
+        help="folder with train.jsonl and test.jsonl (schema of openai/gsm8k main); default: the HF hub",
+    )
+    vf.add_common_args(parser, default_out="~/data/gsm8k")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    out_dir = Path(args.output_dir).expanduser()
+    for split in SPLITS:
+        if args.local_dir:
+            rows = vf.read_jsonl(Path(args.local_dir).expanduser() / f"{split}.jsonl")
+        else:
+            rows = vf.read_hub("openai/gsm8k", "main", split)
+        try:
+            converted, stats = vf.convert_rows(
+                rows, convert, split, args.skip_bad, progress=None if args.quiet else f"gsm8k {split}"
+            )
+        except vf.BadRowError as exc:
+            print(f"error: {exc} (use --skip-bad to skip bad rows)", file=sys.stderr)
+            return 2
+        path = out_dir / f"{split}.parquet"
+        vf.write_parquet(converted, path)
+        print(vf.report(f"gsm8k {split}", path, stats))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,232 @@
+"""Shared code of ``data_prep/gsm8k.py`` and ``data_prep/math.py``: read, check, convert, write.
+
+Each source row becomes one row of verl's RL parquet format::
+
+    data_source   str   routes to verl's default reward dispatch
+                        (verl.utils.reward_score.default_compute_score):
+                        "openai/gsm8k" -> gsm8k scorer (strict "#### N" match);
+                        "DigitalLearningGmbH/MATH-lighteval", "HuggingFaceH4/MATH-500"
+                        -> math scorer (last \\boxed{} vs ground truth, after string normalisation)
+    prompt        list  chat messages: [{"role": "user", "content": <problem + instruction>}]
+    ability       str   "math"
+    reward_model  dict  {"style": "rule", "ground_truth": <final answer string>}
+    extra_info    dict  {"split", "index", "source_file", "source_line", "question", "answer", ...}
+
+Ground truth
+    GSM8K: the text after the last ``####`` of the worked answer, stripped, commas removed
+    ("#### 1,234" -> "1234"); it must parse as a number.
+    MATH / MATH-500: the content of the last ``\\boxed{...}`` of the solution (verl's own
+    ``last_boxed_only_string`` / ``remove_boxed``). MATH-500 rows also carry an ``answer``
+    field; it must agree with the boxed answer under verl's ``is_equiv`` or the row is bad.
+
+Bad rows (not JSON, not an object, a missing or empty field, no final answer, answers that
+disagree) raise :class:`BadRowError` naming the file and line; with ``skip_bad=True`` they are
+skipped, counted, and reported by the caller -- never silently.
+
+Prompts live in :data:`INSTRUCTIONS` (the one place to change them); they follow verl's own
+``examples/data_preprocess`` phrasing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# --------------------------------------------------------------------------------------------
+# The one place where the prompts are phrased.
+# --------------------------------------------------------------------------------------------
+INSTRUCTIONS: dict[str, str] = {
+    "gsm8k": 'Let\'s think step by step and output the final answer after "####".',
+    "math": "Let's think step by step and output the final answer within \\boxed{}.",
+}
+
+# data_source values understood by verl.utils.reward_score.default_compute_score
+GSM8K_SOURCE = "openai/gsm8k"
+MATH_SOURCE = "DigitalLearningGmbH/MATH-lighteval"
+MATH500_SOURCE = "HuggingFaceH4/MATH-500"
+
+_NUMBER_RE = re.compile(r"^-?[0-9]+(\.[0-9]+)?$")
+_CALCULATOR_RE = re.compile(r"<<[^<>]*>>")
+
+
+class BadRowError(ValueError):
+    """A source row that cannot become a training row; the message names file and line."""
+
+
+@dataclass
+class ConvertStats:
+    """What happened to one split: rows written, rows skipped (with the first few reasons)."""
+
+    written: int = 0
+    skipped: int = 0
+    reasons: list[str] = field(default_factory=list)
+
+    def skip(self, reason: str) -> None:
+        self.skipped += 1
+        if len(self.reasons) < 5:
+            self.reasons.append(reason)
+
+
+@dataclass
+class SourceRow:
+    """One raw row with where it came from (file or hub id, 1-based line or row number)."""
+
+    where: str
+    line: int
+    data: Any
+
+
+# --------------------------------------------------------------------------------------------
+# reading
+# --------------------------------------------------------------------------------------------
+def read_jsonl(path: str | os.PathLike) -> Iterator[SourceRow]:
+    """Yield every non-blank line of a JSON-lines file; lines that are not JSON yield a
+    :class:`SourceRow` whose ``data`` is a :class:`BadRowError` (decided later: raise or skip)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file (expected JSON lines)")
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                obj = BadRowError(f"{path}:{lineno}: not valid JSON ({exc.msg} at column {exc.colno})")
+            yield SourceRow(str(path), lineno, obj)
+
+
+def read_hub(repo: str, config: str | None, split: str) -> Iterator[SourceRow]:
+    """Yield the rows of a Hugging Face hub data set split (needs network and ``datasets``)."""
+    try:
+        import datasets
+    except ImportError as exc:  # pragma: no cover - datasets is a declared dependency of the recipes
+        raise SystemExit(
+            "reading from the Hugging Face hub needs the `datasets` package (pip install datasets); "
+            "or pass --local-dir with JSON-lines copies"
+        ) from exc
+    ds = datasets.load_dataset(repo, config, split=split) if config else datasets.load_dataset(repo, split=split)
+    where = f"hf://{repo}" + (f"/{config}" if config else "") + f"[{split}]"
+    for i, row in enumerate(ds, start=1):
+        yield SourceRow(where, i, dict(row))
+
+
+# --------------------------------------------------------------------------------------------
+# field checks and ground truth
+# --------------------------------------------------------------------------------------------
+def require_str(row: SourceRow, name: str) -> str:
+    """Return a non-empty string field or raise BadRowError naming file, line and field."""
+    if not isinstance(row.data, dict):
+        raise BadRowError(f"{row.where}:{row.line}: expected a JSON object, got {type(row.data).__name__}")
+    if name not in row.data or row.data[name] is None:
+        raise BadRowError(f"{row.where}:{row.line}: missing field {name!r} (fields: {sorted(row.data)})")
+    value = row.data[name]
+    if not isinstance(value, str) or not value.strip():
+        raise BadRowError(f"{row.where}:{row.line}: field {name!r} must be a non-empty string, got {value!r}")
+    return value
+
+
+def gsm8k_ground_truth(answer: str) -> str | None:
+    """Final answer of a GSM8K worked solution: the text after the last ``####``, commas
+    removed (verl's gsm8k scorer removes them from the model's answer too); None if absent
+    or not a number."""
+    if "####" not in answer:
+        return None
+    final = answer.rsplit("####", 1)[1].strip().replace(",", "")
+    return final if _NUMBER_RE.match(final) else None
+
+
+def gsm8k_model_style(answer: str) -> str:
+    """A GSM8K reference solution as a model would write it: calculator annotations
+    ``<<48/2=24>>`` removed, the ``#### N`` line kept."""
+    return _CALCULATOR_RE.sub("", answer)
+
+
+def boxed_answer(solution: str) -> str | None:
+    """Content of the last ``\\boxed{...}`` (or ``\\fbox``) of a solution, with verl's parser."""
+    from verl.utils.reward_score.math_reward import last_boxed_only_string, remove_boxed
+
+    boxed = last_boxed_only_string(solution)
+    if boxed is None:
+        return None
+    try:
+        inner = remove_boxed(boxed)
+    except AssertionError:
+        return None
+    return inner.strip() or None
+
+
+def answers_agree(a: str, b: str) -> bool:
+    """verl's math equivalence (string normalisation: fractions, units, spaces, ...)."""
+    from verl.utils.reward_score.math_reward import is_equiv
+
+    return bool(is_equiv(a, b))
+
+
+# --------------------------------------------------------------------------------------------
+# conversion
+# --------------------------------------------------------------------------------------------
+RowConverter = Callable[[SourceRow, str, int], dict]
+
+
+def convert_rows(
+    rows: Iterable[SourceRow], convert: RowConverter, split: str, skip_bad: bool, progress: str | None = None
+) -> tuple[list[dict], ConvertStats]:
+    """Apply ``convert(row, split, index)`` to every row; a BadRowError is raised, or with
+    ``skip_bad`` counted in the returned stats. ``index`` counts written rows from 0."""
+    from tqdm import tqdm
+
+    out: list[dict] = []
+    stats = ConvertStats()
+    for row in tqdm(rows, desc=progress or split, unit="row", leave=False, disable=progress is None):
+        try:
+            if isinstance(row.data, BadRowError):
+                raise row.data
+            out.append(convert(row, split, len(out)))
+        except BadRowError as exc:
+            if not skip_bad:
+                raise
+            stats.skip(str(exc))
+    stats.written = len(out)
+    return out, stats
+
+
+def write_parquet(rows: list[dict], path: Path) -> None:
+    """Write rows with pyarrow (nested prompt / reward_model / extra_info as list/struct columns)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if not rows:
+        raise ValueError(f"refusing to write {path}: no rows left (all bad?)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), path)
+
+
+def report(name: str, path: Path, stats: ConvertStats) -> str:
+    """One line per written split: ``<name>: wrote N rows to PATH (skipped K bad rows: ...)``."""
+    line = f"{name}: wrote {stats.written} rows to {path}"
+    if stats.skipped:
+        line += f" (skipped {stats.skipped} bad rows; first: {stats.reasons[0]})"
+    return line
+
+
+def add_common_args(parser: argparse.ArgumentParser, default_out: str) -> None:
+    """Options shared by both scripts."""
+    parser.add_argument(
+        "--output-dir",
+        default=default_out,
+        help=f"where train.parquet and test.parquet go (default: {default_out})",
+    )
+    parser.add_argument(
+        "--skip-bad",
+        action="store_true",
+        help="skip bad rows (not JSON, missing fields, no final answer) and report how many; "
+        "default: stop with an error naming file and line",
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")

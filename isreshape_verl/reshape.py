@@ -1,0 +1,214 @@
+"""IS Reshape in plain torch: the weight g(r, A), the surrogate f(r) and a per-token loss.
+
+For a token with ratio r = π_θ/μ (μ the behaviour policy that sampled it) and advantage A,
+
+    surrogate      f(r) = (1 − γ)·log r + γ·F_K(r),      F_K(r) = ∫₁ʳ K(t − 1) dt
+    token loss     ℓ = −f(r)·A
+    gradient       ∂ℓ/∂log π_θ = −g(r, A)·A,             g(r, A) = r·f'(r) = (1 − γ) + γ·r·K(r − 1)
+
+γ = γ(r, A) ∈ [0, 1] is treated as a constant (never back-propagated). γ = 0 gives the SFT-like
+weight 1 (REINFORCE on μ's samples), γ = 1 with K ≡ 1 gives plain importance sampling (weight r),
+and g(1, A) = 1 for every kernel and every γ.
+
+This module never imports verl, so any trainer can use it:
+
+    params = ISReshapeParams(kernel="sech2", width=1.0)
+    token_loss = is_reshape_token_loss(log_prob, old_log_prob, advantages, params)  # (B, T)
+    loss = (token_loss * mask).sum() / mask.sum()
+    loss.backward()
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+from isreshape_verl.kernels import KERNEL_NAMES, check_kernel_name, kernel_integral, kernel_value
+
+GAMMA_MODES = ("fixed", "correctness", "magnitude", "combined")
+
+
+@dataclass
+class ISReshapeParams:
+    """Hyperparameters of the IS Reshape weight. Ranges are checked on construction."""
+
+    kernel: str = "sech2"
+    """Localization kernel K: gaussian | sech2 | cauchy | laplace | epanechnikov | box.
+    sech2 is SAPO's kernel (smooth, moderate tails); cauchy is the most tolerant; box is PPO-clip's."""
+
+    width: float = 1.0
+    """Kernel width w > 0 for tokens with A > 0; larger = wider trust region, more RL-like.
+    SAPO's τ_pos corresponds to sech2 with w = 2/τ. Recommended 0.5–2."""
+
+    width_neg: float | None = None
+    """Kernel width for tokens with A ≤ 0 (None = same as `width`). SAPO's τ_neg ↔ w = 2/τ_neg."""
+
+    one_sided: bool = False
+    """Apply K only on the side the update pushes away from μ (r > 1 when A > 0, r < 1 when A ≤ 0);
+    K = 1 on the other side. box + one_sided + γ = 1 with widths (ε_high, ε_low) is PPO-clip."""
+
+    gamma_mode: str = "correctness"
+    """How γ (SFT-like ↔ kernelized IS) is chosen per token: fixed | correctness | magnitude | combined.
+    fixed: γ = gamma. correctness: γ = γ_b + (γ_m − γ_b)·σ(−A·log r/τ). magnitude:
+    γ = γ_b + (γ_m − γ_b)·(2σ(β|A|) − 1). combined: the product of both factors."""
+
+    gamma: float = 1.0
+    """γ for gamma_mode=fixed, in [0, 1]. 0 = SFT-like weight 1, 1 = pure kernelized IS."""
+
+    gamma_base: float = 0.5
+    """Lower end γ_b of adaptive γ, in [0, 1]; reached on 'right' tokens (A·log r ≫ 0) and weak |A|."""
+
+    gamma_max: float = 1.0
+    """Upper end γ_m of adaptive γ, in [γ_b, 1]; reached on 'wrong' tokens (A·log r ≪ 0) and strong |A|."""
+
+    gamma_tau: float = 0.1
+    """Temperature τ_c > 0 of the correctness sigmoid σ(−A·log r/τ_c); smaller = sharper switch."""
+
+    gamma_beta: float = 1.0
+    """Slope β > 0 of the magnitude factor 2σ(β|A|) − 1."""
+
+    log_ratio_clamp: float = 20.0
+    """|log r| is clamped to this before exp (overflow guard, as verl's losses do with 20). > 0."""
+
+    def __post_init__(self):
+        check_kernel_name(self.kernel)
+        if self.gamma_mode not in GAMMA_MODES:
+            raise ValueError(f"gamma_mode={self.gamma_mode!r} is not known; allowed: {', '.join(GAMMA_MODES)}")
+        for key in ("width", "width_neg", "gamma_tau", "gamma_beta", "log_ratio_clamp"):
+            value = getattr(self, key)
+            if value is None and key == "width_neg":
+                continue
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"{key}={value!r} is not allowed; it must be a finite number > 0")
+        for key in ("gamma", "gamma_base", "gamma_max"):
+            value = getattr(self, key)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= value <= 1.0:
+                raise ValueError(f"{key}={value!r} is not allowed; it must be a number in [0, 1]")
+        if self.gamma_base > self.gamma_max:
+            raise ValueError(
+                f"gamma_base={self.gamma_base!r} > gamma_max={self.gamma_max!r}; gamma_base must be <= gamma_max"
+            )
+        if not isinstance(self.one_sided, bool):
+            raise ValueError(f"one_sided={self.one_sided!r} is not allowed; it must be true or false")
+
+    @property
+    def effective_width_neg(self) -> float:
+        return self.width if self.width_neg is None else self.width_neg
+
+
+class ReshapeTerms(NamedTuple):
+    """Per-token quantities of IS Reshape, all (B, T) and detached when built by `is_reshape_token_loss`."""
+
+    log_ratio: torch.Tensor  # clamp(log π_θ − log μ, ±log_ratio_clamp)
+    ratio: torch.Tensor  # r = exp(log_ratio)
+    kernel: torch.Tensor  # K(r − 1), 1 on the safe side when one_sided
+    gamma: torch.Tensor  # γ(r, A)
+    weight: torch.Tensor  # g(r, A) = (1 − γ) + γ·r·K
+    surrogate: torch.Tensor  # f(r) = (1 − γ)·log r + γ·F_K(r)
+
+
+def mixing_gamma(params: ISReshapeParams, log_ratio: torch.Tensor, advantages: torch.Tensor) -> torch.Tensor:
+    """γ(r, A) ∈ [gamma_base, gamma_max] (or `gamma` when fixed), elementwise.
+
+    correctness factor  c = σ(−A·log r / τ_c):  → 1 on 'wrong' tokens (r > 1, A < 0 or r < 1, A > 0),
+                                                 → 0 on 'right' tokens (r > 1, A > 0 or r < 1, A < 0).
+    magnitude factor    m = 2σ(β·|A|) − 1 ∈ [0, 1): → 1 when the reward signal is strong.
+    """
+    mode = params.gamma_mode
+    if mode == "fixed":
+        return torch.full_like(log_ratio, params.gamma)
+    span = params.gamma_max - params.gamma_base
+    if mode == "correctness":
+        factor = torch.sigmoid(-advantages * log_ratio / params.gamma_tau)
+    elif mode == "magnitude":
+        factor = 2.0 * torch.sigmoid(params.gamma_beta * advantages.abs()) - 1.0
+    else:  # combined
+        factor = (2.0 * torch.sigmoid(params.gamma_beta * advantages.abs()) - 1.0) * torch.sigmoid(
+            -advantages * log_ratio / params.gamma_tau
+        )
+    return params.gamma_base + span * factor
+
+
+def reshape_terms(params: ISReshapeParams, log_ratio: torch.Tensor, advantages: torch.Tensor) -> ReshapeTerms:
+    """All IS Reshape quantities from an (already clamped) log ratio; differentiable in `log_ratio`.
+
+    One-sided kernels act on x_eff, which equals x = r − 1 on the side the update pushes away from μ
+    and 0 on the other side, so K(x_eff) = 1 there and F = F_K(x_eff) + (x − x_eff) (∫ 1 dt).
+    """
+    ratio = torch.exp(log_ratio)
+    x = ratio - 1.0
+    positive = advantages > 0
+    width = params.width
+    if params.width_neg is not None and params.width_neg != params.width:
+        width = torch.where(positive, params.width, params.width_neg).to(x.dtype)
+    if params.one_sided:
+        x_eff = torch.where(positive, x.clamp(min=0.0), x.clamp(max=0.0))
+        kernel = kernel_value(params.kernel, x_eff, width)
+        integral = kernel_integral(params.kernel, x_eff, width) + (x - x_eff)
+    else:
+        kernel = kernel_value(params.kernel, x, width)
+        integral = kernel_integral(params.kernel, x, width)
+    gamma = mixing_gamma(params, log_ratio, advantages)
+    weight = (1.0 - gamma) + gamma * ratio * kernel
+    surrogate = (1.0 - gamma) * log_ratio + gamma * integral
+    return ReshapeTerms(log_ratio, ratio, kernel, gamma, weight, surrogate)
+
+
+class _SurrogateWithWeight(torch.autograd.Function):
+    """Returns the token loss −f(r)·A and back-propagates ∂ℓ/∂log π_θ = −g(r, A)·A.
+
+    The weight is computed once, under no_grad, so backward is a single multiply and saves a single
+    (B, T) tensor; autograd through the kernel formulas would save several.
+    """
+
+    @staticmethod
+    def forward(ctx, log_prob, token_loss, grad_factor):  # all (B, T)
+        ctx.save_for_backward(grad_factor)
+        ctx.input_dtype = log_prob.dtype
+        return token_loss
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (grad_factor,) = ctx.saved_tensors
+        return (grad_output * grad_factor).to(ctx.input_dtype), None, None
+
+
+def is_reshape_token_loss(
+    log_prob: torch.Tensor,
+    old_log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    params: ISReshapeParams,
+    return_terms: bool = False,
+):
+    """Per-token IS Reshape loss ℓ = −f(r)·A, (B, T), whose gradient w.r.t. log_prob is −g(r, A)·A.
+
+    Computed in float32 at least (bf16/fp16 inputs are upcast); gradients flow back in log_prob's dtype.
+    r = exp(clamp(log_prob − old_log_prob, ±log_ratio_clamp)); the clamp bounds r inside the weight but
+    does not cut the gradient (−g(r_clamped)·A still reaches every token). γ is detached.
+    Aggregate (mask, mean) as you like; with `return_terms` also returns the detached `ReshapeTerms`.
+    """
+    compute_dtype = torch.promote_types(log_prob.dtype, torch.float32)
+    with torch.no_grad():
+        adv = advantages.to(compute_dtype)
+        log_ratio = (log_prob.to(compute_dtype) - old_log_prob.to(compute_dtype)).clamp(
+            -params.log_ratio_clamp, params.log_ratio_clamp
+        )
+        terms = reshape_terms(params, log_ratio, adv)
+        token_loss = -terms.surrogate * adv
+        grad_factor = -terms.weight * adv
+    token_loss = _SurrogateWithWeight.apply(log_prob, token_loss, grad_factor)
+    return (token_loss, terms) if return_terms else token_loss
+
+
+__all__ = [
+    "GAMMA_MODES",
+    "KERNEL_NAMES",
+    "ISReshapeParams",
+    "ReshapeTerms",
+    "is_reshape_token_loss",
+    "mixing_gamma",
+    "reshape_terms",
+]
