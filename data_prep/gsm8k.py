@@ -13,12 +13,18 @@ ground truth = the number after the last ``####`` of the worked answer, commas r
 
 from __future__ import annotations
 
-import argparse
 import sys
-from pathlib import Path
+from os import path as _osp
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import verl_format as vf  # noqa: E402  (sibling module; this folder is not a package)
+# Make the sibling module verl_format importable (this folder is not a package) without
+# putting data_prep/ ahead of the standard library: data_prep/math.py would shadow `math`.
+_HERE = _osp.dirname(_osp.abspath(__file__))
+sys.path[:] = [p for p in sys.path if _osp.abspath(p or ".") != _HERE] + [_HERE]
+
+import argparse  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import verl_format as vf  # noqa: E402
 
 SPLITS = ("train", "test")
 

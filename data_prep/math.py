@@ -41,7 +41,7 @@ def convert_math(row: vf.SourceRow, split: str, index: int) -> dict:
     """A MATH (lighteval schema) row -> a verl row; the ground truth is the last \\boxed{}."""
     problem = vf.require_str(row, "problem")
     solution = vf.require_str(row, "solution")
-    truth = vf.boxed_answer(solution)
+    truth = vf.boxed_answer(solution) or vf.math_erratum(problem)
     if truth is None:
         raise vf.BadRowError(f"{row.where}:{row.line}: no \\boxed{{}} final answer in field 'solution'")
     return _row(vf.MATH_SOURCE, row, split, index, problem, solution, truth,

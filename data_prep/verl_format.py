@@ -16,7 +16,8 @@ Ground truth
     GSM8K: the text after the last ``####`` of the worked answer, stripped, commas removed
     ("#### 1,234" -> "1234"); it must parse as a number.
     MATH / MATH-500: the content of the last ``\\boxed{...}`` of the solution (verl's own
-    ``last_boxed_only_string`` / ``remove_boxed``). MATH-500 rows also carry an ``answer``
+    ``last_boxed_only_string`` / ``remove_boxed``); the two real MATH train rows whose box is
+    empty take their answer from :data:`MATH_ERRATA`. MATH-500 rows also carry an ``answer``
     field; it must agree with the boxed answer under verl's ``is_equiv`` or the row is bad.
 
 Bad rows (not JSON, not an object, a missing or empty field, no final answer, answers that
@@ -50,6 +51,21 @@ INSTRUCTIONS: dict[str, str] = {
 GSM8K_SOURCE = "openai/gsm8k"
 MATH_SOURCE = "DigitalLearningGmbH/MATH-lighteval"
 MATH500_SOURCE = "HuggingFaceH4/MATH-500"
+
+# Rows of the real MATH release whose solution ends in an EMPTY \\boxed{} (the answer was lost
+# when the data set was typeset). Keyed by the SHA-256 of the problem text so that hub and
+# local copies both match; value = (ground truth, why). Both are multiple-choice questions
+# whose worked solution proves the count is 0 (choice A).
+MATH_ERRATA: dict[str, tuple[str, str]] = {
+    "6bf518e40168794fbba95ee91ea9d554d1df9d1e01976b708d82702736b488c7": (
+        "0",
+        "train/number_theory/7115.json: 'there are \\boxed{} primes in that range'; the solution shows none",
+    ),
+    "debc1683173552965f459a0842c34b946893bc89d68e686bc97eca8e04a94c2a": (
+        "0",
+        "train/number_theory/7117.json: 'P+n is not prime for any n, so the answer is \\boxed{}' (N = 0)",
+    ),
+}
 
 _NUMBER_RE = re.compile(r"^-?[0-9]+(\.[0-9]+)?$")
 _CALCULATOR_RE = re.compile(r"<<[^<>]*>>")
@@ -160,6 +176,14 @@ def boxed_answer(solution: str) -> str | None:
     except AssertionError:
         return None
     return inner.strip() or None
+
+
+def math_erratum(problem: str) -> str | None:
+    """Ground truth from :data:`MATH_ERRATA` for a problem whose solution has an empty box, else None."""
+    import hashlib
+
+    hit = MATH_ERRATA.get(hashlib.sha256(problem.encode("utf-8")).hexdigest())
+    return hit[0] if hit else None
 
 
 def answers_agree(a: str, b: str) -> bool:
