@@ -1,0 +1,235 @@
+"""data_prep/gsm8k.py and data_prep/math.py on the real data in ../shared/data.
+
+The scripts are run as subprocesses exactly as the README says (``python data_prep/math.py``
+must work although its name shadows the stdlib ``math``); bad-row handling is tested
+in-process on small hand-written files.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data"
+needs_data = pytest.mark.skipif(
+    not (DATA / "gsm8k" / "train.jsonl").is_file(),
+    reason=f"real data not found at {DATA} (CI copies shared/ beside the repo)",
+)
+
+
+def _load(name: str):
+    """Import a data_prep script as a module (the folder is not a package)."""
+    key = f"_dp_{name}"
+    if key in sys.modules:
+        return sys.modules[key]
+    spec = importlib.util.spec_from_file_location(key, REPO / "data_prep" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[key] = mod  # dataclasses need their module registered
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _run(args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def gsm8k_out(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gsm8k")
+    proc = _run(["data_prep/gsm8k.py", "--local-dir", "../shared/data/gsm8k", "--output-dir", str(out), "--quiet"])
+    assert proc.returncode == 0, proc.stderr
+    return out, proc.stdout
+
+
+@pytest.fixture(scope="module")
+def math_out(tmp_path_factory):
+    out = tmp_path_factory.mktemp("math")
+    proc = _run(["data_prep/math.py", "--local-dir", "../shared/data/math", "--output-dir", str(out), "--quiet"])
+    assert proc.returncode == 0, proc.stderr
+    return out, proc.stdout
+
+
+@needs_data
+def test_gsm8k_row_counts_and_schema(gsm8k_out):
+    out, stdout = gsm8k_out
+    assert f"gsm8k train: wrote 7473 rows to {out / 'train.parquet'}" in stdout
+    assert f"gsm8k test: wrote 1319 rows to {out / 'test.parquet'}" in stdout
+    train = pd.read_parquet(out / "train.parquet")
+    test = pd.read_parquet(out / "test.parquet")
+    assert (len(train), len(test)) == (7473, 1319)
+    assert list(train.columns) == ["data_source", "prompt", "ability", "reward_model", "extra_info"]
+    assert set(train.data_source) == {"openai/gsm8k"}
+    row = test.iloc[0]
+    assert row.prompt[0]["role"] == "user"
+    assert row.prompt[0]["content"].startswith("Janet\u2019s ducks lay 16 eggs per day.")
+    assert row.prompt[0]["content"].endswith('output the final answer after "####".')
+    assert row.reward_model == {"style": "rule", "ground_truth": "18"}
+    assert row.extra_info["split"] == "test" and row.extra_info["index"] == 0
+    # every row has a numeric ground truth, commas removed
+    for frame in (train, test):
+        truths = frame.reward_model.map(lambda r: r["ground_truth"])
+        assert truths.str.fullmatch(r"-?[0-9]+(\.[0-9]+)?").all()
+    comma_rows = train[train.extra_info.map(lambda e: "," in e["answer"].rsplit("####", 1)[1])]
+    assert len(comma_rows) > 0
+    assert "," not in "".join(comma_rows.reward_model.map(lambda r: r["ground_truth"]))
+
+
+@needs_data
+def test_math_row_counts_default_and_full(math_out, tmp_path):
+    out, stdout = math_out
+    assert "math train: wrote 7500 rows" in stdout
+    assert "math test (math500): wrote 500 rows" in stdout
+    train = pd.read_parquet(out / "train.parquet")
+    test = pd.read_parquet(out / "test.parquet")
+    assert (len(train), len(test)) == (7500, 500)
+    assert set(train.data_source) == {"DigitalLearningGmbH/MATH-lighteval"}
+    assert set(test.data_source) == {"HuggingFaceH4/MATH-500"}
+    assert train.prompt.map(lambda p: p[0]["content"].endswith("final answer within \\boxed{}.")).all()
+    # every row gets a non-empty ground truth (the two empty-box train rows come from the errata)
+    assert train.reward_model.map(lambda r: bool(r["ground_truth"])).all()
+    assert test.reward_model.map(lambda r: bool(r["ground_truth"])).all()
+    errata = train[train.extra_info.map(lambda e: "\\boxed{}" in e["solution"])]
+    assert sorted(errata.extra_info.map(lambda e: e["unique_id"])) == [
+        "train/number_theory/7115.json",
+        "train/number_theory/7117.json",
+    ]
+    assert set(errata.reward_model.map(lambda r: r["ground_truth"])) == {"0"}
+    # MATH-500 is a subset of MATH test, not of MATH train
+    assert not set(test.extra_info.map(lambda e: e["unique_id"])) & set(train.extra_info.map(lambda e: e["unique_id"]))
+
+    full = tmp_path / "full"
+    proc = _run(["data_prep/math.py", "--local-dir", "../shared/data/math", "--test-set", "full",
+                 "--output-dir", str(full), "--quiet"])
+    assert proc.returncode == 0, proc.stderr
+    assert "math test (full): wrote 5000 rows" in proc.stdout
+    assert len(pd.read_parquet(full / "test.parquet")) == 5000
+
+
+def _acceptance(frame: pd.DataFrame, reference) -> tuple[int, list[str]]:
+    """Score each row's reference solution with verl's dispatch; return (accepted, exceptions)."""
+    from verl.utils.reward_score import default_compute_score
+
+    ok, bad = 0, []
+    for row in frame.itertuples():
+        score = default_compute_score(row.data_source, reference(row.extra_info), row.reward_model["ground_truth"])
+        if float(score) == 1.0:
+            ok += 1
+        else:
+            bad.append(f"{row.extra_info['source_file']}:{row.extra_info['source_line']}")
+    return ok, bad
+
+
+@needs_data
+def test_verl_scorer_accepts_reference_solutions(gsm8k_out, math_out):
+    """verl's default reward dispatch scores the reference solution (as a model would write it)
+    1.0 on >= 99 % of GSM8K test and MATH-500 rows. Measured: 1319/1319 and 500/500."""
+    vf = _load("gsm8k").vf  # the very module the scripts use
+    gsm = pd.read_parquet(gsm8k_out[0] / "test.parquet")
+    ok, exceptions = _acceptance(gsm, lambda e: vf.gsm8k_model_style(e["answer"]))
+    print(f"GSM8K test: {ok}/{len(gsm)} accepted; exceptions: {exceptions}")
+    assert ok / len(gsm) >= 0.99 and exceptions == [], exceptions
+    # the model-style text has no calculator annotations but keeps the final line
+    sample = vf.gsm8k_model_style(gsm.iloc[0].extra_info["answer"])
+    assert "<<" not in sample and sample.endswith("#### 18")
+
+    m500 = pd.read_parquet(math_out[0] / "test.parquet")
+    ok, exceptions = _acceptance(m500, lambda e: e["solution"])
+    print(f"MATH-500: {ok}/{len(m500)} accepted; exceptions: {exceptions}")
+    assert ok / len(m500) >= 0.99 and exceptions == [], exceptions
+
+    # the scorer is not trivially generous: a wrong final answer scores 0
+    from verl.utils.reward_score import default_compute_score
+
+    assert default_compute_score("openai/gsm8k", "so #### 17", "18") == 0
+    assert default_compute_score("HuggingFaceH4/MATH-500", "\\boxed{3}", m500.iloc[0].reward_model["ground_truth"]) == 0
+
+
+@needs_data
+def test_math500_answer_field_agrees_with_boxed():
+    vf = _load("gsm8k").vf  # the very module the scripts use
+    rows = [json.loads(line) for line in (DATA / "math500" / "test.jsonl").open()]
+    disagree = [r["unique_id"] for r in rows if not vf.answers_agree(vf.boxed_answer(r["solution"]), r["answer"])]
+    assert len(rows) == 500 and disagree == []
+
+
+def _write(path: Path, lines: list[str]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def test_bad_rows_error_with_file_and_line_or_skip(tmp_path, capsys):
+    gsm8k = _load("gsm8k")
+    good = json.dumps({"question": "1+1?", "answer": "1+1=<<1+1=2>>2\n#### 2"})
+    src = tmp_path / "src"
+    _write(src / "test.jsonl", [good])
+    _write(src / "train.jsonl", [good, "{not json", json.dumps({"question": "q"}),
+                                 json.dumps({"question": "q", "answer": "no final answer"}), "", good])
+    out = tmp_path / "out"
+    assert gsm8k.main(["--local-dir", str(src), "--output-dir", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"{src / 'train.jsonl'}:2: not valid JSON" in err and "--skip-bad" in err
+    assert not (out / "train.parquet").exists()
+
+    assert gsm8k.main(["--local-dir", str(src), "--output-dir", str(out), "--quiet", "--skip-bad"]) == 0
+    stdout = capsys.readouterr().out
+    assert "gsm8k train: wrote 2 rows" in stdout and "skipped 3 bad rows" in stdout
+    assert "gsm8k test: wrote 1 rows" in stdout
+    train = pd.read_parquet(out / "train.parquet")
+    assert list(train.extra_info.map(lambda e: e["source_line"])) == [1, 6]
+    assert list(train.extra_info.map(lambda e: e["index"])) == [0, 1]
+
+
+def test_bad_row_reasons_name_the_problem(tmp_path):
+    vf = _load("gsm8k").vf  # the very module the scripts use
+    gsm8k = _load("gsm8k")
+    math_mod = _load("math")
+    row = vf.SourceRow("f.jsonl", 7, {"question": "q"})
+    with pytest.raises(vf.BadRowError, match=r"f\.jsonl:7: missing field 'answer'"):
+        gsm8k.convert(row, "train", 0)
+    with pytest.raises(vf.BadRowError, match=r"f\.jsonl:3: no numeric final answer"):
+        gsm8k.convert(vf.SourceRow("f.jsonl", 3, {"question": "q", "answer": "#### many"}), "train", 0)
+    with pytest.raises(vf.BadRowError, match=r"expected a JSON object, got list"):
+        gsm8k.convert(vf.SourceRow("f.jsonl", 4, [1, 2]), "train", 0)
+    with pytest.raises(vf.BadRowError, match=r"f\.jsonl:5: no \\boxed\{\} final answer"):
+        math_mod.convert_math(vf.SourceRow("f.jsonl", 5, {"problem": "p", "solution": "it is 4"}), "train", 0)
+    with pytest.raises(vf.BadRowError, match=r"disagrees with 'answer' \('5'\)"):
+        math_mod.convert_math500(
+            vf.SourceRow("f.jsonl", 6, {"problem": "p", "solution": "\\boxed{4}", "answer": "5"}), "test", 0
+        )
+    # equivalent spellings agree (verl's normalisation)
+    ok = math_mod.convert_math500(
+        vf.SourceRow("f.jsonl", 8, {"problem": "p", "solution": "so \\boxed{\\frac12}", "answer": "\\frac{1}{2}"}),
+        "test", 0,
+    )
+    assert ok["reward_model"]["ground_truth"] == "\\frac12"
+    assert vf.gsm8k_ground_truth("x\n#### 1,234") == "1234"
+    assert vf.gsm8k_ground_truth("x\n#### -3.5") == "-3.5"
+
+
+def test_math_script_runs_as_documented_despite_stdlib_shadowing(tmp_path):
+    """`python data_prep/math.py` puts data_prep/ on sys.path[0]; the script must still get the
+    stdlib math (pyarrow, numpy and verl import it) and write parquet."""
+    src = tmp_path / "m"
+    row = {"problem": "What is $\\sqrt{16}$?", "solution": "It is $\\boxed{4}$.", "level": "Level 1", "type": "Algebra"}
+    _write(src / "train.jsonl", [json.dumps(row)])
+    _write(src / "test.jsonl", [json.dumps(row)])
+    out = tmp_path / "out"
+    proc = _run(["data_prep/math.py", "--local-dir", str(src), "--test-set", "full", "--output-dir", str(out)])
+    assert proc.returncode == 0, proc.stderr
+    assert "math train: wrote 1 rows" in proc.stdout and "math test (full): wrote 1 rows" in proc.stdout
+    assert pd.read_parquet(out / "test.parquet").iloc[0].reward_model["ground_truth"] == "4"
+    # and the help works from anywhere (cwd = data_prep itself puts the folder first too)
+    proc = subprocess.run([sys.executable, "math.py", "--help"], cwd=REPO / "data_prep",
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "--test-set {math500,full}" in proc.stdout, proc.stderr
+    # math500 with --local-dir but no math500 folder next to it: a clear error
+    proc = _run(["data_prep/math.py", "--local-dir", str(src), "--output-dir", str(out)])
+    assert proc.returncode != 0 and "--math500-dir" in proc.stderr
