@@ -143,7 +143,7 @@ def reshape_terms(params: ISReshapeParams, log_ratio: torch.Tensor, advantages: 
     positive = advantages > 0
     width = params.width
     if params.width_neg is not None and params.width_neg != params.width:
-        width = torch.where(positive, params.width, params.width_neg).to(x.dtype)
+        width = torch.where(positive, x.new_tensor(params.width), x.new_tensor(params.width_neg))
     if params.one_sided:
         x_eff = torch.where(positive, x.clamp(min=0.0), x.clamp(max=0.0))
         kernel = kernel_value(params.kernel, x_eff, width)

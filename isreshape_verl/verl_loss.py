@@ -115,7 +115,8 @@ def compute_policy_loss_is_reshape(
     with torch.no_grad():
         finite = torch.isfinite(log_prob.detach() - old_log_prob) & torch.isfinite(advantages)
         valid = response_mask & finite
-    if not bool(finite.all()):
+        all_finite, any_valid = torch.stack([finite.all(), valid.any()]).tolist()
+    if not all_finite:
         # Replace bad positions (log r = 0, A = 0) so that NaN never reaches the loss or gradient (0·NaN = NaN).
         clean = log_prob.detach().nan_to_num(0.0, 0.0, 0.0)
         log_prob = torch.where(finite, log_prob, clean)
@@ -126,9 +127,12 @@ def compute_policy_loss_is_reshape(
     if rollout_is_weights is not None:
         token_loss = token_loss * rollout_is_weights
 
-    pg_loss = agg_loss(
-        loss_mat=token_loss, loss_mask=valid, loss_agg_mode=loss_agg_mode, **config.global_batch_info
-    ).to(log_prob.dtype)
+    if any_valid:
+        pg_loss = agg_loss(
+            loss_mat=token_loss, loss_mask=valid, loss_agg_mode=loss_agg_mode, **config.global_batch_info
+        ).to(log_prob.dtype)
+    else:  # nothing to learn from; agg_loss's local means would divide 0 by 0
+        pg_loss = (token_loss * valid).sum().to(log_prob.dtype)
 
     with torch.no_grad():
         metrics = _reshape_metrics(terms, advantages, valid, response_mask.sum())
