@@ -1,0 +1,305 @@
+# shellcheck shell=bash
+# Shared defaults of every recipe (the one place): sourced by recipes/<dataset>/<loss>.sh.
+#
+# A recipe calls `run_recipe DATASET LOSS "$@"`. Every knob below is an environment
+# variable with a default; any other verl setting is a Hydra override passed as an extra
+# argument (it comes last, so it wins):
+#
+#   MODEL=Qwen/Qwen2.5-3B-Instruct ASYNC=colocate bash recipes/gsm8k/grpo.sh trainer.total_epochs=5
+#
+# DRY_RUN=1 prints the exact command and checks it with isreshape_verl.recipe_check (verl's
+# Hydra config + dataclasses + validate_config + v1 trainer start-up assertions) without
+# launching; RECIPE_CHECK=0 skips the check (for a machine without verl installed).
+
+recipe_usage() {
+    cat <<EOF
+usage: [KNOB=value ...] bash recipes/${1:-DATASET}/${2:-LOSS}.sh [--help] [hydra.key=value ...]
+
+Runs verl 0.9.1 (python -m verl.trainer.main_ppo) with this recipe's settings; extra
+arguments are Hydra overrides appended last (they win). Knobs (environment variables):
+
+  model and data
+    MODEL              HF id or path (gsm8k: Qwen/Qwen2.5-0.5B-Instruct, math: Qwen/Qwen2.5-1.5B-Instruct)
+    DATA_DIR           folder with train.parquet and test.parquet (default: \$HOME/data/<dataset>)
+    MAX_PROMPT_LEN     prompt tokens (gsm8k 512, math 1024)
+    MAX_RESPONSE_LEN   response tokens (gsm8k 1024, math 3072)
+  batch and optimisation
+    TRAIN_BATCH        prompts per step (256)
+    MINI_BATCH         prompts per PPO mini-batch (64); separate mode: TRAIN_BATCH = PARAM_SYNC_STEP x MINI_BATCH
+    MICRO_BATCH        sequences per GPU per forward (16)
+    ROLLOUT_N          answers per prompt, the GRPO group (8)
+    LR                 actor learning rate (1e-6)
+    EPOCHS             passes over the train set (gsm8k 15, math 10)
+    LOSS_AGG_MODE      loss aggregation, same for all losses (seq-mean-token-mean)
+    SEED               data, actor and rollout seed (42)
+  rollout (vLLM)
+    TEMPERATURE        sampling temperature (1.0); top_p=1 and top_k=-1 are fixed (see README)
+    ROLLOUT_TP         vLLM tensor parallel size (1)
+    GPU_MEM_UTIL       vLLM gpu_memory_utilization (0.6)
+  policy lag
+    ASYNC              sync | colocate | separate -> trainer.v1.trainer_mode sync | colocate_async | separate_async (sync)
+    STALENESS          trainer.v1.sampler.max_off_policy_threshold, in model versions (sync 1, async 2)
+    PARAM_SYNC_STEP    separate: local updates per weight sync (TRAIN_BATCH / MINI_BATCH)
+    ROLLOUT_NODES      separate: nodes given to standalone rollout (NNODES/2; on 1 node: half its GPUs)
+    CKPT_BACKEND       separate: weight-sync backend (nccl)
+  cluster
+    NNODES             nodes (1)
+    GPUS_PER_NODE      GPUs per node (8)
+  logging and output
+    RUN_ROOT           experiment folder (runs/<dataset>); this run writes RUN_ROOT/EXP_NAME/
+    EXP_NAME           run name (<dataset>-<loss>-<ASYNC>)
+    PROJECT            project name (isreshape-<dataset>)
+    TEST_FREQ          validate on the test split every N steps (10) and before training
+    SAVE_FREQ          checkpoint every N steps (-1: never)
+    WANDB              1 adds wandb to the console + file + tensorboard loggers (0)
+  loss-specific
+    SAPO_TAU_POS, SAPO_TAU_NEG            SAPO temperatures (1.0, 1.05)
+    CLIP_RATIO                            GRPO PPO-clip epsilon (0.2)
+    IS_KERNEL, IS_WIDTH, IS_WIDTH_NEG, IS_ONE_SIDED, IS_GAMMA_MODE, IS_GAMMA, IS_GAMMA_BASE,
+    IS_GAMMA_MAX, IS_GAMMA_TAU, IS_GAMMA_BETA, IS_LOG_RATIO_CLAMP
+                                          IS Reshape knobs (sech2, 1.0, null, false, correctness,
+                                          1.0, 0.5, 1.0, 0.1, 1.0, 20.0); Hydra overrides of these keys
+                                          take no '+' (the recipe already added them)
+  script
+    DRY_RUN            1: print the command, check it, do not launch
+    RECIPE_CHECK       0: skip the config check (also before a real launch)
+    PYTHON             interpreter (python3)
+EOF
+}
+
+# Print "PYTHON -m MODULE" then one argument per line, shell-quoted, ready to copy.
+print_command() {
+    printf '%q %q %q' "$1" "$2" "$3"
+    shift 3
+    local arg
+    for arg in "$@"; do
+        printf ' \\\n    %q' "$arg"
+    done
+    printf '\n'
+}
+
+die() {
+    echo "error: $*" >&2
+    exit 2
+}
+
+# Fill DATASET-specific defaults.
+dataset_defaults() {
+    case "$1" in
+        gsm8k)
+            : "${MODEL:=Qwen/Qwen2.5-0.5B-Instruct}"
+            : "${MAX_PROMPT_LEN:=512}"
+            : "${MAX_RESPONSE_LEN:=1024}"
+            : "${EPOCHS:=15}"
+            ;;
+        math)
+            : "${MODEL:=Qwen/Qwen2.5-1.5B-Instruct}"
+            : "${MAX_PROMPT_LEN:=1024}"
+            : "${MAX_RESPONSE_LEN:=3072}"
+            : "${EPOCHS:=10}"
+            ;;
+        *) die "unknown dataset '$1' (allowed: gsm8k, math)" ;;
+    esac
+    : "${DATA_DIR:=$HOME/data/$1}"
+}
+
+# LOSS_ARGS for LOSS (grpo | sapo | isreshape).
+loss_args() {
+    case "$1" in
+        grpo)
+            LOSS_ARGS=(
+                actor_rollout_ref.actor.policy_loss.loss_mode=vanilla
+                "actor_rollout_ref.actor.clip_ratio=${CLIP_RATIO:-0.2}"
+            )
+            ;;
+        sapo)
+            LOSS_ARGS=(
+                actor_rollout_ref.actor.policy_loss.loss_mode=sapo
+                "actor_rollout_ref.actor.tau_pos=${SAPO_TAU_POS:-1.0}"
+                "actor_rollout_ref.actor.tau_neg=${SAPO_TAU_NEG:-1.05}"
+            )
+            ;;
+        isreshape)
+            local pl=actor_rollout_ref.actor.policy_loss
+            LOSS_ARGS=(
+                "$pl._target_=isreshape_verl.config.ISReshapeLossConfig"
+                "$pl.loss_mode=is_reshape"
+                "+$pl.kernel=${IS_KERNEL:-sech2}"
+                "+$pl.width=${IS_WIDTH:-1.0}"
+                "+$pl.width_neg=${IS_WIDTH_NEG:-null}"
+                "+$pl.one_sided=${IS_ONE_SIDED:-false}"
+                "+$pl.gamma_mode=${IS_GAMMA_MODE:-correctness}"
+                "+$pl.gamma=${IS_GAMMA:-1.0}"
+                "+$pl.gamma_base=${IS_GAMMA_BASE:-0.5}"
+                "+$pl.gamma_max=${IS_GAMMA_MAX:-1.0}"
+                "+$pl.gamma_tau=${IS_GAMMA_TAU:-0.1}"
+                "+$pl.gamma_beta=${IS_GAMMA_BETA:-1.0}"
+                "+$pl.log_ratio_clamp=${IS_LOG_RATIO_CLAMP:-20.0}"
+            )
+            ;;
+        *) die "unknown loss '$1' (allowed: grpo, sapo, isreshape)" ;;
+    esac
+}
+
+# run_recipe DATASET LOSS [hydra overrides...]
+run_recipe() {
+    local dataset=$1 loss=$2
+    shift 2
+    local arg
+    for arg in "$@"; do
+        if [[ $arg == -h || $arg == --help ]]; then
+            recipe_usage "$dataset" "$loss"
+            exit 0
+        fi
+    done
+
+    dataset_defaults "$dataset"
+    loss_args "$loss"
+
+    : "${NNODES:=1}"
+    : "${GPUS_PER_NODE:=8}"
+    : "${TRAIN_BATCH:=256}"
+    : "${MINI_BATCH:=64}"
+    : "${MICRO_BATCH:=16}"
+    : "${ROLLOUT_N:=8}"
+    : "${LR:=1e-6}"
+    : "${LOSS_AGG_MODE:=seq-mean-token-mean}"
+    : "${SEED:=42}"
+    : "${TEMPERATURE:=1.0}"
+    : "${ROLLOUT_TP:=1}"
+    : "${GPU_MEM_UTIL:=0.6}"
+    : "${ASYNC:=sync}"
+    : "${TEST_FREQ:=10}"
+    : "${SAVE_FREQ:=-1}"
+    : "${WANDB:=0}"
+    : "${RUN_ROOT:=runs/$dataset}"
+    : "${EXP_NAME:=$dataset-$loss-$ASYNC}"
+    : "${PROJECT:=isreshape-$dataset}"
+    : "${CKPT_BACKEND:=nccl}"
+    : "${PYTHON:=python3}"
+    : "${DRY_RUN:=0}"
+    : "${RECIPE_CHECK:=1}"
+
+    local mode
+    case "$ASYNC" in
+        sync) mode=sync; : "${STALENESS:=1}" ;;
+        colocate) mode=colocate_async; : "${STALENESS:=2}" ;;
+        separate) mode=separate_async; : "${STALENESS:=2}" ;;
+        *) die "ASYNC='$ASYNC' is not allowed (sync, colocate, separate)" ;;
+    esac
+
+    # absolute, so that every Ray worker writes to the same place (use a shared file system on clusters)
+    local run_dir
+    case "$RUN_ROOT" in
+        /*) run_dir="$RUN_ROOT/$EXP_NAME" ;;
+        *) run_dir="$PWD/$RUN_ROOT/$EXP_NAME" ;;
+    esac
+
+    local loggers='[console,file,tensorboard]'
+    [[ $WANDB == 1 ]] && loggers='[console,file,tensorboard,wandb]'
+
+    # Resources: sync / colocate train and roll out on the same GPUs (hybrid engine);
+    # separate gives the standalone rollout its own GPUs and syncs weights through CKPT_BACKEND.
+    local resources=()
+    if [[ $mode == separate_async ]]; then
+        local train_nodes train_gpn roll_nodes roll_gpn
+        if [[ $NNODES == 1 ]]; then
+            (( GPUS_PER_NODE >= 2 )) || die "ASYNC=separate on one node needs GPUS_PER_NODE >= 2"
+            train_nodes=1 roll_nodes=1
+            roll_gpn=${ROLLOUT_GPUS:-$((GPUS_PER_NODE / 2))}
+            train_gpn=$((GPUS_PER_NODE - roll_gpn))
+        else
+            roll_nodes=${ROLLOUT_NODES:-$((NNODES / 2))}
+            train_nodes=$((NNODES - roll_nodes))
+            train_gpn=$GPUS_PER_NODE roll_gpn=$GPUS_PER_NODE
+        fi
+        : "${PARAM_SYNC_STEP:=$((TRAIN_BATCH / MINI_BATCH))}"
+        resources=(
+            "trainer.nnodes=$train_nodes"
+            "trainer.n_gpus_per_node=$train_gpn"
+            "actor_rollout_ref.rollout.nnodes=$roll_nodes"
+            "actor_rollout_ref.rollout.n_gpus_per_node=$roll_gpn"
+            actor_rollout_ref.hybrid_engine=False
+            "actor_rollout_ref.rollout.checkpoint_engine.backend=$CKPT_BACKEND"
+            "trainer.v1.separate_async.parameter_sync_step=$PARAM_SYNC_STEP"
+        )
+    else
+        resources=("trainer.nnodes=$NNODES" "trainer.n_gpus_per_node=$GPUS_PER_NODE")
+    fi
+
+    CMD=(
+        "$PYTHON" -m verl.trainer.main_ppo
+        algorithm.adv_estimator=grpo
+        algorithm.use_kl_in_reward=False
+        algorithm.rollout_correction.bypass_mode=True
+        "data.train_files=$DATA_DIR/train.parquet"
+        "data.val_files=$DATA_DIR/test.parquet"
+        "data.train_batch_size=$TRAIN_BATCH"
+        "data.max_prompt_length=$MAX_PROMPT_LEN"
+        "data.max_response_length=$MAX_RESPONSE_LEN"
+        data.filter_overlong_prompts=True
+        data.truncation=error
+        "data.seed=$SEED"
+        "actor_rollout_ref.model.path=$MODEL"
+        actor_rollout_ref.model.use_remove_padding=True
+        actor_rollout_ref.model.enable_gradient_checkpointing=True
+        "actor_rollout_ref.actor.optim.lr=$LR"
+        "actor_rollout_ref.actor.ppo_mini_batch_size=$MINI_BATCH"
+        "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=$MICRO_BATCH"
+        actor_rollout_ref.actor.use_kl_loss=False
+        actor_rollout_ref.actor.entropy_coeff=0
+        actor_rollout_ref.actor.calculate_entropy=True
+        "actor_rollout_ref.actor.loss_agg_mode=$LOSS_AGG_MODE"
+        "actor_rollout_ref.actor.data_loader_seed=$SEED"
+        actor_rollout_ref.rollout.name=vllm
+        "actor_rollout_ref.rollout.n=$ROLLOUT_N"
+        "actor_rollout_ref.rollout.temperature=$TEMPERATURE"
+        actor_rollout_ref.rollout.top_p=1.0
+        actor_rollout_ref.rollout.top_k=-1
+        actor_rollout_ref.rollout.calculate_log_probs=True
+        "actor_rollout_ref.rollout.tensor_model_parallel_size=$ROLLOUT_TP"
+        "actor_rollout_ref.rollout.gpu_memory_utilization=$GPU_MEM_UTIL"
+        "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=$MICRO_BATCH"
+        "actor_rollout_ref.rollout.seed=$SEED"
+        "${LOSS_ARGS[@]}"
+        trainer.use_v1=True
+        "trainer.v1.trainer_mode=$mode"
+        "trainer.v1.sampler.max_off_policy_threshold=$STALENESS"
+        "${resources[@]}"
+        "trainer.logger=$loggers"
+        "trainer.project_name=$PROJECT"
+        "trainer.experiment_name=$EXP_NAME"
+        "trainer.default_local_dir=$run_dir/checkpoints"
+        "trainer.total_epochs=$EPOCHS"
+        "trainer.test_freq=$TEST_FREQ"
+        "trainer.save_freq=$SAVE_FREQ"
+        trainer.val_before_train=True
+        "+ray_kwargs.ray_init.runtime_env.env_vars.VERL_FILE_LOGGER_PATH=$run_dir/metrics.jsonl"
+        "+ray_kwargs.ray_init.runtime_env.env_vars.TENSORBOARD_DIR=$run_dir/tensorboard"
+        "$@"
+    )
+
+    local hydra_args=("${CMD[@]:3}")
+    local check_args=(--cluster-nodes "$NNODES" --gpus-per-node "$GPUS_PER_NODE" --quiet --)
+    if [[ $DRY_RUN == 1 ]]; then
+        echo "# DRY_RUN=1 recipe $dataset/$loss: ASYNC=$ASYNC, $NNODES node(s) x $GPUS_PER_NODE GPU(s), run dir $run_dir"
+        print_command "${CMD[@]}"
+        if [[ $RECIPE_CHECK == 1 ]]; then
+            "$PYTHON" -m isreshape_verl.recipe_check "${check_args[@]}" "${hydra_args[@]}" ||
+                die "the command above does not pass isreshape_verl.recipe_check"
+            echo "# recipe check OK (verl config composes, dataclasses build, validate_config and v1 start-up checks pass)"
+        fi
+        return 0
+    fi
+
+    if [[ $RECIPE_CHECK == 1 ]]; then
+        "$PYTHON" -m isreshape_verl.recipe_check "${check_args[@]}" "${hydra_args[@]}" ||
+            die "refusing to launch: the config does not pass isreshape_verl.recipe_check (RECIPE_CHECK=0 skips it)"
+    fi
+    mkdir -p "$run_dir"
+    print_command "${CMD[@]}" >"$run_dir/command.sh"
+    export VERL_FILE_LOGGER_PATH="$run_dir/metrics.jsonl" TENSORBOARD_DIR="$run_dir/tensorboard"
+    echo "# run dir: $run_dir (metrics.jsonl, tensorboard/, checkpoints/, train.log)"
+    "${CMD[@]}" 2>&1 | tee "$run_dir/train.log"
+    return "${PIPESTATUS[0]}"
+}
