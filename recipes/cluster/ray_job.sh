@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# Submit a recipe to an existing Ray cluster with `ray job submit`. The job's runtime env
+# uploads this repository as the working dir and installs this package on every node (a
+# wheel built here, passed as a py_modules .whl), and the recipe runs on the head node.
+#
+#   RAY_ADDRESS=http://HEAD:8265 NNODES=2 RUN_ROOT=/shared/runs DATA_DIR=/shared/data/gsm8k \
+#       bash recipes/cluster/ray_job.sh recipes/gsm8k/compare.sh [hydra overrides]
+#   DRY_RUN=1 NNODES=2 bash recipes/cluster/ray_job.sh recipes/gsm8k/grpo.sh   # print + check only
+#
+# Knobs: RAY_ADDRESS (the dashboard, http://127.0.0.1:8265), NO_WAIT=1 (return after submitting),
+# plus every knob of the recipe (bash RECIPE --help), forwarded to the job when set here.
+# RUN_ROOT / COMPARE_DIR must be absolute paths on a file system every node sees (the job's
+# working dir is a temporary copy); DATA_DIR too.
+set -euo pipefail
+
+if [[ $# -lt 1 || $1 == -h || $1 == --help ]]; then
+    sed -n '2,13p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+    [[ $# -lt 1 ]] && exit 2
+    exit 0
+fi
+RECIPE=$1
+shift
+[[ -f $RECIPE ]] || { echo "error: recipe '$RECIPE' not found (e.g. recipes/gsm8k/compare.sh)" >&2; exit 2; }
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+: "${DRY_RUN:=0}"
+: "${RAY_ADDRESS:=http://127.0.0.1:8265}"
+: "${NO_WAIT:=0}"
+: "${NNODES:=2}"
+export NNODES
+
+for var in RUN_ROOT COMPARE_DIR; do
+    if [[ -n ${!var:-} && ${!var} != /* ]]; then
+        echo "error: $var='${!var}' must be an absolute path on a shared file system" >&2
+        exit 2
+    fi
+done
+
+if [[ $DRY_RUN != 1 && -z ${RUN_ROOT:-} && -z ${COMPARE_DIR:-} ]]; then
+    echo "error: set RUN_ROOT (or COMPARE_DIR for compare.sh) to an absolute shared path; the job's working dir is temporary" >&2
+    exit 2
+fi
+
+# the recipe knobs set here travel into the job
+KNOBS=(MODEL DATA_DIR MAX_PROMPT_LEN MAX_RESPONSE_LEN TRAIN_BATCH MINI_BATCH MICRO_BATCH ROLLOUT_N LR
+    EPOCHS LOSS_AGG_MODE SEED TEMPERATURE ROLLOUT_TP GPU_MEM_UTIL ASYNC STALENESS PARAM_SYNC_STEP
+    ROLLOUT_NODES ROLLOUT_GPUS CKPT_BACKEND NNODES GPUS_PER_NODE RUN_ROOT EXP_NAME PROJECT TEST_FREQ
+    SAVE_FREQ WANDB WANDB_API_KEY SAPO_TAU_POS SAPO_TAU_NEG CLIP_RATIO IS_KERNEL IS_WIDTH IS_WIDTH_NEG
+    IS_ONE_SIDED IS_GAMMA_MODE IS_GAMMA IS_GAMMA_BASE IS_GAMMA_MAX IS_GAMMA_TAU IS_GAMMA_BETA
+    IS_LOG_RATIO_CLAMP COMPARE_DIR LOSSES RECIPE_CHECK)
+entry=(env)
+for var in "${KNOBS[@]}"; do
+    [[ -n ${!var:-} ]] && entry+=("$var=${!var}")
+done
+entry+=(bash "$RECIPE" "$@")
+
+version=$(sed -n 's/^version = "\(.*\)"/\1/p' "$REPO/pyproject.toml")
+wheel="dist/isreshape_verl-$version-py3-none-any.whl"
+runtime_env=$(printf '{"working_dir": "%s", "py_modules": ["%s"], "excludes": [".git", "runs", "dist/*.tar.gz", "*.parquet"]}' \
+    "$REPO" "$REPO/$wheel")
+submit=(ray job submit --address "$RAY_ADDRESS" --runtime-env-json "$runtime_env")
+[[ $NO_WAIT == 1 ]] && submit+=(--no-wait)
+submit+=(-- "${entry[@]}")
+
+if [[ $DRY_RUN == 1 ]]; then
+    echo "# DRY_RUN=1 ray job: $NNODES node(s) at $RAY_ADDRESS"
+    echo "(cd $REPO && python3 -m pip wheel --no-deps -w dist .)"
+    printf '%q ' "${submit[@]}"
+    printf '\n'
+    exec bash "$RECIPE" "$@"
+fi
+
+(cd "$REPO" && python3 -m pip wheel --no-deps --quiet -w dist .)
+[[ -f $REPO/$wheel ]] || { echo "error: building $wheel failed" >&2; exit 1; }
+"${submit[@]}"
