@@ -1,0 +1,316 @@
+"""`isreshape-verl plot-runs DIR...`: plot and tabulate several verl runs side by side.
+
+Input: what verl's ``FileLogger`` (``trainer.logger`` containing ``file``) writes, one JSON
+object per line, ``{"step": int, "data": {metric: value, ...}}``. Each DIR may be
+
+* a run folder holding ``metrics.jsonl`` (what the recipes write: RUN_ROOT/EXP_NAME/metrics.jsonl),
+* a folder holding runs (each sub-folder with a ``metrics.jsonl``; e.g. a compare.sh COMPARE_DIR),
+* a ``.jsonl`` file (verl's default ``<project>/<experiment>.jsonl``); or a folder of those.
+
+Records that share a step are merged (later keys win). A line that is not JSON (typically the
+last line of a run that was killed mid-write) is skipped with a warning naming file and line.
+
+Output in ``--out``: one PNG per metric against step, for the metrics any run has --
+
+  ``val_accuracy.png``   ``val-core/<data_source>/<acc|reward>/mean@<n>`` (verl's validation score;
+                         with rule rewards 1/0 it is the accuracy), one line per run and data source
+  ``reward.png``         ``critic/score/mean`` (mean sequence score of the training batch)
+  ``entropy.png``        ``actor/entropy`` or ``actor/entropy_loss`` (mean token entropy)
+  ``ppo_kl.png``         ``actor/ppo_kl`` (k1 estimate of KL(behaviour || current) over the update)
+  ``is_reshape_mean_g.png`` ``actor/is_reshape/weight_mean`` (mean reshaped weight g)
+  ``is_reshape_ess.png`` ``actor/is_reshape/ess`` = (Σg)² / (N·Σg²)
+
+-- and ``summary.md``, a Markdown table with, per run: the last step, validation score at the
+first and last validation and its best (with the step), and the mean over the last ``--last``
+logged points of reward, entropy, ppo_kl, mean g and ESS ("–" where a run lacks the metric).
+Training curves can be smoothed with a trailing moving average (``--smooth K``); the table
+never is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+VAL_RE = re.compile(r"^val-core/(?P<source>.+)/(?P<var>acc|reward)/mean@(?P<n>\d+)$")
+
+
+@dataclass(frozen=True)
+class Panel:
+    """One plot: file stem, title, y label, table column and the metric keys to try in order
+    (first present wins)."""
+
+    stem: str
+    title: str
+    ylabel: str
+    column: str
+    keys: tuple[str, ...]
+
+
+TRAIN_PANELS = (
+    Panel("reward", "training reward", "critic/score/mean", "reward", ("critic/score/mean", "critic/rewards/mean")),
+    Panel("entropy", "policy entropy", "mean token entropy", "entropy", ("actor/entropy", "actor/entropy_loss")),
+    Panel("ppo_kl", "ppo_kl", "actor/ppo_kl", "ppo_kl", ("actor/ppo_kl",)),
+    Panel("is_reshape_mean_g", "IS Reshape: mean weight g", "mean g", "mean g", ("actor/is_reshape/weight_mean",)),
+    Panel("is_reshape_ess", "IS Reshape: ESS of g", "(Σg)² / (N·Σg²)", "ESS", ("actor/is_reshape/ess",)),
+)
+
+
+@dataclass
+class Run:
+    """One run's metrics: step -> {metric: float}."""
+
+    name: str
+    path: Path
+    steps: dict[int, dict[str, float]] = field(default_factory=dict)
+    bad_lines: list[int] = field(default_factory=list)
+
+    def series(self, key: str) -> tuple[list[int], list[float]]:
+        """(steps, values) of one metric, finite values only, sorted by step."""
+        xs, ys = [], []
+        for step in sorted(self.steps):
+            value = self.steps[step].get(key)
+            if value is not None and math.isfinite(value):
+                xs.append(step)
+                ys.append(value)
+        return xs, ys
+
+    def keys(self) -> set[str]:
+        return {k for rec in self.steps.values() for k in rec}
+
+    def first_key(self, keys: Sequence[str]) -> str | None:
+        present = self.keys()
+        return next((k for k in keys if k in present), None)
+
+    def val_keys(self) -> list[str]:
+        """validation keys; when a data source has several mean@n, the largest n."""
+        best: dict[str, tuple[int, str]] = {}
+        for key in self.keys():
+            m = VAL_RE.match(key)
+            if m:
+                n = int(m["n"])
+                if m["source"] not in best or n > best[m["source"]][0]:
+                    best[m["source"]] = (n, key)
+        return [key for _, key in sorted(best.values(), key=lambda t: t[1])]
+
+
+def _to_float(value) -> float | None:
+    if isinstance(value, bool):
+        return float(value)
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, list) and len(value) == 1:
+        return _to_float(value[0])
+    return None
+
+
+def read_run(path: Path, name: str | None = None) -> Run:
+    """Read one FileLogger JSON-lines file."""
+    run = Run(name or (path.parent.name if path.name == "metrics.jsonl" else path.stem), path)
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                step, data = int(rec["step"]), rec["data"]
+                if not isinstance(data, dict):
+                    raise TypeError("data is not an object")
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+                run.bad_lines.append(lineno)
+                continue
+            merged = run.steps.setdefault(step, {})
+            for key, value in data.items():
+                f = _to_float(value)
+                if f is not None:
+                    merged[key] = f
+    return run
+
+
+def find_runs(paths: Sequence[str]) -> list[Run]:
+    """Expand the command-line paths into runs (see module docstring); error if one holds none."""
+    files: list[tuple[Path, str | None]] = []
+    for raw in paths:
+        p = Path(raw).expanduser()
+        if p.is_file():
+            files.append((p, None))
+        elif (p / "metrics.jsonl").is_file():
+            files.append((p / "metrics.jsonl", p.name))
+        elif p.is_dir():
+            found = sorted(p.glob("*/metrics.jsonl")) or sorted(p.glob("*.jsonl"))
+            if not found:
+                raise FileNotFoundError(f"{p}: no metrics.jsonl, */metrics.jsonl or *.jsonl inside")
+            files.extend((f, None) for f in found)
+        else:
+            raise FileNotFoundError(f"{p}: no such file or folder")
+    from tqdm import tqdm
+
+    runs = [read_run(f, name) for f, name in tqdm(files, desc="reading runs", unit="run", disable=len(files) < 4)]
+    seen: dict[str, int] = {}
+    for run in runs:  # unique labels
+        if run.name in seen:
+            seen[run.name] += 1
+            run.name = f"{run.name}#{seen[run.name]}"
+        else:
+            seen[run.name] = 1
+    return runs
+
+
+def smooth(values: list[float], k: int) -> list[float]:
+    """Trailing moving average over the last k points (k=1: unchanged)."""
+    if k <= 1:
+        return list(values)
+    out, acc = [], 0.0
+    for i, v in enumerate(values):
+        acc += v
+        if i >= k:
+            acc -= values[i - k]
+        out.append(acc / min(i + 1, k))
+    return out
+
+
+def _plot(out: Path, stem: str, title: str, ylabel: str, lines: list[tuple[str, list[int], list[float]]]) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    for label, xs, ys in lines:
+        ax.plot(xs, ys, marker="o" if len(xs) <= 30 else None, markersize=3, linewidth=1.5, label=label)
+    ax.set_title(title)
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = out / f"{stem}.png"
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _fmt(value: float | None) -> str:
+    if value is None:
+        return "–"
+    return f"{value:.4g}"
+
+
+def summary_table(runs: Sequence[Run], last: int) -> str:
+    """Markdown table (see module docstring)."""
+    cols = ["run", "last step", "val first", "val last", "val best (step)", *(p.column for p in TRAIN_PANELS)]
+    rows = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for run in runs:
+        cells = [run.name, str(max(run.steps)) if run.steps else "–"]
+        vkeys = run.val_keys()
+        if vkeys:
+            # several data sources: the mean over them at each step they are all present
+            xs, ys = _mean_series(run, vkeys)
+            best = max(range(len(ys)), key=lambda i: ys[i]) if ys else None
+            cells += [_fmt(ys[0]) if ys else "–", _fmt(ys[-1]) if ys else "–",
+                      f"{_fmt(ys[best])} ({xs[best]})" if best is not None else "–"]
+        else:
+            cells += ["–", "–", "–"]
+        for panel in TRAIN_PANELS:
+            key = run.first_key(panel.keys)
+            ys = run.series(key)[1] if key else []
+            cells.append(_fmt(sum(ys[-last:]) / len(ys[-last:])) if ys else "–")
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows) + "\n"
+
+
+def _mean_series(run: Run, keys: Sequence[str]) -> tuple[list[int], list[float]]:
+    xs, ys = [], []
+    for step in sorted(run.steps):
+        vals = [run.steps[step].get(k) for k in keys]
+        if all(v is not None and math.isfinite(v) for v in vals):
+            xs.append(step)
+            ys.append(sum(vals) / len(vals))
+    return xs, ys
+
+
+def plot_runs(runs: Sequence[Run], out: Path, smooth_k: int = 1, last: int = 5) -> list[Path]:
+    """Write the PNGs and summary.md for ``runs`` into ``out``; return the written paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    val_lines = []
+    for run in runs:
+        vkeys = run.val_keys()
+        for key in vkeys:
+            xs, ys = run.series(key)
+            source = VAL_RE.match(key)["source"]
+            val_lines.append((run.name if len(vkeys) == 1 else f"{run.name} · {source}", xs, ys))
+    if val_lines:
+        written.append(_plot(out, "val_accuracy", "validation accuracy (val-core mean@n)", "score", val_lines))
+    for panel in TRAIN_PANELS:
+        lines = []
+        for run in runs:
+            key = run.first_key(panel.keys)
+            if key:
+                xs, ys = run.series(key)
+                lines.append((run.name, xs, smooth(ys, smooth_k)))
+        if lines:
+            title = panel.title + (f" (moving average of {smooth_k})" if smooth_k > 1 else "")
+            written.append(_plot(out, panel.stem, title, panel.ylabel, lines))
+    table = out / "summary.md"
+    table.write_text(
+        "# Runs\n\n" + summary_table(runs, last)
+        + f"\nval: verl's val-core mean@n score; training columns: mean of the last {last} logged points.\n",
+        encoding="utf-8",
+    )
+    written.append(table)
+    return written
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="isreshape-verl plot-runs",
+        description="Plot validation accuracy, reward, entropy, ppo_kl and (IS Reshape) mean g / ESS against "
+        "step for several verl runs (FileLogger JSON lines), and write a Markdown summary table.",
+        epilog="example: isreshape-verl plot-runs runs/gsm8k-compare-*/* --out plots",
+    )
+    parser.add_argument("paths", nargs="+", metavar="DIR",
+                        help="run folder (with metrics.jsonl), folder of runs, or FileLogger .jsonl file")
+    parser.add_argument("--out", default="plots", help="output folder for the PNGs and summary.md (default: plots)")
+    parser.add_argument("--smooth", type=int, default=1, metavar="K",
+                        help="trailing moving average over K points for training curves (default 1: none)")
+    parser.add_argument("--last", type=int, default=5, metavar="N",
+                        help="table: average training metrics over the last N logged points (default 5)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.smooth < 1:
+        parser.error(f"--smooth {args.smooth} is not allowed; it must be >= 1")
+    if args.last < 1:
+        parser.error(f"--last {args.last} is not allowed; it must be >= 1")
+    try:
+        runs = find_runs(args.paths)
+    except FileNotFoundError as exc:
+        print(f"isreshape-verl plot-runs: error: {exc}", file=sys.stderr)
+        return 2
+    for run in runs:
+        if run.bad_lines:
+            print(f"warning: {run.path}: skipped {len(run.bad_lines)} line(s) that are not FileLogger records "
+                  f"(lines {', '.join(map(str, run.bad_lines[:5]))})", file=sys.stderr)
+    empty = [str(r.path) for r in runs if not r.steps]
+    if empty:
+        print(f"isreshape-verl plot-runs: error: no metrics in {', '.join(empty)}", file=sys.stderr)
+        return 2
+    written = plot_runs(runs, Path(args.out).expanduser(), smooth_k=args.smooth, last=args.last)
+    print(summary_table(runs, args.last), end="")
+    for path in written:
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
