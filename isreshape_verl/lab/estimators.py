@@ -193,6 +193,12 @@ def kish_ess(weights: torch.Tensor) -> torch.Tensor:
     return torch.where(n > 0, ess, torch.full_like(ess, float("nan")))  # no token with A ≠ 0: undefined
 
 
+def squared_errors(est: Estimates, true_grad: torch.Tensor) -> torch.Tensor:
+    """‖ĝ_k − ∇J‖² / ‖∇J‖² per replicate, (R,): paired across estimators that share the batches."""
+    target = true_grad.reshape(-1)
+    return ((est.grads - target) ** 2).sum(-1) / float(target @ target)
+
+
 def summarise(est: Estimates, true_grad: torch.Tensor) -> dict:
     """Bias², variance, MSE (all ÷ ‖∇J‖²), cosine, ESS and shares of zero / cut weights over R replicates.
 
@@ -213,7 +219,7 @@ def summarise(est: Estimates, true_grad: torch.Tensor) -> dict:
     norm2 = float(target @ target)
     mean = g.mean(0)
     var = float(((g - mean) ** 2).sum(-1).sum() / (reps - 1))
-    sq_err = ((g - target) ** 2).sum(-1) / norm2
+    sq_err = squared_errors(est, true_grad)
     second = float((g * g).sum(-1).mean())
     cos = (g @ target) / (g.norm(dim=-1) * target.norm()).clamp(min=1e-300)
     valid = ~torch.isnan(est.weights)
@@ -232,3 +238,16 @@ def summarise(est: Estimates, true_grad: torch.Tensor) -> dict:
         "zero_share": float((w.abs() <= ZERO_TOL).double().mean()) if w.numel() else float("nan"),
         "cut_share": float((w < 0.5 * rr).double().mean()) if w.numel() else float("nan"),
     }
+
+
+def weight_curve(estimator: Estimator, ratios: torch.Tensor, sign: float) -> torch.Tensor:
+    """g(r) of one token with advantage A = sign, read off by autograd exactly as in `estimate`."""
+    n = ratios.numel()
+    log_prob = ratios.double().log().reshape(n, 1).clone().requires_grad_(True)
+    old = torch.zeros(n, 1, dtype=torch.float64)
+    adv = torch.full((n, 1), float(sign), dtype=torch.float64)
+    mask = torch.ones(n, 1, dtype=torch.float64)
+    cond_var = torch.zeros(n, 1, dtype=torch.float64)
+    loss = estimator.loss(old, log_prob, adv, mask, cond_var=cond_var, reward_var=1.0)
+    (grad,) = torch.autograd.grad(loss, log_prob)
+    return (grad / (-adv * agg_weight(estimator.agg_mode, n, 1))).reshape(-1).detach()
