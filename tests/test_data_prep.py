@@ -233,3 +233,40 @@ def test_math_script_runs_as_documented_despite_stdlib_shadowing(tmp_path):
     # math500 with --local-dir but no math500 folder next to it: a clear error
     proc = _run(["data_prep/math.py", "--local-dir", str(src), "--output-dir", str(out)])
     assert proc.returncode != 0 and "--math500-dir" in proc.stderr
+
+
+def _tiny_chat_tokenizer():
+    """A word-level tokenizer with a chat template, built offline (no model download)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({"[UNK]": 0, "<eos>": 1}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="<eos>", pad_token="<eos>")
+    hf.chat_template = (
+        "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
+    return hf
+
+
+@needs_data
+def test_verl_rl_dataset_reads_the_parquet(gsm8k_out, math_out, tmp_path):
+    """verl's own RLHFDataset (what main_ppo's trainer builds from data.train_files) loads the files,
+    keeps every prompt under the recipes' max_prompt_length, and hands the chat messages and the
+    reward fields through unchanged."""
+    from omegaconf import OmegaConf
+    from verl.utils.dataset.rl_dataset import RLHFDataset
+
+    tokenizer = _tiny_chat_tokenizer()
+    for out, max_len, n_rows in ((gsm8k_out[0], 512, 1319), (math_out[0], 1024, 500)):
+        config = OmegaConf.create({"max_prompt_length": max_len, "filter_overlong_prompts": True,
+                                   "filter_overlong_prompts_workers": 1, "cache_dir": str(tmp_path / "cache"),
+                                   "truncation": "error"})
+        ds = RLHFDataset(data_files=str(out / "test.parquet"), tokenizer=tokenizer, config=config)
+        assert len(ds) == n_rows
+        item = ds[0]
+        frame = pd.read_parquet(out / "test.parquet")
+        assert item["raw_prompt"] == [dict(m) for m in frame.iloc[0].prompt]
+        assert item["reward_model"]["ground_truth"] == frame.iloc[0].reward_model["ground_truth"]
+        assert item["data_source"] == frame.iloc[0].data_source and item["index"] == 0
