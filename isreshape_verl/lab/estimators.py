@@ -153,7 +153,7 @@ def agg_weight(agg_mode: str, rows: int, length: int) -> float:
     from verl.trainer.ppo.core_algos import agg_loss
 
     mat = torch.zeros(rows, length, dtype=torch.float64, requires_grad=True)
-    (grad,) = torch.autograd.grad(agg_loss(loss_mat=mat, loss_mask=torch.ones(rows, length), loss_agg_mode=agg_mode), mat)
+    (grad,) = torch.autograd.grad(agg_loss(loss_mat=mat, loss_mask=torch.ones(rows, length, dtype=torch.float64), loss_agg_mode=agg_mode), mat)
     if not torch.allclose(grad, grad[0, 0].expand_as(grad)):
         raise AssertionError("aggregation weights differ between tokens")
     return float(grad[0, 0])

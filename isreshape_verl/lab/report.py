@@ -104,11 +104,14 @@ def write_markdown(df: pd.DataFrame, path: Path, command: str, wall_s: float, se
     path.write_text("\n".join(parts))
 
 
+_COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#000000", "#bcbd22", "#17becf", "#e377c2", "#8c564b"]
+
+
 def _style(loss: str, extras: list[str]):
     if loss in HIGHLIGHT:
-        return dict(lw=2.0, alpha=0.95, zorder=3)
+        return dict(lw=2.0, alpha=0.95, zorder=3, color=_COLORS[HIGHLIGHT.index(loss)])
     if loss in extras:
-        return dict(lw=2.0, alpha=0.95, zorder=3, ls="--")
+        return dict(lw=2.0, alpha=0.95, zorder=3, ls="--", color=_COLORS[len(HIGHLIGHT) + extras.index(loss) % 2])
     return dict(lw=0.7, alpha=0.35, color="grey", zorder=1)
 
 
@@ -122,6 +125,7 @@ def plot_mse_vs_kl(df: pd.DataFrame, path: Path, advantage: str = "grpo") -> Non
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker  # noqa: F401
 
     sub = best_oracle(df[df["advantage"] == advantage])
     rewards, behaviours = sorted(sub["reward"].unique()), sorted(sub["behaviour"].unique())
@@ -138,6 +142,7 @@ def plot_mse_vs_kl(df: pd.DataFrame, path: Path, advantage: str = "grpo") -> Non
                 ax.plot(rows["kl_per_token"], rows["rel_mse"], marker="o", ms=3, label=loss, **style)
             ax.set_xscale("log")
             ax.set_yscale("log")
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
             ax.set_title(f"reward={reward}, μ by {behaviour}", fontsize=10)
             ax.set_xlabel("per-token KL(μ‖π)")
             ax.set_ylabel("E‖ĝ − ∇J‖² / ‖∇J‖²")
@@ -162,6 +167,7 @@ def plot_bias_variance(df: pd.DataFrame, path: Path, advantage: str = "grpo") ->
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker  # noqa: F401
 
     sub = best_oracle(df[(df["advantage"] == advantage) & (df["distance"] > 0)])
     behaviours = sorted(sub["behaviour"].unique())
@@ -178,6 +184,7 @@ def plot_bias_variance(df: pd.DataFrame, path: Path, advantage: str = "grpo") ->
                 ax.annotate(loss, (rows["rel_var"].iloc[-1], max(rows["rel_bias2"].iloc[-1], 1e-4)), fontsize=6)
         ax.set_xscale("log")
         ax.set_yscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("variance / ‖∇J‖²")
         ax.set_ylabel("bias² / ‖∇J‖²  (clipped at 1e-4)")
         ax.set_title(f"μ by {behaviour}: each line runs from the smallest to the largest distance", fontsize=9)
@@ -193,6 +200,7 @@ def plot_weights(estimators, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker  # noqa: F401
     import torch
 
     from isreshape_verl.lab.estimators import weight_curve
