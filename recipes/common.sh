@@ -40,7 +40,8 @@ arguments are Hydra overrides appended last (they win). Knobs (environment varia
     ASYNC              sync | colocate | separate -> trainer.v1.trainer_mode sync | colocate_async | separate_async (sync)
     STALENESS          trainer.v1.sampler.max_off_policy_threshold, in model versions (sync 1, async 2)
     PARAM_SYNC_STEP    separate: local updates per weight sync (TRAIN_BATCH / MINI_BATCH)
-    ROLLOUT_NODES      separate: nodes given to standalone rollout (NNODES/2; on 1 node: half its GPUs)
+    ROLLOUT_NODES      separate, NNODES > 1: nodes given to the standalone rollout (NNODES/2)
+    ROLLOUT_GPUS       separate, NNODES = 1: GPUs of the node given to the rollout (GPUS_PER_NODE/2)
     CKPT_BACKEND       separate: weight-sync backend (nccl)
   cluster
     NNODES             nodes (1)
