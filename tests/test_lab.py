@@ -266,7 +266,7 @@ TINY = ["--vocab", "3", "--length", "3", "--replicates", "20", "--batch-size", "
         "--train-steps", "4", "--kls", "0", "0.05", "--lags", "0", "2", "--no-progress"]
 REQUIRED_COLUMNS = {"reward", "behaviour", "distance", "kl_per_token", "advantage", "loss", "rel_bias2", "rel_var",
                     "rel_mse", "rel_mse_se", "rel_mse_best", "cosine", "ess", "zero_share", "cut_share", "d_rel_mse",
-                    "d_rel_mse_se", "ratio_p01", "ratio_p50", "ratio_p99", "ratio_max"}
+                    "d_rel_mse_se", "d_cosine", "d_cosine_se", "ratio_p01", "ratio_p50", "ratio_p99", "ratio_max"}
 
 
 def test_cli_writes_csv_markdown_and_plots(tmp_path, capsys):

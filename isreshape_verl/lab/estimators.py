@@ -199,6 +199,12 @@ def squared_errors(est: Estimates, true_grad: torch.Tensor) -> torch.Tensor:
     return ((est.grads - target) ** 2).sum(-1) / float(target @ target)
 
 
+def cosines(est: Estimates, true_grad: torch.Tensor) -> torch.Tensor:
+    """cos(ĝ_k, ∇J) per replicate, (R,) (0 for an all-zero estimate)."""
+    target = true_grad.reshape(-1)
+    return (est.grads @ target) / (est.grads.norm(dim=-1) * target.norm()).clamp(min=1e-300)
+
+
 def summarise(est: Estimates, true_grad: torch.Tensor) -> dict:
     """Bias², variance, MSE (all ÷ ‖∇J‖²), cosine, ESS and shares of zero / cut weights over R replicates.
 
@@ -221,7 +227,7 @@ def summarise(est: Estimates, true_grad: torch.Tensor) -> dict:
     var = float(((g - mean) ** 2).sum(-1).sum() / (reps - 1))
     sq_err = squared_errors(est, true_grad)
     second = float((g * g).sum(-1).mean())
-    cos = (g @ target) / (g.norm(dim=-1) * target.norm()).clamp(min=1e-300)
+    cos = cosines(est, true_grad)
     valid = ~torch.isnan(est.weights)
     w = est.weights[valid]
     rr = est.ratios[valid]

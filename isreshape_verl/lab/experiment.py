@@ -9,7 +9,7 @@
 All estimators of one (reward, μ, advantage) cell see the same sampled batches (common random
 numbers), so their differences are not sampling noise between rows; `d_rel_mse` is each row's
 MSE minus the anchor's (the first of `--losses`, by default IS Reshape's default) with the paired
-standard error `d_rel_mse_se` = std_k(e_k − e_k^anchor)/√R. Seeds are derived from
+standard error `d_rel_mse_se` = std_k(e_k − e_k^anchor)/√R; `d_cosine` likewise for cos(ĝ_k, ∇J). Seeds are derived from
 `seed` and the cell's name only, so adding a loss never changes another loss's numbers.
 """
 
@@ -28,6 +28,7 @@ from isreshape_verl.lab.estimators import (
     build_estimators,
     conditional_reward_variance,
     estimate,
+    cosines,
     squared_errors,
     summarise,
 )
@@ -188,12 +189,13 @@ def run(args: Args, progress: bool = True) -> list[dict]:
                     for est in estimators:
                         out = estimate(est, space, pi, mu_logp, seq, adv, scale=scale, cond_var=cond_var,
                                        reward_var=reward_var)
-                        errors = squared_errors(out, true_grad)
-                        anchor = errors if anchor is None else anchor
-                        diff = errors - anchor
+                        paired = torch.stack([squared_errors(out, true_grad), cosines(out, true_grad)])
+                        anchor = paired if anchor is None else anchor
+                        diff = paired - anchor
+                        se = diff.std(-1) / diff.shape[-1] ** 0.5
                         rows.append({**cell, "advantage": mode, "loss": est.label, **summarise(out, true_grad),
-                                     "d_rel_mse": float(diff.mean()),
-                                     "d_rel_mse_se": float(diff.std() / len(diff) ** 0.5)})
+                                     "d_rel_mse": float(diff[0].mean()), "d_rel_mse_se": float(se[0]),
+                                     "d_cosine": float(diff[1].mean()), "d_cosine_se": float(se[1])})
                         if bar is not None:
                             bar.update(1)
     if bar is not None:

@@ -58,7 +58,34 @@ def summary_table(df: pd.DataFrame) -> pd.DataFrame:
     n = off.groupby("loss").size()
     table["d_rel_mse"] = off.groupby("loss")["d_rel_mse"].mean()
     table["d_rel_mse_se"] = off.groupby("loss")["d_rel_mse_se"].apply(lambda s: float((s**2).sum()) ** 0.5) / n
+    table["d_cosine"] = off.groupby("loss")["d_cosine"].mean()
+    table["d_cosine_se"] = off.groupby("loss")["d_cosine_se"].apply(lambda s: float((s**2).sum()) ** 0.5) / n
     return table.sort_values("rel_mse")
+
+
+NEAR_KL = 0.05  # per-token KL(μ‖π) below which a cell counts as "near" (typical verl ppo_kl is 1e-3 … 3e-2)
+
+
+def regime_table(df: pd.DataFrame) -> pd.DataFrame:
+    """rel_mse, rel_mse_best and d_rel_mse ± SE for near (0 < KL ≤ NEAR_KL) and far (KL > NEAR_KL) cells."""
+    off = best_oracle(df[df["distance"] > 0])
+    parts = {}
+    for name, mask in (("near", off["kl_per_token"] < NEAR_KL), ("far", off["kl_per_token"] >= NEAR_KL)):
+        sub = off[mask]
+        if sub.empty:
+            continue
+        grouped = sub.groupby("loss")
+        n = grouped.size()
+        parts[f"{name}: rel_mse"] = grouped["rel_mse"].mean()
+        parts[f"{name}: rel_mse_best"] = grouped["rel_mse_best"].mean()
+        parts[f"{name}: d_rel_mse"] = grouped["d_rel_mse"].mean()
+        parts[f"{name}: ±se"] = grouped["d_rel_mse_se"].apply(lambda s: float((s**2).sum()) ** 0.5) / n
+        parts[f"{name}: cosine"] = grouped["cosine"].mean()
+        parts[f"{name}: d_cosine"] = grouped["d_cosine"].mean()
+        parts[f"{name}: ±se "] = grouped["d_cosine_se"].apply(lambda s: float((s**2).sum()) ** 0.5) / n
+    table = pd.DataFrame(parts)
+    far_best = "far: rel_mse_best"
+    return table.sort_values(far_best if far_best in table.columns else table.columns[1])
 
 
 def distance_table(df: pd.DataFrame, behaviour: str, advantage: str, metric: str = "rel_mse") -> pd.DataFrame:
@@ -89,12 +116,16 @@ def write_markdown(df: pd.DataFrame, path: Path, command: str, wall_s: float, se
         "Metrics are relative to ‖∇J‖² (exact). rel_mse = E‖ĝ − ∇J‖²/‖∇J‖² = rel_bias2 + rel_var; rel_mse_best is the",
         "MSE after the best scalar step-size multiplier (immune to plain shrinkage); cosine = E cos(ĝ, ∇J); ess = Kish",
         "ESS fraction of the token weights; zero_share / cut_share = tokens with weight 0 / weight < r/2;",
-        "d_rel_mse = rel_mse − the anchor's (first loss) on the same batches, ± its paired standard error.",
+        "d_rel_mse / d_cosine = rel_mse / cosine minus the anchor's (first loss) on the same batches, ± paired standard",
+        "errors (the ± of a mean over cells combines the cells' SEs as independent).",
         "",
     ]
     for adv in sorted(df["advantage"].unique()):
         parts += [f"## Summary over all off-policy cells, advantage = {adv}", "",
                   _table(summary_table(df[df["advantage"] == adv]), "loss"), ""]
+    for adv in sorted(df["advantage"].unique()):
+        parts += [f"## Near (per-token KL < {NEAR_KL}) vs far cells, advantage = {adv} (sorted by far rel_mse_best)", "",
+                  _table(regime_table(df[df["advantage"] == adv]), "loss"), ""]
     for behaviour in sorted(df["behaviour"].unique()):
         for adv in sorted(df["advantage"].unique()):
             parts += [f"## rel_mse by distance: behaviour = {behaviour}, advantage = {adv} (mean over reward families)", "",
