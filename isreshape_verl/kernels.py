@@ -46,44 +46,41 @@ def check_kernel_name(name: str) -> None:
         raise ValueError(f"kernel={name!r} is not a known kernel; allowed: {', '.join(KERNEL_NAMES)}")
 
 
-def kernel_value(name: str, x: torch.Tensor, width: torch.Tensor | float) -> torch.Tensor:
-    """K(x) for x = r − 1 (elementwise; `width` broadcasts against x)."""
+def kernel_and_integral(name: str, x: torch.Tensor, width: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(K(x), F_K(r)) for x = r − 1, elementwise; `width` broadcasts against x. F_K(1) = 0, dF/dx = K.
+
+    Both come from one pass over u = x / w, sharing what they can (tanh for sech2, exp for laplace):
+    this runs on every token of every micro-batch.
+    """
     u = x / width
     if name == "gaussian":
-        return torch.exp(-0.5 * u * u)
+        return torch.exp(-0.5 * u * u), width * math.sqrt(math.pi / 2.0) * torch.erf(u / math.sqrt(2.0))
     if name == "sech2":
         t = torch.tanh(u)
-        return 1.0 - t * t  # sech² = 1 − tanh²; cosh² would overflow for |u| > ~355
+        return 1.0 - t * t, width * t  # sech² = 1 − tanh²; cosh² would overflow for |u| > ~355
     if name == "cauchy":
-        return 1.0 / (1.0 + u * u)
+        return 1.0 / (1.0 + u * u), width * torch.atan(u)
     if name == "laplace":
-        return torch.exp(-u.abs())
+        decay = torch.exp(-u.abs())
+        return decay, width * torch.sign(u) * (1.0 - decay)
     if name == "epanechnikov":
-        return (1.0 - u * u).clamp(min=0.0)
+        uc = u.clamp(-1.0, 1.0)
+        return 1.0 - uc * uc, width * (uc - uc * uc * uc / 3.0)  # 1 − ū² = (1 − u²)₊
     if name == "box":
-        return (u.abs() <= 1.0).to(x.dtype)
+        uc = u.clamp(-1.0, 1.0)
+        return (u.abs() <= 1.0).to(x.dtype), width * uc
     check_kernel_name(name)
     raise AssertionError("unreachable")
+
+
+def kernel_value(name: str, x: torch.Tensor, width: torch.Tensor | float) -> torch.Tensor:
+    """K(x) for x = r − 1."""
+    return kernel_and_integral(name, x, width)[0]
 
 
 def kernel_integral(name: str, x: torch.Tensor, width: torch.Tensor | float) -> torch.Tensor:
-    """F_K(r) = ∫₁ʳ K(t − 1) dt as a function of x = r − 1; F_K(1) = 0 and dF/dx = K(x)."""
-    u = x / width
-    if name == "gaussian":
-        return width * math.sqrt(math.pi / 2.0) * torch.erf(u / math.sqrt(2.0))
-    if name == "sech2":
-        return width * torch.tanh(u)
-    if name == "cauchy":
-        return width * torch.atan(u)
-    if name == "laplace":
-        return width * torch.sign(u) * -torch.expm1(-u.abs())
-    if name == "epanechnikov":
-        uc = u.clamp(-1.0, 1.0)
-        return width * (uc - uc * uc * uc / 3.0)
-    if name == "box":
-        return width * u.clamp(-1.0, 1.0)
-    check_kernel_name(name)
-    raise AssertionError("unreachable")
+    """F_K(r) = ∫₁ʳ K(t − 1) dt as a function of x = r − 1."""
+    return kernel_and_integral(name, x, width)[1]
 
 
 def weight_bound(name: str, width: float) -> float:

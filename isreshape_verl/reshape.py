@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 
-from isreshape_verl.kernels import KERNEL_NAMES, check_kernel_name, kernel_integral, kernel_value
+from isreshape_verl.kernels import KERNEL_NAMES, check_kernel_name, kernel_and_integral
 
 GAMMA_MODES = ("fixed", "correctness", "magnitude", "combined")
 
@@ -105,7 +105,7 @@ class ReshapeTerms(NamedTuple):
     log_ratio: torch.Tensor  # clamp(log π_θ − log μ, ±log_ratio_clamp)
     ratio: torch.Tensor  # r = exp(log_ratio)
     kernel: torch.Tensor  # K(r − 1), 1 on the safe side when one_sided
-    gamma: torch.Tensor  # γ(r, A)
+    gamma: torch.Tensor  # γ(r, A); 0-dim (broadcastable) when gamma_mode is fixed
     weight: torch.Tensor  # g(r, A) = (1 − γ) + γ·r·K
     surrogate: torch.Tensor  # f(r) = (1 − γ)·log r + γ·F_K(r)
 
@@ -118,8 +118,8 @@ def mixing_gamma(params: ISReshapeParams, log_ratio: torch.Tensor, advantages: t
     magnitude factor    m = 2σ(β·|A|) − 1 ∈ [0, 1): → 1 when the reward signal is strong.
     """
     mode = params.gamma_mode
-    if mode == "fixed":
-        return torch.full_like(log_ratio, params.gamma)
+    if mode == "fixed":  # a 0-dim tensor: broadcasts, and saves a (B, T) allocation
+        return log_ratio.new_tensor(params.gamma)
     span = params.gamma_max - params.gamma_base
     if mode == "correctness":
         factor = torch.sigmoid(-advantages * log_ratio / params.gamma_tau)
@@ -146,14 +146,16 @@ def reshape_terms(params: ISReshapeParams, log_ratio: torch.Tensor, advantages: 
         width = torch.where(positive, x.new_tensor(params.width), x.new_tensor(params.width_neg))
     if params.one_sided:
         x_eff = torch.where(positive, x.clamp(min=0.0), x.clamp(max=0.0))
-        kernel = kernel_value(params.kernel, x_eff, width)
-        integral = kernel_integral(params.kernel, x_eff, width) + (x - x_eff)
+        kernel, integral = kernel_and_integral(params.kernel, x_eff, width)
+        integral = integral + (x - x_eff)
     else:
-        kernel = kernel_value(params.kernel, x, width)
-        integral = kernel_integral(params.kernel, x, width)
+        kernel, integral = kernel_and_integral(params.kernel, x, width)
+    del x  # free before the next allocations: this runs on (B, T) tensors inside the loss
     gamma = mixing_gamma(params, log_ratio, advantages)
-    weight = (1.0 - gamma) + gamma * ratio * kernel
-    surrogate = (1.0 - gamma) * log_ratio + gamma * integral
+    one_minus_gamma = 1.0 - gamma
+    surrogate = one_minus_gamma * log_ratio + gamma * integral
+    del integral
+    weight = one_minus_gamma + gamma * ratio * kernel
     return ReshapeTerms(log_ratio, ratio, kernel, gamma, weight, surrogate)
 
 
@@ -181,26 +183,39 @@ def is_reshape_token_loss(
     old_log_prob: torch.Tensor,
     advantages: torch.Tensor,
     params: ISReshapeParams,
-    return_terms: bool = False,
-):
+    on_chunk: Callable[[slice, ReshapeTerms, torch.Tensor], None] | None = None,
+    chunk_tokens: int = 1 << 16,
+) -> torch.Tensor:
     """Per-token IS Reshape loss ℓ = −f(r)·A, (B, T), whose gradient w.r.t. log_prob is −g(r, A)·A.
 
     Computed in float32 at least (bf16/fp16 inputs are upcast); gradients flow back in log_prob's dtype.
     r = exp(clamp(log_prob − old_log_prob, ±log_ratio_clamp)); the clamp bounds r inside the weight but
     does not cut the gradient (−g(r_clamped)·A still reaches every token). γ is detached.
-    Aggregate (mask, mean) as you like; with `return_terms` also returns the detached `ReshapeTerms`.
+
+    The weight is computed under no_grad over chunks of rows of about `chunk_tokens` tokens, so the
+    peak memory is the two (B, T) outputs plus one chunk's temporaries, whatever the batch size.
+    `on_chunk(rows, terms, advantages[rows])` sees each chunk's detached `ReshapeTerms` (for metrics).
+    Aggregate the returned (B, T) loss (mask, mean) as you like.
     """
     compute_dtype = torch.promote_types(log_prob.dtype, torch.float32)
+    batch = log_prob.shape[0]
+    tokens_per_row = max(1, log_prob.numel() // max(1, batch))
+    rows_per_chunk = max(1, chunk_tokens // tokens_per_row)
     with torch.no_grad():
-        adv = advantages.to(compute_dtype)
-        log_ratio = (log_prob.to(compute_dtype) - old_log_prob.to(compute_dtype)).clamp(
-            -params.log_ratio_clamp, params.log_ratio_clamp
-        )
-        terms = reshape_terms(params, log_ratio, adv)
-        token_loss = -terms.surrogate * adv
-        grad_factor = -terms.weight * adv
-    token_loss = _SurrogateWithWeight.apply(log_prob, token_loss, grad_factor)
-    return (token_loss, terms) if return_terms else token_loss
+        token_loss = torch.empty(log_prob.shape, dtype=compute_dtype, device=log_prob.device)  # (B, T)
+        grad_factor = torch.empty_like(token_loss)  # (B, T), −g·A, saved for backward
+        for start in range(0, batch, rows_per_chunk):
+            rows = slice(start, start + rows_per_chunk)
+            adv = advantages[rows].to(compute_dtype)
+            log_ratio = (log_prob[rows].to(compute_dtype) - old_log_prob[rows].to(compute_dtype)).clamp_(
+                -params.log_ratio_clamp, params.log_ratio_clamp
+            )
+            terms = reshape_terms(params, log_ratio, adv)
+            torch.mul(terms.surrogate, adv, out=token_loss[rows]).neg_()
+            torch.mul(terms.weight, adv, out=grad_factor[rows]).neg_()
+            if on_chunk is not None:
+                on_chunk(rows, terms, adv)
+    return _SurrogateWithWeight.apply(log_prob, token_loss, grad_factor)
 
 
 __all__ = [

@@ -10,15 +10,18 @@ Per valid token (see `isreshape_verl.reshape` for the math):
     pg_loss   = agg_loss(pg_losses, mask, loss_agg_mode, **config.global_batch_info)
 
 Tokens whose log-probs or advantage are NaN/±Inf are dropped from the mask (loss and gradient 0)
-and counted in `actor/is_reshape/nonfinite_frac`, so one bad token cannot poison a whole step.
+and counted in `actor/is_reshape/nonfinite_frac`, so one bad token cannot poison a whole step. The
+check costs nothing on clean batches: the one host sync that reads the metrics also reads whether the
+loss and Σ log r over valid tokens are finite, and only then is the batch cleaned and recomputed.
 
-Metrics (floats, over valid tokens; quadrant "pos" = A > 0, "neg" = A ≤ 0, "up" = r > 1, "down" = r ≤ 1):
+Metrics (floats, over valid tokens of the micro-batch, or of every s-th sequence, s = ⌈B·T / 65,536⌉,
+when it is larger; quadrant "pos" = A > 0, "neg" = A ≤ 0, "up" = r > 1, "down" = r ≤ 1):
     actor/ppo_kl                        mean of −log r (verl's k1 estimate of KL(μ‖π_θ))
     actor/pg_clipfrac                   share of tokens whose kernel factor K(r − 1) < 0.5 (softly clipped)
     actor/is_reshape/weight_mean        mean g
     actor/is_reshape/gamma_mean         mean γ
     actor/is_reshape/ess                (Σg)² / (N·Σg²) ∈ (0, 1]; 1 when every g is equal
-    actor/is_reshape/ratio_{min,p01,p50,p99,max}  ratio quantiles (from ≤ 65,536 evenly strided tokens)
+    actor/is_reshape/ratio_{min,p01,p50,p99,max}  ratio quantiles (from ≤ ~8,192 evenly strided tokens)
     actor/is_reshape/{pos,neg}_{up,down}_{share,weight}  token share and mean g of each quadrant
     actor/is_reshape/nonfinite_frac     share of response tokens dropped for non-finite inputs
 """
@@ -34,8 +37,9 @@ from isreshape_verl.reshape import ISReshapeParams, is_reshape_token_loss
 
 LOSS_NAME = "is_reshape"
 SOFT_CLIP_THRESHOLD = 0.5  # K below this counts toward pg_clipfrac
-_QUANTILE_SAMPLE = 65_536
-_QUADRANTS = ("neg_down", "neg_up", "pos_down", "pos_up")  # index = 2·[A > 0] + [r > 1]
+_METRIC_TOKENS = 1 << 16  # metrics cover every sequence up to this many tokens, then every s-th sequence
+_QUANTILE_SAMPLE = 8_192
+_QUADRANTS = ("neg_down", "neg_up", "pos_down", "pos_up")
 
 
 def params_from_actor_config(config) -> ISReshapeParams:
@@ -47,53 +51,109 @@ def params_from_actor_config(config) -> ISReshapeParams:
     return ISReshapeParams(**{k: policy_loss[k] for k in names if k in policy_loss})
 
 
-def _reshape_metrics(terms, advantages: torch.Tensor, valid: torch.Tensor, n_response: torch.Tensor) -> dict:
-    """All metrics from one boolean gather of the valid tokens and a single host sync."""
-    g = terms.weight[valid]
-    n = g.numel()
-    if n == 0:
-        nonfinite = 1.0 if int(n_response) > 0 else 0.0  # every response token was dropped, or there were none
-        return {"actor/ppo_kl": 0.0, "actor/pg_clipfrac": 0.0, "actor/is_reshape/nonfinite_frac": nonfinite}
-    lr = terms.log_ratio[valid]
-    ratio = terms.ratio[valid]
-    quadrant = 2 * (advantages[valid] > 0).long() + (lr > 0).long()
-    counts = torch.bincount(quadrant, minlength=4).to(g.dtype)
-    weight_sums = torch.bincount(quadrant, weights=g, minlength=4)
-    stride = max(1, n // _QUANTILE_SAMPLE)
-    q = torch.quantile(ratio[::stride], torch.tensor([0.01, 0.5, 0.99], dtype=ratio.dtype, device=ratio.device))
-    g_sum = g.sum()
-    scalars = torch.stack(
-        [
-            -lr.mean(),
-            (terms.kernel[valid] < SOFT_CLIP_THRESHOLD).to(g.dtype).mean(),
-            g_sum / n,
-            terms.gamma[valid].mean(),
-            g_sum * g_sum / (n * (g * g).sum()).clamp(min=torch.finfo(g.dtype).tiny),
-            ratio.min(),
-            *q,
-            ratio.max(),
-            1.0 - n / n_response.to(g.dtype),
-        ]
-    )
-    shares = counts / n
-    means = weight_sums / counts.clamp(min=1)
-    values = torch.cat([scalars, shares, means]).tolist()  # the one host sync
-    names = [
-        "actor/ppo_kl",
-        "actor/pg_clipfrac",
-        "actor/is_reshape/weight_mean",
-        "actor/is_reshape/gamma_mean",
-        "actor/is_reshape/ess",
-        "actor/is_reshape/ratio_min",
-        "actor/is_reshape/ratio_p01",
-        "actor/is_reshape/ratio_p50",
-        "actor/is_reshape/ratio_p99",
-        "actor/is_reshape/ratio_max",
-        "actor/is_reshape/nonfinite_frac",
-        *(f"actor/is_reshape/{q}_share" for q in _QUADRANTS),
-        *(f"actor/is_reshape/{q}_weight" for q in _QUADRANTS),
-    ]
-    return dict(zip(names, values))
+class _MetricSums:
+    """Per-chunk reductions, combined into the metrics with a single host sync.
+
+    Over all valid tokens: their count and Σ(log π_θ − log μ) before clamping, a probe for NaN/±Inf
+    inputs. The metrics themselves are taken over the valid tokens of every `row_stride`-th sequence
+    (every sequence when the micro-batch has ≤ 65,536 tokens, as verl's micro-batches usually do) and
+    masked sums are dot products with a 0/1 mask, so the metrics cost a fraction of the loss. Ratio
+    quantiles are those of log r mapped through exp (monotone), from ≤ ~8,192 of those tokens.
+    """
+
+    def __init__(self, log_prob, old_log_prob, valid: torch.Tensor):
+        self.log_prob, self.old_log_prob, self.valid = log_prob, old_log_prob, valid
+        tokens_per_row = max(1, valid[0].numel()) if valid.shape[0] else 1
+        self.row_stride = max(1, -(-valid.numel() // _METRIC_TOKENS))
+        sampled_tokens = -(-valid.shape[0] // self.row_stride) * tokens_per_row
+        self.token_stride = max(1, sampled_tokens // _QUANTILE_SAMPLE)
+        self.probes: list[torch.Tensor] = []  # (n_valid, Σ unclamped log r) per chunk
+        self.sums: list[torch.Tensor] = []  # one row of `_SUM_NAMES` per chunk
+        self.extremes: list[torch.Tensor] = []  # (min log r, max log r) per chunk
+        self.samples: list[torch.Tensor] = []
+
+    def __call__(self, rows: slice, terms, advantages: torch.Tensor) -> None:
+        valid = self.valid[rows]
+        mask = valid.to(terms.weight.dtype)
+        raw_log_ratio = self.log_prob[rows].detach().to(mask.dtype) - self.old_log_prob[rows].to(mask.dtype)
+        self.probes.append(torch.stack([mask.sum(), (raw_log_ratio * mask).sum()]))
+
+        first = (-rows.start) % self.row_stride  # keep rows whose global index is a multiple of row_stride
+        pick = slice(first, None, self.row_stride)
+        mask = mask[pick].reshape(-1)  # (n,)
+        if mask.numel() == 0:
+            return
+        g = terms.weight[pick].reshape(-1)  # (n,)
+        log_r = terms.log_ratio[pick].reshape(-1)  # (n,)
+        shape = terms.weight[pick].shape
+        g_masked = g * mask
+        positive = (advantages[pick] > 0).expand(shape).reshape(-1).to(g.dtype)
+        up = (log_r > 0).to(g.dtype)
+        both = positive * up
+        n, n_pos, n_up, n_both = mask.sum(), *(torch.dot(side, mask) for side in (positive, up, both))
+        g_sum, g_pos, g_up, g_both = g_masked.sum(), *(torch.dot(side, g_masked) for side in (positive, up, both))
+        gamma = terms.gamma[pick].expand(shape).reshape(-1) if terms.gamma.dim() else terms.gamma.expand(n.shape)
+        soft = (terms.kernel[pick].expand(shape).reshape(-1) < SOFT_CLIP_THRESHOLD).to(g.dtype)
+        self.sums.append(torch.stack([
+            n, g_sum, torch.dot(g_masked, g), -torch.dot(log_r, mask), torch.dot(soft, mask),
+            torch.dot(gamma, mask) if gamma.dim() else gamma * n,
+            # quadrant counts and weight sums (neg_down, neg_up, pos_down, pos_up) by inclusion–exclusion
+            n - n_pos - n_up + n_both, n_up - n_both, n_pos - n_both, n_both,
+            g_sum - g_pos - g_up + g_both, g_up - g_both, g_pos - g_both, g_both,
+        ]))
+        valid_flat = mask > 0
+        inf = torch.tensor(float("inf"), dtype=log_r.dtype, device=log_r.device)
+        lowest, highest = torch.where(valid_flat, log_r, inf).min(), torch.where(valid_flat, log_r, -inf).max()
+        self.extremes.append(torch.stack([lowest, highest]))
+        self.samples.append(log_r[:: self.token_stride][valid_flat[:: self.token_stride]])
+
+    def sync(self, pg_loss: torch.Tensor) -> tuple[bool, float, list[float] | None]:
+        """(inputs and loss finite?, number of valid tokens, metric values) in one host sync."""
+        n_valid, raw_sum = torch.stack(self.probes).sum(0).unbind()
+        head = torch.stack([torch.isfinite(pg_loss.detach()) & torch.isfinite(raw_sum), n_valid]).to(raw_sum.dtype)
+        if not self.sums:
+            finite, n_valid = head.tolist()
+            return bool(finite), n_valid, None
+        n, g_sum, g_sq, neg_log_r, soft_clipped, gamma, *quadrant = torch.stack(self.sums).sum(0).unbind()
+        counts, weight_sums = torch.stack(quadrant[:4]), torch.stack(quadrant[4:])
+        extremes = torch.stack(self.extremes)
+        sample = torch.cat(self.samples)
+        if sample.numel() == 0:  # no valid token in the sampled rows
+            sample = extremes[:, 0]
+        probs = torch.tensor([0.01, 0.5, 0.99], dtype=sample.dtype, device=sample.device)
+        n_safe = n.clamp(min=1)
+        values = torch.cat([
+            head,
+            torch.stack([neg_log_r / n_safe, soft_clipped / n_safe, g_sum / n_safe, gamma / n_safe,
+                         g_sum * g_sum / (n_safe * g_sq).clamp(min=torch.finfo(g_sq.dtype).tiny),
+                         extremes[:, 0].min().exp()]),
+            torch.quantile(sample, probs).exp(),
+            extremes[:, 1].max().exp()[None],
+            counts / n_safe,
+            weight_sums / counts.clamp(min=1),
+        ]).tolist()  # the one host sync
+        finite, n_valid, *metrics = values
+        return bool(finite), n_valid, metrics
+
+
+_METRIC_NAMES = [
+    "actor/ppo_kl", "actor/pg_clipfrac", "actor/is_reshape/weight_mean", "actor/is_reshape/gamma_mean",
+    "actor/is_reshape/ess", "actor/is_reshape/ratio_min", "actor/is_reshape/ratio_p01", "actor/is_reshape/ratio_p50",
+    "actor/is_reshape/ratio_p99", "actor/is_reshape/ratio_max", *(f"actor/is_reshape/{q}_share" for q in _QUADRANTS),
+    *(f"actor/is_reshape/{q}_weight" for q in _QUADRANTS),
+]
+
+
+def _loss_and_sums(old_log_prob, log_prob, advantages, valid, loss_agg_mode, config, rollout_is_weights, params):
+    sums = _MetricSums(log_prob, old_log_prob, valid)
+    token_loss = is_reshape_token_loss(log_prob, old_log_prob, advantages, params, on_chunk=sums)  # (B, T)
+    if rollout_is_weights is not None:
+        token_loss = token_loss * rollout_is_weights
+    pg_loss = agg_loss(loss_mat=token_loss, loss_mask=valid, loss_agg_mode=loss_agg_mode, **config.global_batch_info)
+    finite, n_valid, metrics = sums.sync(pg_loss)
+    if n_valid == 0:  # nothing to learn from; agg_loss's local means would divide 0 by 0
+        pg_loss = (token_loss * valid).sum()
+    return pg_loss.to(log_prob.dtype), finite, n_valid, metrics
 
 
 @register_policy_loss(LOSS_NAME)
@@ -110,30 +170,24 @@ def compute_policy_loss_is_reshape(
     if config is None:
         raise ValueError("is_reshape needs verl's actor config (config=...); got None")
     params = params_from_actor_config(config)
-
     response_mask = response_mask.bool()
-    with torch.no_grad():
-        finite = torch.isfinite(log_prob.detach() - old_log_prob) & torch.isfinite(advantages)
-        valid = response_mask & finite
-        all_finite, any_valid = torch.stack([finite.all(), valid.any()]).tolist()
-    if not all_finite:
-        # Replace bad positions (log r = 0, A = 0) so that NaN never reaches the loss or gradient (0·NaN = NaN).
+    args = (loss_agg_mode, config, rollout_is_weights, params)
+
+    pg_loss, finite, n_valid, metrics = _loss_and_sums(old_log_prob, log_prob, advantages, response_mask, *args)
+    n_response = n_valid
+    if not finite:
+        # Rare path: drop tokens with NaN/±Inf inputs (log r = 0, A = 0 there, outside the mask) and redo.
+        with torch.no_grad():
+            ok = torch.isfinite(log_prob.detach() - old_log_prob + advantages)  # NaN/Inf in any of the three
         clean = log_prob.detach().nan_to_num(0.0, 0.0, 0.0)
-        log_prob = torch.where(finite, log_prob, clean)
-        old_log_prob = torch.where(finite, old_log_prob, clean)
-        advantages = torch.where(finite, advantages, torch.zeros_like(advantages))
+        log_prob = torch.where(ok, log_prob, clean)
+        old_log_prob = torch.where(ok, old_log_prob, clean)
+        advantages = torch.where(ok, advantages, torch.zeros_like(advantages))
+        pg_loss, finite, n_valid, metrics = _loss_and_sums(old_log_prob, log_prob, advantages, response_mask & ok, *args)
 
-    token_loss, terms = is_reshape_token_loss(log_prob, old_log_prob, advantages, params, return_terms=True)
-    if rollout_is_weights is not None:
-        token_loss = token_loss * rollout_is_weights
-
-    if any_valid:
-        pg_loss = agg_loss(
-            loss_mat=token_loss, loss_mask=valid, loss_agg_mode=loss_agg_mode, **config.global_batch_info
-        ).to(log_prob.dtype)
-    else:  # nothing to learn from; agg_loss's local means would divide 0 by 0
-        pg_loss = (token_loss * valid).sum().to(log_prob.dtype)
-
-    with torch.no_grad():
-        metrics = _reshape_metrics(terms, advantages, valid, response_mask.sum())
-    return pg_loss, metrics
+    if metrics is None:
+        out = {"actor/ppo_kl": 0.0, "actor/pg_clipfrac": 0.0}
+    else:
+        out = dict(zip(_METRIC_NAMES, metrics))
+    out["actor/is_reshape/nonfinite_frac"] = 1.0 - n_valid / n_response if n_response else 0.0
+    return pg_loss, out

@@ -131,6 +131,21 @@ def test_plain_torch_token_loss_matches_the_verl_loss():
     torch.testing.assert_close(lp.grad, grad_verl, rtol=1e-12, atol=0)
 
 
+@pytest.mark.parametrize("chunk_tokens", [1, 7, 20, 1 << 20])
+def test_chunked_computation_is_exact(chunk_tokens):
+    """The weight is computed over row chunks to bound memory; any chunking gives the same numbers
+    (up to 1 ulp: vectorised exp/tanh round differently in a SIMD body and its scalar tail)."""
+    old, log_prob, adv, mask = random_batch(seed=12, B=7, T=5)
+    params = ISReshapeParams(gamma_mode="combined")
+    results = []
+    for chunk in (chunk_tokens, 1 << 30):
+        lp = log_prob.clone().requires_grad_()
+        loss = is_reshape_token_loss(lp, old, adv, params, chunk_tokens=chunk)
+        loss.backward(torch.ones_like(loss))
+        results.append((loss.detach(), lp.grad))
+    torch.testing.assert_close(results[0], results[1], rtol=1e-15, atol=1e-16)
+
+
 # ------------------------------------- verl's own losses -------------------------------------
 def test_gamma_zero_equals_verl_gpg():
     old, log_prob, adv, mask = random_batch(seed=21, spread=2.0)
@@ -302,11 +317,15 @@ def test_missing_config_is_a_clear_error():
 
 
 # -------------------------------------------- metrics --------------------------------------------
-def test_metrics_match_their_definitions():
-    old, log_prob, adv, mask = random_batch(seed=51, B=16, T=12)
+# (96, 2048) = 196,608 tokens spans 3 chunks of 2¹⁶ and exceeds the 65,536-token metric budget, so the
+# metrics cover every ⌈196,608 / 65,536⌉ = 3rd sequence.
+@pytest.mark.parametrize("batch,length,row_stride", [(16, 12, 1), (96, 2048, 3)])
+def test_metrics_match_their_definitions(batch, length, row_stride):
+    old, log_prob, adv, mask = random_batch(seed=51, B=batch, T=length)
     config = spec_config("is_reshape:kernel=gaussian,width=0.5")
     params = config.policy_loss.reshape_params()
     _, _, m = loss_and_grad(IS_RESHAPE, config, old, log_prob, adv, mask)
+    old, log_prob, adv, mask = old[::row_stride], log_prob[::row_stride], adv[::row_stride], mask[::row_stride]
     g = expected_weight(params, log_prob, old, adv)[mask]
     log_r, a = (log_prob - old)[mask], adv[mask]
     k = expected_kernel("gaussian", log_r.exp() - 1, 0.5)

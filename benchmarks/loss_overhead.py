@@ -1,0 +1,174 @@
+"""Forward + backward time and peak extra memory of `is_reshape` against verl's `vanilla` and `sapo`.
+
+Every loss runs through verl's registry on identical tensors (log_prob requires grad; old_log_prob,
+advantages and a ragged response mask), one loss call + backward per repetition, median of --reps after
+--warmup calls, interleaved round-robin across the losses. Printed next to each: the ratio to `vanilla` measured in the same run, and a memory-bound
+floor: one fused kernel that reads the three input tensors once and writes the gradient once
+(torch.addcmul(log_prob, old, adv, out=grad)).
+
+Peak extra memory = the highest amount allocated above what existed before the call, gradient included:
+torch.cuda.max_memory_allocated on CUDA; on CPU, the running sum of torch.profiler's per-op memory events
+(allocations and frees in time order), since the CPU allocator keeps no statistics.
+
+    python benchmarks/loss_overhead.py                       # CPU, [64, 4096] and [256, 8192], fp32 and bf16
+    python benchmarks/loss_overhead.py --shapes 64x4096 --dtypes fp32 --reps 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+from functools import partial
+
+import torch
+import verl  # noqa: F401  (registers is_reshape through the plugin entry point)
+from torch.profiler import ProfilerActivity, profile
+from tqdm import tqdm
+
+from isreshape_verl.kernels import KERNEL_NAMES
+from isreshape_verl.specs import parse_loss_spec
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DEFAULT_LOSSES = ["vanilla", "sapo", "is_reshape"] + [
+    f"is_reshape:kernel={k},gamma_mode=fixed,gamma=1" for k in KERNEL_NAMES
+]
+
+
+def make_inputs(batch, length, dtype, device, seed=0):
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    old = -torch.rand(batch, length, generator=gen) * 3  # (B, T)
+    log_prob = old + 0.3 * torch.randn(batch, length, generator=gen)  # (B, T)
+    adv = torch.randn(batch, 1, generator=gen).expand(batch, length).contiguous()  # (B, T)
+    lengths = torch.randint(length // 4, length + 1, (batch,), generator=gen)
+    mask = torch.arange(length)[None, :] < lengths[:, None]  # (B, T) bool, ragged like real responses
+    to = dict(device=device, dtype=dtype)
+    return log_prob.to(**to), old.to(**to), adv.to(**to), mask.to(device)
+
+
+def loss_step(spec, config, log_prob, old, adv, mask):
+    """One loss call and its backward, as verl's actor does it."""
+    log_prob.grad = None
+    loss, _ = spec.loss_fn(old_log_prob=old, log_prob=log_prob, advantages=adv, response_mask=mask,
+                           loss_agg_mode=spec.loss_agg_mode, config=config)
+    loss.backward()
+
+
+def floor_step(log_prob, old, adv, mask, out):
+    torch.addcmul(log_prob.detach(), old, adv, out=out)
+
+
+def interleaved_median_seconds(fns, reps, warmup, sync):
+    """Median time of each fn, measured round-robin (fn₁, fn₂, …, fn₁, …) so that a noisy, shared
+    machine slows every candidate alike and the ratios stay meaningful."""
+    for _ in range(warmup):
+        for fn in fns:
+            fn()
+    times = [[] for _ in fns]
+    for _ in range(reps):
+        for fn, bucket in zip(fns, times):
+            sync()
+            start = time.perf_counter()
+            fn()
+            sync()
+            bucket.append(time.perf_counter() - start)
+    return [statistics.median(bucket) for bucket in times]
+
+
+def peak_extra_bytes(fn, device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.events() if e.self_cpu_memory_usage), key=lambda e: e.time_range.start)
+    current = peak = 0
+    for event in events:
+        current += event.self_cpu_memory_usage
+        peak = max(peak, current)
+    return peak
+
+
+def machine_line(device):
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+    cpu = platform.processor() or "cpu"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
+
+
+def run(args):
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    specs = [parse_loss_spec(text) for text in args.losses]
+    configs = [spec.actor_config() for spec in specs]
+    print(f"# loss_overhead on {device.type}: {machine_line(device)}")
+    print(f"# median of {args.reps} forward+backward calls after {args.warmup} warm-up calls; ratios to vanilla\n")
+    header = f"{'shape':>10} {'dtype':>5} {'loss':<58} {'ms':>8} {'x vanilla':>9} {'peak MiB':>9} {'x vanilla':>9}"
+    rows = []
+    cases = [(s, d) for s in args.shapes for d in args.dtypes]
+    for (batch, length), dtype_name in tqdm(cases, desc="cases", disable=args.no_progress):
+        log_prob, old, adv, mask = make_inputs(batch, length, DTYPES[dtype_name], device)
+        log_prob.requires_grad_()
+        out = torch.empty_like(old)
+        steps = [lambda: floor_step(log_prob, old, adv, mask, out)]
+        steps += [partial(loss_step, spec, config, log_prob, old, adv, mask) for spec, config in zip(specs, configs)]
+        floor, *seconds = interleaved_median_seconds(steps, args.reps, args.warmup, sync)
+        measured = []
+        for spec, step, secs in zip(specs, steps[1:], seconds):
+            log_prob.grad = None
+            measured.append((str(spec), secs, peak_extra_bytes(step, device)))
+        base_t, base_m = measured[0][1], measured[0][2]
+        shape = f"{batch}x{length}"
+        rows.append(f"{shape:>10} {dtype_name:>5} {'floor (read 3 inputs, write grad once)':<58} "
+                    f"{floor * 1e3:>8.2f} {floor / base_t:>9.2f} {'':>9} {'':>9}")
+        for label, seconds, peak in measured:
+            rows.append(f"{shape:>10} {dtype_name:>5} {label:<58} {seconds * 1e3:>8.2f} {seconds / base_t:>9.2f} "
+                        f"{peak / 2**20:>9.1f} {peak / base_m:>9.2f}")
+    print(header)
+    print("-" * len(header))
+    print("\n".join(rows))
+
+
+def parse_shape(text):
+    try:
+        batch, length = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"shape {text!r} must look like 64x4096 (batch x length)") from None
+    if batch <= 0 or length <= 0:
+        raise argparse.ArgumentTypeError(f"shape {text!r} must have positive sizes")
+    return batch, length
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", nargs="+", type=parse_shape, default=[(64, 4096), (256, 8192)],
+                        help="BxT shapes (default: 64x4096 256x8192)")
+    parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=["fp32", "bf16"])
+    parser.add_argument("--losses", nargs="+", default=DEFAULT_LOSSES,
+                        help="loss specs; the first is the baseline of the ratios (default: vanilla first)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--reps", type=int, default=25, help="timed repetitions (>= 20 for the README figures)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args()
+    if args.reps < 1 or args.warmup < 0:
+        parser.error(f"--reps must be >= 1 and --warmup >= 0, got {args.reps} and {args.warmup}")
+    run(args)
+
+
+if __name__ == "__main__":
+    main()
