@@ -123,8 +123,10 @@ def test_plain_torch_token_loss_matches_the_verl_loss():
     old, log_prob, adv, mask = random_batch(seed=11)
     config = spec_config("is_reshape")
     loss_verl, grad_verl, _ = loss_and_grad(IS_RESHAPE, config, old, log_prob, adv, mask)
+    from isreshape_verl import ISReshapeParams as TopLevelParams, is_reshape_token_loss as top_level_loss
+
     lp = log_prob.clone().requires_grad_()
-    token_loss = is_reshape_token_loss(lp, old, adv, ISReshapeParams())
+    token_loss = top_level_loss(lp, old, adv, TopLevelParams())
     loss = (token_loss * mask).sum() / mask.sum()
     loss.backward()
     assert loss.item() == pytest.approx(loss_verl.item(), rel=1e-12)
