@@ -152,6 +152,17 @@ def test_verl_scorer_accepts_reference_solutions(gsm8k_out, math_out):
 
 
 @needs_data
+def test_scorer_exceptions_on_math_train_are_exactly_the_errata(math_out):
+    """On MATH train the reference solution scores 1.0 except on the two rows whose solution ends
+    in an empty \\boxed{} (their ground truth comes from the errata, the text cannot match it)."""
+    train = pd.read_parquet(math_out[0] / "train.parquet")
+    ok, exceptions = _acceptance(train, lambda e: e["solution"])
+    print(f"MATH train: {ok}/{len(train)} accepted; exceptions: {exceptions}")
+    assert ok == 7498
+    assert exceptions == ["../shared/data/math/train.jsonl:5530", "../shared/data/math/train.jsonl:5532"]
+
+
+@needs_data
 def test_math500_answer_field_agrees_with_boxed():
     vf = _load("gsm8k").vf  # the very module the scripts use
     rows = [json.loads(line) for line in (DATA / "math500" / "test.jsonl").open()]
