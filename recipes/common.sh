@@ -293,6 +293,11 @@ run_recipe() {
         return 0
     fi
 
+    local split
+    for split in train test; do
+        [[ -f $DATA_DIR/$split.parquet ]] ||
+            die "$DATA_DIR/$split.parquet not found: run python data_prep/$dataset.py (or set DATA_DIR)"
+    done
     if [[ $RECIPE_CHECK == 1 ]]; then
         "$PYTHON" -m isreshape_verl.recipe_check "${check_args[@]}" "${hydra_args[@]}" ||
             die "refusing to launch: the config does not pass isreshape_verl.recipe_check (RECIPE_CHECK=0 skips it)"

@@ -219,6 +219,12 @@ def test_dry_run_runs_the_check_and_fails_on_a_bad_config(tmp_path):
 def test_bad_knobs_are_named(tmp_path):
     proc = _bash("recipes/gsm8k/grpo.sh", env={"ASYNC": "fast"}, check=False)
     assert proc.returncode == 2 and "ASYNC='fast' is not allowed (sync, colocate, separate)" in proc.stderr
+    # a real launch without prepared data stops before anything starts
+    proc = _bash("recipes/math/grpo.sh", env={"DRY_RUN": "0", "DATA_DIR": str(tmp_path / "none"),
+                                            "RUN_ROOT": str(tmp_path / "runs")}, check=False)
+    assert proc.returncode == 2
+    assert f"{tmp_path}/none/train.parquet not found: run python data_prep/math.py" in proc.stderr
+    assert not (tmp_path / "runs").exists()
 
 
 @pytest.mark.parametrize("script", [p.relative_to(REPO).as_posix() for p in SCRIPTS if p.name != "common.sh"
