@@ -292,3 +292,28 @@ def test_shellcheck_clean():
     proc = subprocess.run([shellcheck, "-x", *[str(p) for p in SCRIPTS]], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout
     assert len(SCRIPTS) >= 12
+
+
+def test_launch_path_with_a_stand_in_trainer(tmp_path):
+    """The non-dry path: check, create the run dir, save command.sh, tee train.log, pass the
+    trainer's exit status through. PYTHON is a stand-in that fakes main_ppo (no GPU here)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for split in ("train", "test"):
+        (data / f"{split}.parquet").write_bytes(b"")
+    fake = tmp_path / "fakepython"
+    fake.write_text(
+        "#!/usr/bin/env bash\n"
+        'if [[ $2 == verl.trainer.main_ppo ]]; then echo "fake trainer: $VERL_FILE_LOGGER_PATH"; exit "${FAKE_RC:-0}"; fi\n'
+        f'exec {sys.executable} "$@"\n'
+    )
+    fake.chmod(0o755)
+    env = {"DRY_RUN": "0", "RECIPE_CHECK": "0", "PYTHON": str(fake), "DATA_DIR": str(data),
+           "RUN_ROOT": str(tmp_path / "runs")}
+    proc = _bash("recipes/gsm8k/sapo.sh", env=env)
+    run_dir = tmp_path / "runs" / "gsm8k-sapo-sync"
+    assert f"fake trainer: {run_dir}/metrics.jsonl" in (run_dir / "train.log").read_text()
+    command = (run_dir / "command.sh").read_text()
+    assert command.startswith(f"{fake} -m verl.trainer.main_ppo") and "loss_mode=sapo" in command
+    proc = _bash("recipes/gsm8k/sapo.sh", env={**env, "FAKE_RC": "3"}, check=False)
+    assert proc.returncode == 3
