@@ -317,3 +317,8 @@ def test_launch_path_with_a_stand_in_trainer(tmp_path):
     assert command.startswith(f"{fake} -m verl.trainer.main_ppo") and "loss_mode=sapo" in command
     proc = _bash("recipes/gsm8k/sapo.sh", env={**env, "FAKE_RC": "3"}, check=False)
     assert proc.returncode == 3
+    # compare.sh: a failed loss does not stop the others; the exit status reports it
+    proc = _bash("recipes/gsm8k/compare.sh", env={**env, "FAKE_RC": "1", "COMPARE_DIR": str(tmp_path / "exp")},
+                 check=False)
+    assert proc.returncode == 1 and "failed runs: grpo sapo isreshape" in proc.stderr
+    assert sorted(p.name for p in (tmp_path / "exp").iterdir()) == ["grpo", "isreshape", "sapo"]
