@@ -5,6 +5,8 @@ import itertools
 import math
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 import verl  # noqa: F401  (loads the plugin entry point)
 from verl.trainer.ppo.core_algos import get_policy_loss_fn
@@ -360,3 +362,39 @@ def test_correctness_gamma_follows_the_four_quadrants():
     rk = r * expected_kernel("sech2", r - 1, 1.0)
     torch.testing.assert_close(g, torch.stack([torch.ones(1, dtype=F64)[0], rk[0, 1], rk[0, 2], torch.ones(1, dtype=F64)[0]])[None],
                                rtol=1e-9, atol=1e-9)
+
+
+# ---------------------------------------- bounded weight ----------------------------------------
+@settings(max_examples=150, deadline=None)
+@given(
+    kernel=st.sampled_from(KERNEL_NAMES),
+    one_sided=st.booleans(),
+    gamma_mode=st.sampled_from(GAMMA_MODES),
+    log_r=st.floats(-20.0, 20.0),
+    adv=st.floats(-5.0, 5.0).filter(lambda a: abs(a) > 1e-3),
+    width=st.floats(0.05, 5.0),
+    width_neg=st.floats(0.05, 5.0),
+    gammas=st.tuples(st.floats(0, 1), st.floats(0, 1), st.floats(0, 1)),
+)
+def test_gradient_weight_is_bounded(kernel, one_sided, gamma_mode, log_r, adv, width, width_neg, gammas):
+    """g read off verl's gradient obeys 0 ≤ g ≤ 1 + c_K·w (kernels.weight_bound) for r ∈ [e⁻²⁰, e²⁰];
+    one-sided kernels leave K = 1 on the safe side, where g ≤ max(1, r) (r > 1 only when A ≤ 0)."""
+    base, top = sorted(gammas[:2])
+    params = ISReshapeParams(kernel=kernel, width=width, width_neg=width_neg, one_sided=one_sided,
+                             gamma_mode=gamma_mode, gamma=gammas[2], gamma_base=base, gamma_max=top)
+    from isreshape_verl.config import ISReshapeLossConfig
+    from isreshape_verl.kernels import weight_bound
+
+    config = spec_config("is_reshape")
+    config = type(config)(**{**{f: getattr(config, f) for f in ("strategy", "rollout_n", "ppo_mini_batch_size",
+                                                                 "ppo_micro_batch_size_per_gpu")},
+                             "policy_loss": ISReshapeLossConfig(**vars(params))})
+    old = torch.zeros(1, 1, dtype=F64)
+    _, grad, _ = loss_and_grad(IS_RESHAPE, config, old, torch.full_like(old, log_r), torch.full_like(old, adv),
+                               torch.ones(1, 1, dtype=torch.bool))
+    g = (-grad / adv).item()
+    w = width if adv > 0 else width_neg
+    bound = weight_bound(kernel, w)
+    if one_sided and adv <= 0:
+        bound = max(bound, math.exp(log_r))
+    assert -1e-12 <= g <= bound * (1 + 1e-12)
