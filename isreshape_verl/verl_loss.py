@@ -34,6 +34,7 @@ import torch
 from verl.trainer.ppo.core_algos import agg_loss, register_policy_loss
 
 from isreshape_verl.reshape import ISReshapeParams, is_reshape_token_loss
+from isreshape_verl.specs import LOSS_AGG_MODES
 
 LOSS_NAME = "is_reshape"
 SOFT_CLIP_THRESHOLD = 0.5  # K below this counts toward pg_clipfrac
@@ -169,6 +170,13 @@ def compute_policy_loss_is_reshape(
     """IS Reshape policy loss with verl's signature: weight each token's −A·∇log π_θ by g(r, A)."""
     if config is None:
         raise ValueError("is_reshape needs verl's actor config (config=...); got None")
+    if loss_agg_mode not in LOSS_AGG_MODES:
+        raise ValueError(f"loss_agg_mode={loss_agg_mode!r} is not known; allowed: {', '.join(LOSS_AGG_MODES)}")
+    shapes = {"old_log_prob": old_log_prob.shape, "log_prob": log_prob.shape, "advantages": advantages.shape,
+              "response_mask": response_mask.shape}
+    if len(set(shapes.values())) > 1:
+        raise ValueError("is_reshape needs inputs of one shape (B, T); got " +
+                         ", ".join(f"{k} {tuple(v)}" for k, v in shapes.items()))
     params = params_from_actor_config(config)
     response_mask = response_mask.bool()
     args = (loss_agg_mode, config, rollout_is_weights, params)

@@ -314,6 +314,19 @@ def test_nonfinite_inputs_are_masked_out_and_counted():
     assert not torch.equal(grad, clean_grad)
 
 
+def test_unknown_aggregation_mode_is_a_clear_error():
+    old, log_prob, adv, mask = random_batch(seed=46)
+    with pytest.raises(ValueError, match=r"loss_agg_mode='mean' is not known; allowed: token-mean, token-sum"):
+        loss_and_grad(IS_RESHAPE, spec_config("is_reshape"), old, log_prob, adv, mask, loss_agg_mode="mean")
+
+
+def test_mismatched_shapes_are_a_clear_error():
+    old, log_prob, adv, mask = random_batch(seed=47)
+    with pytest.raises(ValueError, match=r"one shape \(B, T\); got old_log_prob \(6, 9\), log_prob \(6, 9\), "
+                                         r"advantages \(6, 1\)"):
+        loss_and_grad(IS_RESHAPE, spec_config("is_reshape"), old, log_prob, adv[:, :1], mask)
+
+
 def test_missing_config_is_a_clear_error():
     old, log_prob, adv, mask = random_batch(seed=45)
     with pytest.raises(ValueError, match="needs verl's actor config"):
