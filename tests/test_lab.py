@@ -280,7 +280,7 @@ def test_cli_writes_csv_markdown_and_plots(tmp_path, capsys):
     on_policy = df[df["distance"] == 0]
     assert (on_policy["kl_per_token"] == 0).all()
     # rel_mse = bias² + variance by construction (up to the CSV's 5 significant digits)
-    assert np.allclose(df["rel_mse"], df["rel_bias2"] + df["rel_var"], rtol=1e-3, atol=1e-6)
+    assert np.allclose(df["rel_mse"], df["rel_bias2"] + df["rel_var"], rtol=2e-3, atol=1e-5)
     assert (df[df["loss"] == "is_reshape"]["d_rel_mse"] == 0).all()  # the anchor
     md = (out / "lab.md").read_text()
     assert "Reproduce: `isreshape-verl lab" in md and "## Summary over all off-policy cells" in md

@@ -266,7 +266,7 @@ def write_all(rows: list[dict], out: Path, estimators, command: str, wall_s: flo
     out.mkdir(parents=True, exist_ok=True)
     df = pd.DataFrame(rows)
     paths = {"csv": out / CSV_NAME, "md": out / MD_NAME}
-    df.to_csv(paths["csv"], index=False, float_format="%.5g")
+    df.to_csv(paths["csv"], index=False, float_format="%.4g")
     write_markdown(df, paths["md"], command, wall_s, settings)
     if plots:
         paths.update(mse=out / PNG_MSE, bias_variance=out / PNG_BV, weights=out / PNG_WEIGHTS)
@@ -275,3 +275,25 @@ def write_all(rows: list[dict], out: Path, estimators, command: str, wall_s: flo
         plot_bias_variance(df, paths["bias_variance"], adv)
         plot_weights(estimators, paths["weights"])
     return paths
+
+
+def compare_runs(csv_paths: dict[str, str], advantage: str = "grpo") -> str:
+    """Markdown tables of near/far d_rel_mse and d_cosine (vs each run's anchor) across several lab runs.
+
+    Used for the robustness check in benchmarks/results/lab_default/robustness.md:
+
+        python -c "from isreshape_verl.lab.report import compare_runs; print(compare_runs({'seed 0': 'a/lab.csv', ...}))"
+    """
+    tables = {}
+    for name, path in csv_paths.items():
+        frame = pd.read_csv(path)
+        tables[name] = regime_table(frame[frame["advantage"] == advantage])
+    parts = []
+    for regime in ("near", "far"):
+        for metric in ("d_rel_mse", "d_cosine"):
+            col = f"{regime}: {metric}"
+            frame = pd.DataFrame({name: t[col] for name, t in tables.items() if col in t.columns})
+            frame = frame.loc[frame.mean(axis=1).sort_values(ascending=metric == "d_rel_mse").index]
+            parts += [f"### {regime} cells (per-token KL {'<' if regime == 'near' else '≥'} {NEAR_KL}): {metric} vs the anchor, advantage = {advantage}",
+                      "", _table(frame, "loss"), ""]
+    return "\n".join(parts)
