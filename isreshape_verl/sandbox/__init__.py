@@ -1,0 +1,1 @@
+"""The CPU sandbox: `isreshape-verl compare` (see `isreshape_verl.sandbox.cli`)."""

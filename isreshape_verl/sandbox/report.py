@@ -1,0 +1,288 @@
+"""The comparison report: report.md with a table, and PNG plots (matplotlib, Agg backend).
+
+    accuracy.png   greedy test accuracy vs step, one line per loss (mean over seeds, band = min..max),
+                   one panel per lag, with the smoothed sampled train reward dashed
+    ratios.png     histograms of log r = log π_θ/μ over all training tokens, per loss, one panel per lag
+    g_curves.png   the per-token weight g(r) of each compared loss for A > 0 and A < 0, computed from
+                   verl's own loss function by autograd (loss-agnostic, see loop.effective_weights)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import numpy as np
+
+ACC_THRESHOLD_GAIN = 0.05  # "steps to threshold": first evaluation ≥ start accuracy + 5 points
+COLLAPSE_DROP = 0.10  # collapse: final accuracy ≥ 10 points below the start, or non-finite metrics
+
+
+def _fmt(x, digits=3):
+    return "–" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.{digits}f}"
+
+
+def summarize_run(rows: list[dict]) -> dict:
+    """Scalars of one run from its metrics rows."""
+    evals = [(r["step"], r["test_acc"]) for r in rows if r.get("test_acc") is not None]
+    start = evals[0][1] if evals else float("nan")
+    final = evals[-1][1] if evals else float("nan")
+    best = max(a for _, a in evals) if evals else float("nan")
+    hit = next((s for s, a in evals if a >= start + ACC_THRESHOLD_GAIN), None)
+    train = [r for r in rows if r["step"] > 0 and "reward" in r]
+    lags = [r["lag"] for r in train]
+    # g/ESS/quantiles are NaN legitimately when every group has equal rewards (no token has A ≠ 0)
+    finite = all(math.isfinite(r[k]) for r in train for k in ("loss", "entropy", "grad_norm", "ppo_kl", "reward"))
+    mean = lambda key: float(np.nanmean([r[key] for r in train])) if train else float("nan")  # noqa: E731
+    return {
+        "start_acc": start,
+        "final_acc": final,
+        "best_acc": best,
+        "steps_to_threshold": hit,
+        "collapsed": (not finite) or final < start - COLLAPSE_DROP,
+        "final_reward_ema": train[-1]["reward_ema"] if train else float("nan"),
+        "lag_counts": {str(k): lags.count(k) for k in sorted(set(lags))},
+        "lag_mean": float(np.mean(lags)) if lags else float("nan"),
+        "ess": mean("ess"),
+        "g_mean": mean("g_mean"),
+        "ratio_absdev": mean("ratio_absdev"),
+        "entropy_final": train[-1]["entropy"] if train else float("nan"),
+        "gen_tokens_per_s": mean("gen_tokens_per_s"),
+        "train_tokens_per_s": mean("train_tokens_per_s"),
+        "seconds": sum(r.get("time_step", 0.0) + r.get("time_eval", 0.0) for r in rows),
+        "steps": train[-1]["step"] if train else 0,
+    }
+
+
+def group_runs(runs: list[dict]) -> dict:
+    """{(loss, lag): [run, ...]} keeping the order in which losses and lags first appear."""
+    groups: dict = {}
+    for run in runs:
+        groups.setdefault((run["loss"], run["lag"]), []).append(run)
+    return groups
+
+
+def table_rows(runs: list[dict]) -> list[dict]:
+    out = []
+    for (loss, lag), members in group_runs(runs).items():
+        s = [m["summary"] for m in members]
+        finals = [x["final_acc"] for x in s]
+        hits = [x["steps_to_threshold"] for x in s]
+        out.append({
+            "loss": loss,
+            "lag": lag,
+            "seeds": len(s),
+            "start": float(np.mean([x["start_acc"] for x in s])),
+            "final": float(np.mean(finals)),
+            "final_sd": float(np.std(finals)) if len(finals) > 1 else float("nan"),
+            "best": float(np.mean([x["best_acc"] for x in s])),
+            "hits": f"{sum(h is not None for h in hits)}/{len(hits)}"
+            + (f" (median {int(np.median([h for h in hits if h is not None]))})" if any(h is not None for h in hits) else ""),
+            "collapsed": sum(x["collapsed"] for x in s),
+            "reward": float(np.mean([x["final_reward_ema"] for x in s])),
+            "lag_mean": float(np.mean([x["lag_mean"] for x in s])),
+            "ess": float(np.mean([x["ess"] for x in s])),
+        })
+    return out
+
+
+def markdown_table(rows: list[dict]) -> str:
+    head = ("| loss | lag | seeds | start acc | final acc (± sd) | best acc | reached +5 pts (median step) "
+            "| collapsed | final reward (EMA) | measured lag (mean) | ESS |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        sd = f" ± {r['final_sd']:.3f}" if math.isfinite(r["final_sd"]) else ""
+        lines.append(
+            f"| `{r['loss']}` | {r['lag']} | {r['seeds']} | {_fmt(r['start'])} | {_fmt(r['final'])}{sd} | {_fmt(r['best'])} "
+            f"| {r['hits']} | {'**yes**' if r['collapsed'] else 'no'} ({r['collapsed']}) | {_fmt(r['reward'])} "
+            f"| {_fmt(r['lag_mean'], 2)} | {_fmt(r['ess'])} |"
+        )
+    return "\n".join(lines)
+
+
+def terminal_table(rows: list[dict]) -> str:
+    header = f"{'loss':<40} {'lag':>5} {'seeds':>5} {'start':>6} {'final':>6} {'±sd':>6} {'best':>6} {'collapsed':>9}"
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        lines.append(
+            f"{r['loss'][:40]:<40} {str(r['lag']):>5} {r['seeds']:>5} {_fmt(r['start']):>6} {_fmt(r['final']):>6} "
+            f"{_fmt(r['final_sd']):>6} {_fmt(r['best']):>6} {r['collapsed']:>9}"
+        )
+    return "\n".join(lines)
+
+
+def _lag_order(runs):
+    lags = []
+    for r in runs:
+        if r["lag"] not in lags:
+            lags.append(r["lag"])
+    return lags
+
+
+def _loss_order(runs):
+    losses = []
+    for r in runs:
+        if r["loss"] not in losses:
+            losses.append(r["loss"])
+    return losses
+
+
+def plot_accuracy(runs: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lags, losses = _lag_order(runs), _loss_order(runs)
+    colors = {loss: f"C{i}" for i, loss in enumerate(losses)}
+    fig, axes = plt.subplots(1, len(lags), figsize=(5.2 * len(lags), 4.2), squeeze=False, sharey=True)
+    for ax, lag in zip(axes[0], lags):
+        for loss in losses:
+            members = [r for r in runs if r["loss"] == loss and r["lag"] == lag]
+            if not members:
+                continue
+            curves = [[(row["step"], row["test_acc"]) for row in m["rows"] if row.get("test_acc") is not None] for m in members]
+            steps = sorted(set.intersection(*[set(s for s, _ in c) for c in curves]))
+            acc = np.array([[dict(c)[s] for s in steps] for c in curves])  # (seeds, evals)
+            ax.plot(steps, acc.mean(0), color=colors[loss], lw=2, label=f"{loss} (test acc, {len(members)} seed(s))")
+            if len(members) > 1:
+                ax.fill_between(steps, acc.min(0), acc.max(0), color=colors[loss], alpha=0.15)
+            rew = [[(row["step"], row["reward_ema"]) for row in m["rows"] if "reward_ema" in row] for m in members]
+            rsteps = sorted(set.intersection(*[set(s for s, _ in c) for c in rew])) if rew and rew[0] else []
+            if rsteps:
+                ra = np.array([[dict(c)[s] for s in rsteps] for c in rew])
+                ax.plot(rsteps, ra.mean(0), color=colors[loss], lw=1, ls="--", alpha=0.8)
+        ax.set_title(f"lag {lag}")
+        ax.set_xlabel("RL step")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("greedy test accuracy (solid)\nsampled train reward, EMA (dashed)")
+    axes[0][0].legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def plot_ratios(runs: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lags, losses = _lag_order(runs), _loss_order(runs)
+    edges = np.linspace(-1, 1, 41)
+    centers = 0.5 * (edges[1:] + edges[:-1])
+    fig, axes = plt.subplots(1, len(lags), figsize=(5.2 * len(lags), 3.8), squeeze=False, sharey=True)
+    for ax, lag in zip(axes[0], lags):
+        for i, loss in enumerate(losses):
+            hist = np.zeros(40)
+            for m in (r for r in runs if r["loss"] == loss and r["lag"] == lag):
+                for row in m["rows"]:
+                    if "log_ratio_hist" in row:
+                        hist += np.array(row["log_ratio_hist"], dtype=float)
+            if hist.sum() > 0:
+                ax.step(centers, hist / hist.sum(), where="mid", color=f"C{i}", label=loss)
+        ax.set_yscale("log")
+        ax.set_title(f"lag {lag}: log r = log π_θ/μ (clipped to ±1)")
+        ax.set_xlabel("log r")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("share of training tokens")
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def g_curve(spec, ratios: np.ndarray, advantage: float) -> np.ndarray:
+    """g(r) of a loss, numerically from verl's registry function (see loop.effective_weights)."""
+    import torch
+
+    from isreshape_verl.sandbox.loop import effective_weights
+
+    log_prob = torch.log(torch.tensor(ratios, dtype=torch.float32))[None, :]  # (1, N), log μ = 0
+    old = torch.zeros_like(log_prob)
+    adv = torch.full_like(log_prob, advantage)
+    mask = torch.ones_like(log_prob)
+    config = spec.actor_config()
+    g, _ = effective_weights(spec.loss_fn, old, log_prob, adv, mask, spec.loss_agg_mode, config)
+    return g[0].numpy()
+
+
+def plot_g_curves(specs, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    r = np.linspace(0.05, 3.0, 300)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
+    for ax, adv in zip(axes, (1.0, -1.0)):
+        for i, spec in enumerate(specs):
+            ax.plot(r, g_curve(spec, r, adv), color=f"C{i}", label=spec.label)
+        ax.axvline(1.0, color="gray", lw=0.5)
+        ax.set_title(f"A {'> 0' if adv > 0 else '< 0'}: weight g(r) on −A·∇log π_θ")
+        ax.set_xlabel("r = π_θ/μ")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("g(r)  (1 = on-policy policy gradient)")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def write_report(out_dir: str, runs: list[dict], specs, context: dict) -> str:
+    """report.md + PNGs in `out_dir`; returns the report path. `runs`: dicts with loss, lag, seed, rows, summary."""
+    plot_accuracy(runs, os.path.join(out_dir, "accuracy.png"))
+    plot_ratios(runs, os.path.join(out_dir, "ratios.png"))
+    plot_g_curves(specs, os.path.join(out_dir, "g_curves.png"))
+    rows = table_rows(runs)
+    lines = [
+        "# isreshape-verl compare",
+        "",
+        f"Command: `{context['command']}`",
+        "",
+        f"Machine: {context['machine']}. Wall time: {context['wall_seconds'] / 60:.1f} min "
+        f"(warm start {context['warm_start']['seconds']:.0f} s{', cached' if context['warm_start'].get('cached') else ''}).",
+        "",
+        f"Policy: {context['policy']} ({context['parameters'] / 1e6:.2f} M parameters). Task: {context['task']}. "
+        f"Warm-start greedy accuracy: {context['warm_start']['accuracy']:.3f} after {context['warm_start']['steps']} supervised steps.",
+        "",
+        f"RL: {context['rl']}",
+        "",
+        "## Results",
+        "",
+        "Accuracies are greedy test accuracies (verl's GSM8K scorer); mean over seeds, ± the standard deviation "
+        f"across seeds. 'reached +5 pts': runs whose test accuracy reached start + {ACC_THRESHOLD_GAIN:.2f}, and the "
+        f"median step at which they did. 'collapsed': final accuracy ≥ {COLLAPSE_DROP:.2f} below the start, or "
+        "non-finite metrics. ESS: (Σg)²/(N·Σg²) of the per-token gradient weights, 1 = on-policy.",
+        "",
+        markdown_table(rows),
+        "",
+        "![test accuracy](accuracy.png)",
+        "",
+        "![ratio histograms](ratios.png)",
+        "",
+        "![g(r) of each loss](g_curves.png)",
+        "",
+        "## Measured lag of every run",
+        "",
+        "Lag = updates done by the trained policy − updates done by the behaviour policy that generated the batch.",
+        "",
+        "| run | lag: number of steps | mean | gen tok/s | train tok/s | time (s) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for run in runs:
+        s = run["summary"]
+        counts = ", ".join(f"{k}: {v}" for k, v in s["lag_counts"].items())
+        lines.append(
+            f"| {run['name']} | {counts} | {_fmt(s['lag_mean'], 2)} | {s['gen_tokens_per_s']:.0f} "
+            f"| {s['train_tokens_per_s']:.0f} | {s['seconds']:.0f} |"
+        )
+    lines += ["", "Per-run metrics are in `runs/*/metrics.jsonl`, settings in `runs/*/config.json`.", ""]
+    path = os.path.join(out_dir, "report.md")
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+    with open(os.path.join(out_dir, "summary.json"), "w") as f:
+        json.dump({"table": rows, "runs": [{k: v for k, v in r.items() if k != "rows"} for r in runs]}, f, indent=1,
+                  default=str)
+    return path

@@ -1,0 +1,154 @@
+"""Procedurally generated, verifiable math problems for the CPU sandbox, scored with verl's GSM8K reward.
+
+Every problem is a short chain of additions and subtractions, written either as bare arithmetic
+("37+15-8=?") or as a one-line word problem ("Ann has 37 pens. She gets 15 more. How many pens now?").
+The reference solution shows each step on its own line and ends in GSM8K's answer line:
+
+    37+15=52
+    52-8=44
+    #### 44
+
+so `verl.utils.reward_score.gsm8k.compute_score(response, answer)` (strict: the last `#### <number>`)
+is the reward. `difficulty` (1–5) sets the number of operations and the operand range; train and test
+problems come from different seeds and no test prompt ever appears in training.
+
+Simplified on purpose: integers only, results never negative, a handful of word templates. That is
+enough for a 1 M-parameter char-level model to be partially right after a short warm start and to
+improve with RL; for GSM8K/MATH use `--data FILE.parquet` (verl format, as written by data_prep).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from verl.utils.reward_score.gsm8k import compute_score
+
+# difficulty → (min operations, max operations, largest operand)
+DIFFICULTY_LEVELS = {1: (1, 1, 50), 2: (1, 2, 50), 3: (2, 2, 99), 4: (2, 3, 99), 5: (3, 4, 999)}
+
+_NAMES = ("Ann", "Bob", "Cal", "Dee", "Eve", "Max", "Sam", "Tom")
+_THINGS = ("pens", "cats", "eggs", "cups", "hats", "keys", "apples", "books")
+
+
+@dataclass(frozen=True)
+class Problem:
+    prompt: str  # the question text, e.g. "37+15-8=?"
+    solution: str  # the worked solution ending in "#### <answer>"
+    answer: str  # the ground truth, e.g. "44"
+
+
+def _chain(rng: random.Random, difficulty: int) -> tuple[int, list[tuple[str, int]]]:
+    lo_ops, hi_ops, top = DIFFICULTY_LEVELS[difficulty]
+    start = rng.randint(1, top)
+    ops, value = [], start
+    for _ in range(rng.randint(lo_ops, hi_ops)):
+        if value > 0 and rng.random() < 0.5:
+            operand = rng.randint(1, min(value, top))
+            ops.append(("-", operand))
+            value -= operand
+        else:
+            operand = rng.randint(1, top)
+            ops.append(("+", operand))
+            value += operand
+    return start, ops
+
+
+def _solution(start: int, ops: list[tuple[str, int]]) -> tuple[str, str]:
+    lines, value = [], start
+    for op, operand in ops:
+        new = value + operand if op == "+" else value - operand
+        lines.append(f"{value}{op}{operand}={new}")
+        value = new
+    lines.append(f"#### {value}")
+    return "\n".join(lines), str(value)
+
+
+def _word_prompt(rng: random.Random, start: int, ops: list[tuple[str, int]]) -> str:
+    name, thing = rng.choice(_NAMES), rng.choice(_THINGS)
+    parts = [f"{name} has {start} {thing}."]
+    for op, operand in ops:
+        parts.append(f"{'Gets' if op == '+' else 'Loses'} {operand}.")
+    parts.append(f"How many {thing}?")
+    return " ".join(parts)
+
+
+def make_problem(rng: random.Random, difficulty: int = 3, word_share: float = 0.3) -> Problem:
+    """One random problem; `word_share` of them are word problems, the rest bare arithmetic."""
+    if difficulty not in DIFFICULTY_LEVELS:
+        raise ValueError(f"difficulty={difficulty!r} is not allowed; allowed: {', '.join(map(str, DIFFICULTY_LEVELS))}")
+    start, ops = _chain(rng, difficulty)
+    solution, answer = _solution(start, ops)
+    if rng.random() < word_share:
+        prompt = _word_prompt(rng, start, ops)
+    else:
+        prompt = str(start) + "".join(f"{op}{operand}" for op, operand in ops) + "=?"
+    return Problem(prompt, solution, answer)
+
+
+def make_split(seed: int, n: int, difficulty: int = 3, word_share: float = 0.3, exclude: set | None = None,
+               allow_fewer: bool = False) -> list[Problem]:
+    """`n` distinct problems from `seed` whose prompts are not in `exclude` (used to keep test out of train).
+
+    With `allow_fewer`, returns what it found when the difficulty has fewer than `n` distinct problems."""
+    rng, seen, out = random.Random(seed), set(exclude or ()), []
+    tries = 0
+    while len(out) < n:
+        tries += 1
+        if tries > 20 * n + 1000:
+            if allow_fewer and out:
+                return out
+            raise ValueError(f"could not draw {n} distinct problems at difficulty {difficulty}; ask for fewer")
+        problem = make_problem(rng, difficulty, word_share)
+        if problem.prompt not in seen:
+            seen.add(problem.prompt)
+            out.append(problem)
+    return out
+
+
+def score(responses: list[str], answers: list[str]) -> list[float]:
+    """verl's GSM8K reward (strict `#### <number>`, 1 if right else 0) for each response."""
+    return [float(compute_score(r, a)) for r, a in zip(responses, answers)]
+
+
+@dataclass(frozen=True)
+class TaskData:
+    """Prompts as text (chat messages for --data), reference solutions (for the warm start) and answers."""
+
+    train: list[Problem]
+    test: list[Problem]
+    source: str
+
+
+def procedural_task(seed: int, n_train: int, n_test: int, difficulty: int, word_share: float = 0.3) -> TaskData:
+    """Test problems from `seed + 1_000_003`, train from `seed`, disjoint by prompt."""
+    test = make_split(seed + 1_000_003, n_test, difficulty, word_share)
+    train = make_split(seed, n_train, difficulty, word_share, exclude={p.prompt for p in test}, allow_fewer=True)
+    return TaskData(train, test, f"procedural(difficulty={difficulty}, seed={seed})")
+
+
+def parquet_task(path: str, n_test: int, seed: int) -> TaskData:
+    """verl-format parquet (prompt = chat messages, reward_model.ground_truth); a seeded hold-out is the test split.
+
+    The prompt's last user message is the question; `extra_info.answer` (GSM8K's worked solution) is used
+    as the warm-start target when present, else `#### <ground truth>`.
+    """
+    import pandas as pd
+
+    frame = pd.read_parquet(path)
+    missing = {"prompt", "reward_model"} - set(frame.columns)
+    if missing:
+        raise ValueError(f"{path} is not verl-format data: missing column(s) {', '.join(sorted(missing))}")
+    problems = []
+    for row in frame.itertuples(index=False):
+        messages = list(row.prompt)
+        question = next((m["content"] for m in reversed(messages) if m["role"] == "user"), messages[-1]["content"])
+        truth = str(row.reward_model["ground_truth"])
+        extra = getattr(row, "extra_info", None) or {}
+        solution = extra.get("answer") if isinstance(extra, dict) and extra.get("answer") else f"#### {truth}"
+        problems.append(Problem(question, str(solution), truth))
+    if len(problems) < 2:
+        raise ValueError(f"{path} has {len(problems)} rows; need at least 2")
+    random.Random(seed).shuffle(problems)
+    n_test = min(n_test, len(problems) // 5 or 1)
+    return TaskData(problems[n_test:], problems[:n_test], f"parquet({path})")
