@@ -289,6 +289,17 @@ def test_cli_writes_csv_markdown_and_plots(tmp_path, capsys):
     assert "rows in" in capsys.readouterr().out
 
 
+def test_on_policy_only_run_still_reports(tmp_path):
+    out = tmp_path / "lab"
+    argv = TINY[:TINY.index("--kls")] + ["--kls", "0", "--lags", "0", "--no-progress", "--losses", "sapo", "--out", str(out)]
+    assert cli.main(argv) == 0
+    df = pd.read_csv(out / "lab.csv")
+    assert (df["kl_per_token"] == 0).all()
+    not_oracle = ~df["loss"].str.startswith("ref:oracle")  # the oracle's weights r/(1 + λ·Var) differ even at r = 1
+    assert np.allclose(df.loc[not_oracle, "ess"], 1.0, rtol=0, atol=1e-12) and df.loc[~not_oracle, "ess"].min() < 0.99
+    assert "No off-policy cells" in (out / "lab.md").read_text() and (out / "lab_weights.png").exists()
+
+
 def test_runs_are_deterministic():
     args = Args(losses=["is_reshape", "cispo"], references=["ref:is_seq"], rewards=["sparse"], kls=[0.05], lags=[2],
                 vocab=3, length=3, replicates=10, batch_size=8, group_size=4, train_steps=3)
@@ -318,6 +329,8 @@ def test_adding_a_loss_does_not_change_another_loss_numbers():
         (["--references", "ref:nope"], "--references"),
         (["--replicates", "1"], "--replicates"),
         (["--vocab", "20", "--length", "6"], "too many"),
+        (["--lr", "0"], "--lr"),
+        (["--kls", "nan"], "--kls"),
     ],
 )
 def test_bad_arguments_fail_early_with_clear_messages(tmp_path, capsys, argv, message):

@@ -10,6 +10,8 @@ Two ways to put μ at a distance:
                that KL(μ‖π) / L = κ (a per-token KL, the scale of verl's `actor/ppo_kl`).
 
 KL(μ‖π) is over whole sequences, exact by enumeration; reported divided by L.
+
+    isreshape-verl lab --behaviours lag --lags 0 2 4 8 16 24 --out DIR      # only the lagged μ
 """
 
 from __future__ import annotations

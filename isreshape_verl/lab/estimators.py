@@ -27,6 +27,8 @@ References (not verl losses, computed with the same machinery, weights detached)
     ref:is_token   w_bt = r_bt                     token-level IS, no clip: the γ = 1, width → ∞ limit
     ref:oracle     w_bt = r_bt / (1 + λ·Var_μ(R | y_b,≤t) / Var_μ(R))   the design notes' g* ∝ r/(1 + λ·Var(A|r)),
                    with the conditional reward variance known exactly; λ from a grid, the best per setting
+
+    isreshape-verl lab --losses vanilla "is_reshape:kernel=laplace,width=1" --references ref:is_seq --out DIR
 """
 
 from __future__ import annotations

@@ -11,10 +11,14 @@ numbers), so their differences are not sampling noise between rows; `d_rel_mse` 
 MSE minus the anchor's (the first of `--losses`, by default IS Reshape's default) with the paired
 standard error `d_rel_mse_se` = std_k(e_k − e_k^anchor)/√R; `d_cosine` likewise for cos(ĝ_k, ∇J). Seeds are derived from
 `seed` and the cell's name only, so adding a loss never changes another loss's numbers.
+
+    from isreshape_verl.lab.experiment import Args, run
+    rows = run(Args(losses=["is_reshape", "sapo"], rewards=["sparse"]))   # list of dicts, one per row
 """
 
 from __future__ import annotations
 
+import math
 import zlib
 from dataclasses import asdict, dataclass, field
 
@@ -124,12 +128,16 @@ class Args:
             bad("group_size", f"must be >= 2, got {self.group_size}")
         if self.batch_size < self.group_size or self.batch_size % self.group_size:
             bad("batch_size", f"{self.batch_size} must be a positive multiple of --group-size {self.group_size}")
-        if any(k < 0 for k in self.kls):
-            bad("kls", f"KL targets must be >= 0, got {self.kls}")
+        if any(not (math.isfinite(k) and 0 <= k <= 5) for k in self.kls):
+            bad("kls", f"per-token KL targets must be finite numbers in [0, 5], got {self.kls}")
         if any(k < 0 or k > self.train_steps for k in self.lags):
             bad("lags", f"lags must be in [0, --train-steps={self.train_steps}], got {self.lags}")
-        if self.train_steps < 0 or self.lr <= 0 or self.init_scale < 0:
-            bad("train_steps", "train steps >= 0, lr > 0 and init scale >= 0 are required")
+        if self.train_steps < 0:
+            bad("train_steps", f"must be >= 0, got {self.train_steps}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            bad("lr", f"must be a finite number > 0, got {self.lr}")
+        if not (self.init_scale >= 0 and math.isfinite(self.init_scale)):
+            bad("init_scale", f"must be a finite number >= 0, got {self.init_scale}")
         if not 0 < self.sparse_share <= 1:
             bad("sparse_share", f"must be in (0, 1], got {self.sparse_share}")
         if not self.losses and not self.references:
@@ -160,6 +168,8 @@ def run(args: Args, progress: bool = True) -> list[dict]:
                                       _generator(args.seed, "init", family))
         pi = trajectory[-1]
         true_grad = exact_gradient(space, pi, rewards)
+        if float(true_grad.norm()) < 1e-12:
+            raise ValueError(f"∇J = 0 for reward family {family!r} (constant reward under π?): nothing to estimate")
         p_pi = sequence_log_probs(space, pi).exp()
         sigma_pi = float(((p_pi * rewards**2).sum() - (p_pi * rewards).sum() ** 2).clamp(min=0).sqrt())
         j_pi = float(objective(space, pi, rewards))

@@ -12,6 +12,8 @@ so every expectation over sequences is an exact finite sum:
 
 Simplified on purpose: one prompt, fixed length, tabular logits (no parameter sharing between
 prefixes, so ‖∇J‖ and the estimators' variance are those of a tabular learner, not of a transformer).
+
+Used by `isreshape-verl lab --out DIR` (see isreshape_verl.lab.cli).
 """
 
 from __future__ import annotations

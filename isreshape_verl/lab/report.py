@@ -120,10 +120,12 @@ def write_markdown(df: pd.DataFrame, path: Path, command: str, wall_s: float, se
         "errors (the ± of a mean over cells combines the cells' SEs as independent).",
         "",
     ]
-    for adv in sorted(df["advantage"].unique()):
+    if not (df["distance"] > 0).any():
+        parts += ["No off-policy cells (every distance is 0): only the per-distance tables below.", ""]
+    for adv in sorted(df["advantage"].unique()) if (df["distance"] > 0).any() else []:
         parts += [f"## Summary over all off-policy cells, advantage = {adv}", "",
                   _table(summary_table(df[df["advantage"] == adv]), "loss"), ""]
-    for adv in sorted(df["advantage"].unique()):
+    for adv in sorted(df["advantage"].unique()) if (df["distance"] > 0).any() else []:
         parts += [f"## Near (per-token KL < {NEAR_KL}) vs far cells, advantage = {adv} (sorted by far rel_mse_best)", "",
                   _table(regime_table(df[df["advantage"] == adv]), "loss"), ""]
     for behaviour in sorted(df["behaviour"].unique()):
@@ -269,10 +271,12 @@ def write_all(rows: list[dict], out: Path, estimators, command: str, wall_s: flo
     df.to_csv(paths["csv"], index=False, float_format="%.4g")
     write_markdown(df, paths["md"], command, wall_s, settings)
     if plots:
-        paths.update(mse=out / PNG_MSE, bias_variance=out / PNG_BV, weights=out / PNG_WEIGHTS)
         adv = "grpo" if "grpo" in set(df["advantage"]) else df["advantage"].iloc[0]
-        plot_mse_vs_kl(df, paths["mse"], adv)
-        plot_bias_variance(df, paths["bias_variance"], adv)
+        if (df["kl_per_token"] > 0).any():  # nothing to put on a log-KL axis otherwise
+            paths.update(mse=out / PNG_MSE, bias_variance=out / PNG_BV)
+            plot_mse_vs_kl(df, paths["mse"], adv)
+            plot_bias_variance(df, paths["bias_variance"], adv)
+        paths["weights"] = out / PNG_WEIGHTS
         plot_weights(estimators, paths["weights"])
     return paths
 
