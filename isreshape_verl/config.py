@@ -4,7 +4,7 @@ Select them in verl's Hydra config with
 
     actor_rollout_ref.actor.policy_loss._target_=isreshape_verl.config.ISReshapeLossConfig
     actor_rollout_ref.actor.policy_loss.loss_mode=is_reshape
-    +actor_rollout_ref.actor.policy_loss.kernel=sech2 ...
+    +actor_rollout_ref.actor.policy_loss.kernel=laplace ...
 
 The fields, their meaning and ranges are those of `isreshape_verl.reshape.ISReshapeParams` (the
 plain-torch definition, documented there); this class only adds verl's `PolicyLossConfig` base so

@@ -58,7 +58,7 @@ arguments are Hydra overrides appended last (they win). Knobs (environment varia
     CLIP_RATIO                            GRPO PPO-clip epsilon (0.2)
     IS_KERNEL, IS_WIDTH, IS_WIDTH_NEG, IS_ONE_SIDED, IS_GAMMA_MODE, IS_GAMMA, IS_GAMMA_BASE,
     IS_GAMMA_MAX, IS_GAMMA_TAU, IS_GAMMA_BETA, IS_LOG_RATIO_CLAMP
-                                          IS Reshape knobs (sech2, 1.0, null, false, correctness,
+                                          IS Reshape knobs (laplace, 1.0, null, false, correctness,
                                           1.0, 0.5, 1.0, 0.1, 1.0, 20.0); Hydra overrides of these keys
                                           take no '+' (the recipe already added them)
   script
@@ -125,7 +125,7 @@ loss_args() {
             LOSS_ARGS=(
                 "$pl._target_=isreshape_verl.config.ISReshapeLossConfig"
                 "$pl.loss_mode=is_reshape"
-                "+$pl.kernel=${IS_KERNEL:-sech2}"
+                "+$pl.kernel=${IS_KERNEL:-laplace}"
                 "+$pl.width=${IS_WIDTH:-1.0}"
                 "+$pl.width_neg=${IS_WIDTH_NEG:-null}"
                 "+$pl.one_sided=${IS_ONE_SIDED:-false}"

@@ -365,7 +365,7 @@ def test_metrics_match_their_definitions(batch, length, row_stride):
 
 def test_correctness_gamma_follows_the_four_quadrants():
     """'Right' tokens (A·log r > 0) get γ → gamma_base (g → 1); 'wrong' ones γ → gamma_max (g → r·K)."""
-    config = spec_config("is_reshape:gamma_mode=correctness,gamma_base=0,gamma_max=1,gamma_tau=0.01")
+    config = spec_config("is_reshape:kernel=sech2,gamma_mode=correctness,gamma_base=0,gamma_max=1,gamma_tau=0.01")
     log_r = torch.tensor([[0.5, 0.5, -0.5, -0.5]], dtype=F64)
     adv = torch.tensor([[1.0, -1.0, 1.0, -1.0]], dtype=F64)
     mask = torch.ones_like(adv, dtype=torch.bool)
