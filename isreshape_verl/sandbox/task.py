@@ -73,7 +73,7 @@ def _word_prompt(rng: random.Random, start: int, ops: list[tuple[str, int]]) -> 
     return " ".join(parts)
 
 
-def make_problem(rng: random.Random, difficulty: int = 3, word_share: float = 0.3) -> Problem:
+def make_problem(rng: random.Random, difficulty: int = 3, word_share: float = 0.0) -> Problem:
     """One random problem; `word_share` of them are word problems, the rest bare arithmetic."""
     if difficulty not in DIFFICULTY_LEVELS:
         raise ValueError(f"difficulty={difficulty!r} is not allowed; allowed: {', '.join(map(str, DIFFICULTY_LEVELS))}")
@@ -86,23 +86,25 @@ def make_problem(rng: random.Random, difficulty: int = 3, word_share: float = 0.
     return Problem(prompt, solution, answer)
 
 
-def make_split(seed: int, n: int, difficulty: int = 3, word_share: float = 0.3, exclude: set | None = None,
+def make_split(seed: int, n: int, difficulty: int = 3, word_share: float = 0.0, exclude: set | None = None,
                allow_fewer: bool = False) -> list[Problem]:
     """`n` distinct problems from `seed` whose prompts are not in `exclude` (used to keep test out of train).
 
     With `allow_fewer`, returns what it found when the difficulty has fewer than `n` distinct problems."""
     rng, seen, out = random.Random(seed), set(exclude or ()), []
-    tries = 0
+    misses = 0  # consecutive duplicates: many means the difficulty has run out of distinct problems
     while len(out) < n:
-        tries += 1
-        if tries > 20 * n + 1000:
-            if allow_fewer and out:
-                return out
-            raise ValueError(f"could not draw {n} distinct problems at difficulty {difficulty}; ask for fewer")
         problem = make_problem(rng, difficulty, word_share)
-        if problem.prompt not in seen:
-            seen.add(problem.prompt)
-            out.append(problem)
+        if problem.prompt in seen:
+            misses += 1
+            if misses > 5000:
+                if allow_fewer and out:
+                    return out
+                raise ValueError(f"could not draw {n} distinct problems at difficulty {difficulty}; ask for fewer")
+            continue
+        misses = 0
+        seen.add(problem.prompt)
+        out.append(problem)
     return out
 
 
@@ -120,7 +122,7 @@ class TaskData:
     source: str
 
 
-def procedural_task(seed: int, n_train: int, n_test: int, difficulty: int, word_share: float = 0.3) -> TaskData:
+def procedural_task(seed: int, n_train: int, n_test: int, difficulty: int, word_share: float = 0.0) -> TaskData:
     """Test problems from `seed + 1_000_003`, train from `seed`, disjoint by prompt."""
     test = make_split(seed + 1_000_003, n_test, difficulty, word_share)
     train = make_split(seed, n_train, difficulty, word_share, exclude={p.prompt for p in test}, allow_fewer=True)

@@ -1,0 +1,58 @@
+"""Sandbox task generator and verl's GSM8K reward."""
+
+import random
+
+import pytest
+
+from isreshape_verl.sandbox.task import DIFFICULTY_LEVELS, make_problem, make_split, procedural_task, score
+
+
+def _evaluate(prompt: str) -> int:
+    """Independent check of a bare-arithmetic prompt like '37+15-8=?'."""
+    return eval(prompt.removesuffix("=?"))  # noqa: S307 - digits and +/- only, generated here
+
+
+@pytest.mark.parametrize("difficulty", sorted(DIFFICULTY_LEVELS))
+def test_answers_are_right(difficulty):
+    rng = random.Random(difficulty)
+    for _ in range(200):
+        p = make_problem(rng, difficulty, word_share=0.0)
+        assert p.solution.endswith(f"#### {p.answer}")
+        assert int(p.answer) == _evaluate(p.prompt) >= 0
+        lo, hi, top = DIFFICULTY_LEVELS[difficulty]
+        assert lo <= p.prompt.count("+") + p.prompt.count("-") <= hi
+        for line in p.solution.splitlines()[:-1]:  # every worked step is right
+            lhs, rhs = line.split("=")
+            assert eval(lhs) == int(rhs)  # noqa: S307
+
+
+def test_known_problems_and_word_problems():
+    rng = random.Random(0)
+    words = [make_problem(rng, 3, word_share=1.0) for _ in range(50)]
+    for p in words:
+        assert p.prompt.endswith("?") and "How many" in p.prompt
+        numbers = [int(t.strip(".")) for t in p.prompt.split() if t.strip(".").isdigit()]
+        value = numbers[0]
+        for token, n in zip([t for t in p.prompt.split() if t in ("Gets", "Loses")], numbers[1:]):
+            value = value + n if token == "Gets" else value - n
+        assert str(value) == p.answer
+
+
+def test_verl_gsm8k_scorer_accepts_format_and_rejects_wrong():
+    assert score(["37+15=52\n52-8=44\n#### 44"], ["44"]) == [1.0]
+    assert score(["#### 45"], ["44"]) == [0.0]
+    assert score(["the answer is 44"], ["44"]) == [0.0]  # strict: needs '#### '
+    assert score(["#### 4\n#### 44"], ["44"]) == [1.0]  # the last answer line counts
+    assert score([""], ["0"]) == [0.0]
+
+
+def test_split_is_seeded_and_disjoint():
+    a = procedural_task(0, 500, 100, 2)
+    b = procedural_task(0, 500, 100, 2)
+    assert a.train == b.train and a.test == b.test
+    assert not {p.prompt for p in a.train} & {p.prompt for p in a.test}
+    assert procedural_task(1, 50, 20, 2).test != a.test[:20]
+    with pytest.raises(ValueError, match="difficulty"):
+        make_problem(random.Random(0), 9)
+    # a small difficulty has few distinct problems: the train pool is what exists, not an error
+    assert 0 < len(make_split(0, 20000, 1, allow_fewer=True)) < 20000
