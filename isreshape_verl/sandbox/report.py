@@ -34,7 +34,10 @@ def summarize_run(rows: list[dict]) -> dict:
     lags = [r["lag"] for r in train]
     # g/ESS/quantiles are NaN legitimately when every group has equal rewards (no token has A ≠ 0)
     finite = all(math.isfinite(r[k]) for r in train for k in ("loss", "entropy", "grad_norm", "ppo_kl", "reward"))
-    mean = lambda key: float(np.nanmean([r[key] for r in train])) if train else float("nan")  # noqa: E731
+
+    def mean(key):
+        values = [r[key] for r in train if isinstance(r.get(key), float) and math.isfinite(r[key])]
+        return float(np.mean(values)) if values else float("nan")
     return {
         "start_acc": start,
         "final_acc": final,
