@@ -56,7 +56,7 @@ class _MetricSums:
     """Per-chunk reductions, combined into the metrics with a single host sync.
 
     Over all valid tokens: their count and Σ(log π_θ − log μ) before clamping, a probe for NaN/±Inf
-    inputs. The metrics themselves are taken over the valid tokens of every `row_stride`-th sequence
+    inputs (a NaN at a padded position trips it too; the clean-up path then gives the same result). The metrics themselves are taken over the valid tokens of every `row_stride`-th sequence
     (every sequence when the micro-batch has ≤ 65,536 tokens, as verl's micro-batches usually do) and
     masked sums are dot products with a 0/1 mask, so the metrics cost a fraction of the loss. Ratio
     quantiles are those of log r mapped through exp (monotone), from ≤ ~8,192 of those tokens.
@@ -69,7 +69,7 @@ class _MetricSums:
         sampled_tokens = -(-valid.shape[0] // self.row_stride) * tokens_per_row
         self.token_stride = max(1, sampled_tokens // _QUANTILE_SAMPLE)
         self.probes: list[torch.Tensor] = []  # (n_valid, Σ unclamped log r) per chunk
-        self.sums: list[torch.Tensor] = []  # one row of `_SUM_NAMES` per chunk
+        self.sums: list[torch.Tensor] = []  # per chunk: n, Σg, Σg², −Σlog r, #soft-clipped, Σγ, 4 counts, 4 Σg
         self.extremes: list[torch.Tensor] = []  # (min log r, max log r) per chunk
         self.samples: list[torch.Tensor] = []
 
@@ -93,11 +93,14 @@ class _MetricSums:
         both = positive * up
         n, n_pos, n_up, n_both = mask.sum(), *(torch.dot(side, mask) for side in (positive, up, both))
         g_sum, g_pos, g_up, g_both = g_masked.sum(), *(torch.dot(side, g_masked) for side in (positive, up, both))
-        gamma = terms.gamma[pick].expand(shape).reshape(-1) if terms.gamma.dim() else terms.gamma.expand(n.shape)
+        if terms.gamma.dim():
+            gamma_sum = torch.dot(terms.gamma[pick].expand(shape).reshape(-1), mask)
+        else:  # fixed γ is a 0-dim tensor
+            gamma_sum = terms.gamma * n
         soft = (terms.kernel[pick].expand(shape).reshape(-1) < SOFT_CLIP_THRESHOLD).to(g.dtype)
         self.sums.append(torch.stack([
             n, g_sum, torch.dot(g_masked, g), -torch.dot(log_r, mask), torch.dot(soft, mask),
-            torch.dot(gamma, mask) if gamma.dim() else gamma * n,
+            gamma_sum,
             # quadrant counts and weight sums (neg_down, neg_up, pos_down, pos_up) by inclusion–exclusion
             n - n_pos - n_up + n_both, n_up - n_both, n_pos - n_both, n_both,
             g_sum - g_pos - g_up + g_both, g_up - g_both, g_pos - g_both, g_both,
