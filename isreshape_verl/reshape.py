@@ -95,13 +95,10 @@ class ISReshapeParams:
         if not isinstance(self.one_sided, bool):
             raise ValueError(f"one_sided={self.one_sided!r} is not allowed; it must be true or false")
 
-    @property
-    def effective_width_neg(self) -> float:
-        return self.width if self.width_neg is None else self.width_neg
-
 
 class ReshapeTerms(NamedTuple):
-    """Per-token quantities of IS Reshape, all (B, T) and detached when built by `is_reshape_token_loss`."""
+    """Per-token quantities of IS Reshape, (B, T) each (γ 0-dim when fixed); detached when
+    `is_reshape_token_loss` hands them, one chunk of rows at a time, to its `on_chunk` hook."""
 
     log_ratio: torch.Tensor  # clamp(log π_θ − log μ, ±log_ratio_clamp)
     ratio: torch.Tensor  # r = exp(log_ratio)
