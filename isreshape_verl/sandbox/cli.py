@@ -15,22 +15,19 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
-import platform
 import re
 import shlex
 import sys
-import time
 from dataclasses import asdict, dataclass, field
 
 PRESETS = {
     # name: (description, overrides of CompareArgs fields)
     "smoke": ("plumbing check, ≤ 2 min on 2 cores (CI)", dict(
         hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=128, difficulty=1,
-        warm_batch_size=64, warm_max_steps=60, warm_eval_every=20, warm_eval_problems=64, warm_target=0.05,
-        steps=4, prompts_per_step=8, samples_per_prompt=4, mini_batches=2, eval_every=2, eval_problems=64,
-        lags=[0, 2], seeds=[0], max_new_tokens=20, n_train=2000, ckpt_every=2,
+        warm_batch_size=64, warm_max_steps=200, warm_eval_every=25, warm_eval_problems=64, warm_target=0.15,
+        steps=6, prompts_per_step=8, samples_per_prompt=4, mini_batches=2, eval_every=3, eval_problems=64,
+        lags=[0, 2], seeds=[0], max_new_tokens=24, n_train=2000, ckpt_every=3, lr=5e-4,
     )),
     "default": ("3 losses × lags 0, 4, ≤ 10 min on 2 cores; every loss learns at lag 0", {}),
     "full": ("≥ 3 seeds × lags 0 2 4 8 16, longer runs; as long as it needs", dict(
@@ -91,7 +88,7 @@ class CompareArgs:
     """Warm start: evaluate every this many steps."""
     warm_eval_problems: int = 256
     """Warm start: test problems per evaluation."""
-    warm_target: float = 0.3
+    warm_target: float = 0.4
     """Warm start: stop at this greedy accuracy."""
     steps: int = 60
     """RL steps per run."""
@@ -105,7 +102,7 @@ class CompareArgs:
     """Passes over each rollout batch."""
     lr: float = 2e-4
     """RL learning rate (AdamW)."""
-    max_new_tokens: int = 32
+    max_new_tokens: int = 28
     """Longest response."""
     entropy_coeff: float = 0.0
     """Entropy bonus (off by default)."""
@@ -139,12 +136,19 @@ def build_parser() -> argparse.ArgumentParser:
         "(vanilla = GRPO's PPO-clip, sapo, is_reshape) on a procedurally generated math task.",
         epilog="presets: " + "; ".join(f"{k}: {v[0]}" for k, v in PRESETS.items())
         + ". Loss specs: MODE[:KEY=VALUE,...], e.g. is_reshape:kernel=gaussian,width=0.5 or sapo:tau_pos=1,tau_neg=1.05.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     docs = _field_docs()
+    defaults = asdict(CompareArgs())
     for f in dataclasses.fields(CompareArgs):
         flag = "--async" if f.name == "async_mode" else "--" + f.name.replace("_", "-")
-        kwargs = {"dest": f.name, "help": docs.get(f.name, ""), "default": None}
+        shown = defaults[f.name]
+        shown = " ".join(map(str, shown)) if isinstance(shown, list) else shown
+        help_text = docs.get(f.name, "") + ("" if f.type in ("bool", bool) else f" [default: {shown}]")
+        for preset, (_, overrides) in PRESETS.items():
+            if f.name in overrides:
+                value = overrides[f.name]
+                help_text += f" [{preset}: {' '.join(map(str, value)) if isinstance(value, list) else value}]"
+        kwargs = {"dest": f.name, "help": help_text, "default": None}
         if f.name in ("losses",):
             kwargs.update(nargs="+", metavar="SPEC")
         elif f.name in ("lags", "seeds"):
@@ -168,7 +172,8 @@ def _field_docs() -> dict:
     import inspect
 
     source = inspect.getsource(CompareArgs)
-    return dict(re.findall(r"^\s+(\w+): [^\n]*\n\s+\"\"\"(.*?)\"\"\"", source, flags=re.M | re.S))
+    found = re.findall(r"^\s+(\w+): [^\n]*\n\s+\"\"\"(.*?)\"\"\"", source, flags=re.M | re.S)
+    return {name: " ".join(doc.split()).replace("%", "%%") for name, doc in found}
 
 
 def resolve_args(argv: list[str]) -> tuple[CompareArgs, list]:

@@ -178,7 +178,8 @@ class Trainer:
         policy.model.load_state_dict(warm_state)
         policy.model.train()
         torch.manual_seed(args.seed)
-        self.opt = torch.optim.AdamW(policy.model.parameters(), lr=args.lr, weight_decay=0.0, betas=(0.9, 0.98))
+        # verl's actor optimizer: AdamW, betas (0.9, 0.999), weight decay 0.01, constant lr
+        self.opt = torch.optim.AdamW(policy.model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.999))
         self.rng = random.Random(args.seed)  # prompt order: identical for every loss and lag of a seed
         self.gen = torch.Generator().manual_seed(args.seed)  # token sampling
         self.shuffle = torch.Generator().manual_seed(args.seed + 1)  # mini-batch order

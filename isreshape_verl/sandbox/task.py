@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from verl.utils.reward_score.gsm8k import compute_score
 
 # difficulty → (min operations, max operations, largest operand)
-DIFFICULTY_LEVELS = {1: (1, 1, 50), 2: (1, 2, 50), 3: (2, 2, 99), 4: (2, 3, 99), 5: (3, 4, 999)}
+DIFFICULTY_LEVELS = {1: (1, 2, 9), 2: (2, 2, 20), 3: (1, 2, 50), 4: (2, 3, 99), 5: (3, 4, 999)}
 
 _NAMES = ("Ann", "Bob", "Cal", "Dee", "Eve", "Max", "Sam", "Tom")
 _THINGS = ("pens", "cats", "eggs", "cups", "hats", "keys", "apples", "books")
