@@ -16,7 +16,10 @@ verl's `max_off_policy_threshold`. The version of each batch is carried with it,
 (t − version) is logged every step.
 
 Simplified compared with verl: one process, no sequence packing, no critic, fp32, one "data-parallel"
-rank; the policy loss, advantage, aggregation and reward are verl's functions.
+rank; the policy loss, advantage, aggregation and reward are verl's functions. Versions count RL steps
+(one rollout batch, `mini_batches` optimizer updates), like verl's global steps.
+
+    isreshape-verl compare --losses is_reshape --lags 4 --steps 60      # one run through this loop
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import os
 import random
 import time
 from collections import deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch

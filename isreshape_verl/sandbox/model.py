@@ -4,6 +4,9 @@ Face model folder instead; both go through the same `Policy` (model + tokenizer 
 
 Simplified: the tiny model is char-level (one token per character), so prompts of ~10–50 characters are
 ~10–50 tokens; it ties input and output embeddings and uses fp32 everywhere.
+
+    isreshape-verl compare --hidden-size 128 --num-layers 4     # the tiny model's shape (the defaults)
+    isreshape-verl compare --model path/to/hf_model_folder       # any local causal LM instead
 """
 
 from __future__ import annotations

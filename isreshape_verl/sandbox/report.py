@@ -52,6 +52,9 @@ def summarize_run(rows: list[dict]) -> dict:
         "ratio_absdev": mean("ratio_absdev"),
         "entropy_final": train[-1]["entropy"] if train else float("nan"),
         "gen_tokens_per_s": mean("gen_tokens_per_s"),
+        "time_gen": mean("time_gen"),
+        "time_logprob": mean("time_logprob"),
+        "time_train": mean("time_train"),
         "train_tokens_per_s": mean("train_tokens_per_s"),
         "seconds": sum(r.get("time_step", 0.0) + r.get("time_eval", 0.0) for r in rows),
         "steps": train[-1]["step"] if train else 0,
@@ -271,15 +274,16 @@ def write_report(out_dir: str, runs: list[dict], specs, context: dict) -> str:
         "",
         "Lag = updates done by the trained policy − updates done by the behaviour policy that generated the batch.",
         "",
-        "| run | lag: number of steps | mean | gen tok/s | train tok/s | time (s) |",
-        "|---|---|---|---|---|---|",
+        "| run | lag: number of steps | mean | gen tok/s | train tok/s | s/step: generate + behaviour log-probs + train | run time (s) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for run in runs:
         s = run["summary"]
         counts = ", ".join(f"{k}: {v}" for k, v in s["lag_counts"].items())
         lines.append(
             f"| {run['name']} | {counts} | {_fmt(s['lag_mean'], 2)} | {s['gen_tokens_per_s']:.0f} "
-            f"| {s['train_tokens_per_s']:.0f} | {s['seconds']:.0f} |"
+            f"| {s['train_tokens_per_s']:.0f} | {s['time_gen']:.2f} + {s['time_logprob']:.2f} + {s['time_train']:.2f} "
+            f"| {s['seconds']:.0f} |"
         )
     lines += ["", "Per-run metrics are in `runs/*/metrics.jsonl`, settings in `runs/*/config.json`.", ""]
     path = os.path.join(out_dir, "report.md")

@@ -11,10 +11,9 @@ to ~1e-6 in fp32 (reported as `mu_kv_gap`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 
 @dataclass
