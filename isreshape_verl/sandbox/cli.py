@@ -100,8 +100,9 @@ class CompareArgs:
     """Optimizer updates per rollout batch."""
     epochs: int = 1
     """Passes over each rollout batch."""
-    lr: float = 2e-4
-    """RL learning rate (AdamW)."""
+    lr: float = 1e-4
+    """RL learning rate (AdamW). The window is narrow on the tiny model: 1e-4 learns with every loss,
+    2e-4 already makes SAPO and IS Reshape lose accuracy at lag 0."""
     max_new_tokens: int = 28
     """Longest response."""
     entropy_coeff: float = 0.0

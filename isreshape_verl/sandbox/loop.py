@@ -56,7 +56,7 @@ class RLArgs:
     """Optimizer updates per rollout batch (verl's ppo_mini_batch_size = prompts_per_step / mini_batches)."""
     epochs: int = 1
     """Passes over each rollout batch (verl's ppo_epochs)."""
-    lr: float = 2e-4
+    lr: float = 1e-4
     """AdamW learning rate (constant)."""
     grad_clip: float = 1.0
     """Gradient-norm clip (verl's actor.grad_clip)."""
