@@ -60,8 +60,9 @@ def model_identity(args) -> dict:
 def task_identity(args) -> dict:
     if args.data:
         return {"data": os.path.abspath(args.data), "mtime": os.path.getmtime(args.data), "seed": args.task_seed}
+    # the test split's size matters: test prompts are excluded from the train pool
     return {"difficulty": args.difficulty, "word_share": args.word_share, "n_train": args.n_train,
-            "seed": args.task_seed, "task": "arith-v1"}
+            "n_test": max(args.eval_problems, args.warm_eval_problems), "seed": args.task_seed, "task": "arith-v1"}
 
 
 def _execute(job: dict, events=None) -> dict:
