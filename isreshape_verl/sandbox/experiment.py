@@ -59,7 +59,8 @@ def model_identity(args) -> dict:
 
 def task_identity(args) -> dict:
     if args.data:
-        return {"data": os.path.abspath(args.data), "mtime": os.path.getmtime(args.data), "seed": args.task_seed}
+        return {"data": os.path.abspath(args.data), "mtime": os.path.getmtime(args.data), "seed": args.task_seed,
+                "n_test": max(args.eval_problems, args.warm_eval_problems)}
     # the test split's size matters: test prompts are excluded from the train pool
     return {"difficulty": args.difficulty, "word_share": args.word_share, "n_train": args.n_train,
             "n_test": max(args.eval_problems, args.warm_eval_problems), "seed": args.task_seed, "task": "arith-v1"}
