@@ -104,3 +104,21 @@ def test_local_model_folder_and_verl_parquet(tmp_path, monkeypatch):
     config = json.loads((out / "runs" / "vanilla__lag1__seed0" / "config.json").read_text())
     assert config["compare"]["model"] == str(model_dir)
     assert "parquet" in (out / "report.md").read_text()
+
+
+def test_cli_resume_after_interruption_matches_uninterrupted(tmp_path, monkeypatch):
+    """Interrupt every run of a comparison after 3 steps (--stop-after), resume, compare with a run never stopped."""
+    from isreshape_verl.sandbox.loop import read_metrics, without_timings
+
+    monkeypatch.setenv("ISRESHAPE_CACHE", str(tmp_path / "cache"))
+    common = ["--preset", "smoke", "--losses", "sapo", "is_reshape", "--lags", "2", "--steps", "6",
+              "--ckpt-every", "2", "--jobs", "1", "--no-progress"]
+    assert main(common + ["--out", str(tmp_path / "full")]) == 0
+    assert main(common + ["--out", str(tmp_path / "cut"), "--stop-after", "3"]) == 0
+    assert not (tmp_path / "cut" / "report.md").exists()
+    assert main(common + ["--out", str(tmp_path / "cut"), "--resume"]) == 0
+    for run in ("sapo__lag2__seed0", "is_reshape__lag2__seed0"):
+        full = read_metrics(str(tmp_path / "full" / "runs" / run / "metrics.jsonl"))
+        cut = read_metrics(str(tmp_path / "cut" / "runs" / run / "metrics.jsonl"))
+        assert cut[-1]["step"] == 6
+        assert without_timings(cut) == without_timings(full)

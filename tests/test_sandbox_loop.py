@@ -93,6 +93,8 @@ def test_resume_equals_uninterrupted(setup, tmp_path):
     _, full = _run(setup, tmp_path, "full", spec="sapo", lag=2, steps=5, entropy_coeff=0.01)
     finished, part = _run(setup, tmp_path, "cut", spec="sapo", lag=2, steps=5, entropy_coeff=0.01, stop_after=3)
     assert not finished and part[-1]["step"] == 3
+    with open(tmp_path / "cut" / "metrics.jsonl", "a") as f:  # a row written after the checkpoint, then a crash
+        f.write('{"step": 4, "reward": 123.0}\n')
     finished, resumed = _run(setup, tmp_path, "cut", spec="sapo", lag=2, steps=5, entropy_coeff=0.01, resume=True)
     assert finished
     assert without_timings(resumed) == without_timings(full)

@@ -1,7 +1,7 @@
 """`isreshape-verl compare`: GRPO (vanilla) vs SAPO vs IS Reshape on a small real RLVR task, with real lag.
 
-    isreshape-verl compare                          # default: 3 losses × lags 0, 4; ≤ 10 min on 2 CPU cores
-    isreshape-verl compare --preset smoke           # ≤ 2 min, what CI runs
+    isreshape-verl compare                          # default: 3 losses × lags 0, 4; ≈ 8 min on 2 CPU cores
+    isreshape-verl compare --preset smoke           # < 1 min, what CI runs
     isreshape-verl compare --preset full            # ≥ 3 seeds, lags 0 2 4 8 16; prints its estimated time
     isreshape-verl compare --losses vanilla "is_reshape:kernel=gaussian,width=0.5" --lags 0 8 --seeds 0 1 2
     python -m isreshape_verl.sandbox --help
@@ -23,14 +23,14 @@ from dataclasses import asdict, dataclass, field
 
 PRESETS = {
     # name: (description, overrides of CompareArgs fields)
-    "smoke": ("plumbing check, ≤ 2 min on 2 cores (CI)", dict(
+    "smoke": ("plumbing check, < 1 min on 2 cores with a cold cache (CI runs it)", dict(
         hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=128, difficulty=1,
         warm_batch_size=64, warm_max_steps=200, warm_eval_every=25, warm_eval_problems=64, warm_target=0.15,
         steps=6, prompts_per_step=8, samples_per_prompt=4, mini_batches=2, eval_every=3, eval_problems=64,
         lags=[0, 2], seeds=[0], max_new_tokens=24, n_train=2000, ckpt_every=3, lr=5e-4,
     )),
-    "default": ("3 losses × lags 0, 4, ≤ 10 min on 2 cores; every loss learns at lag 0", {}),
-    "full": ("≥ 3 seeds × lags 0 2 4 8 16, longer runs; as long as it needs", dict(
+    "default": ("3 losses × lags 0, 4, 1 seed: ≈ 8 min on 2 cores with a cold cache (≈ 3 min of it warm start)", {}),
+    "full": ("3 seeds × lags 0 2 4 8 16, 150 steps: ≈ 2 h on 2 cores; prints its estimate first", dict(
         seeds=[0, 1, 2], lags=[0, 2, 4, 8, 16], steps=150, eval_problems=1000,
     )),
 }
