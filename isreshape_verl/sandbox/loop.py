@@ -141,7 +141,7 @@ def effective_weights(loss_fn, old, log_prob, adv, mask, agg_mode, config):
 def _quantiles(x: torch.Tensor, qs=(0.01, 0.5, 0.99)) -> list[float]:
     if x.numel() == 0:
         return [float("nan")] * len(qs)
-    return torch.quantile(x.double(), torch.tensor(qs, dtype=torch.float64)).tolist()
+    return torch.quantile(x.double(), torch.tensor(qs, dtype=torch.float64, device=x.device)).tolist()
 
 
 class LagSource:
