@@ -158,6 +158,7 @@ def parse_loss_spec(text: str) -> LossSpec:
     if not isinstance(text, str) or not text.strip():
         raise ValueError(f"empty loss spec {text!r}; expected MODE[:KEY=VALUE,...] with MODE in {', '.join(LOSS_MODES)}")
     mode, _, rest = text.strip().partition(":")
+    mode = mode.strip()
     if mode not in LOSS_MODES:
         raise ValueError(f"unknown loss {mode!r} in spec {text!r}; allowed: {', '.join(LOSS_MODES)}")
     keys = allowed_keys(mode)

@@ -95,3 +95,7 @@ def test_parse_many_rejects_duplicates():
     assert [s.mode for s in specs] == ["vanilla", "sapo", "is_reshape"]
     with pytest.raises(ValueError, match="given twice"):
         parse_loss_specs(["sapo:tau_pos=1", "sapo:tau_pos=1.0"])
+
+
+def test_spaces_around_the_mode_and_keys_are_ignored():
+    assert str(parse_loss_spec(" sapo : tau_pos = 1 ")) == "sapo:tau_pos=1"
