@@ -163,8 +163,14 @@ def plot_accuracy(runs: list[dict], path: str) -> None:
         ax.set_xlabel("RL step")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("greedy test accuracy (solid)\nsampled train reward, EMA (dashed)")
-    axes[0][0].legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
+    # legend under the panels: with many losses it would hide the curves
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    columns = 2 if len(lags) > 1 else 1
+    legend_rows = -(-len(labels) // columns)
+    fig.set_figwidth(max(fig.get_figwidth(), 7.0))
+    fig.set_figheight(4.2 + 0.25 * legend_rows)
+    fig.legend(handles, labels, loc="lower center", ncol=columns, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.25 * legend_rows / fig.get_figheight() + 0.02, 1, 1))
     fig.savefig(path, dpi=90)
     plt.close(fig)
 
