@@ -47,9 +47,11 @@ class ISReshapeParams:
     width_neg: float | None = None
     """Kernel width for tokens with A ≤ 0 (None = same as `width`). SAPO's τ_neg ↔ w = 2/τ_neg."""
 
-    one_sided: bool = False
+    one_sided: bool = True
     """Apply K only on the side the update pushes away from μ (r > 1 when A > 0, r < 1 when A ≤ 0);
-    K = 1 on the other side. box + one_sided + γ = 1 with widths (ε_high, ε_low) is PPO-clip."""
+    K = 1 on the other side, so tokens that moved the wrong way keep their full corrective weight.
+    box + one_sided + γ = 1 with widths (ε_high, ε_low) is PPO-clip. Default True: in the CPU sandbox at
+    lag 4 every two-sided adaptive-γ variant collapsed while the one-sided ones learned."""
 
     gamma_mode: str = "correctness"
     """How γ (SFT-like ↔ kernelized IS) is chosen per token: fixed | correctness | magnitude | combined.

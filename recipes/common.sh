@@ -58,7 +58,7 @@ arguments are Hydra overrides appended last (they win). Knobs (environment varia
     CLIP_RATIO                            GRPO PPO-clip epsilon (0.2)
     IS_KERNEL, IS_WIDTH, IS_WIDTH_NEG, IS_ONE_SIDED, IS_GAMMA_MODE, IS_GAMMA, IS_GAMMA_BASE,
     IS_GAMMA_MAX, IS_GAMMA_TAU, IS_GAMMA_BETA, IS_LOG_RATIO_CLAMP
-                                          IS Reshape knobs (laplace, 1.0, null, false, correctness,
+                                          IS Reshape knobs (laplace, 1.0, null, true, correctness,
                                           1.0, 0.5, 1.0, 0.1, 1.0, 20.0); Hydra overrides of these keys
                                           take no '+' (the recipe already added them)
   script
@@ -128,7 +128,7 @@ loss_args() {
                 "+$pl.kernel=${IS_KERNEL:-laplace}"
                 "+$pl.width=${IS_WIDTH:-1.0}"
                 "+$pl.width_neg=${IS_WIDTH_NEG:-null}"
-                "+$pl.one_sided=${IS_ONE_SIDED:-false}"
+                "+$pl.one_sided=${IS_ONE_SIDED:-true}"
                 "+$pl.gamma_mode=${IS_GAMMA_MODE:-correctness}"
                 "+$pl.gamma=${IS_GAMMA:-1.0}"
                 "+$pl.gamma_base=${IS_GAMMA_BASE:-0.5}"

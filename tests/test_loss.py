@@ -112,7 +112,7 @@ def test_weight_is_one_on_policy(kernel, gamma_mode):
 
 def test_loss_value_is_minus_surrogate_times_advantage():
     """loss = mean over valid tokens of −f(r)·A, f(r) = (1 − γ)·log r + γ·F_K(r); sech2: F = w·tanh((r−1)/w)."""
-    config = spec_config("is_reshape:kernel=sech2,width=0.8,gamma_mode=fixed,gamma=0.6")
+    config = spec_config("is_reshape:kernel=sech2,width=0.8,one_sided=false,gamma_mode=fixed,gamma=0.6")
     old, log_prob, adv, mask = random_batch(seed=5)
     loss, _, _ = loss_and_grad(IS_RESHAPE, config, old, log_prob, adv, mask)
     log_r = log_prob - old
@@ -163,7 +163,8 @@ def test_gamma_zero_equals_verl_gpg():
 def test_sech2_with_gamma_one_equals_verl_sapo(tau_pos, tau_neg):
     """SAPO with temperatures τ± is sech2 with w± = 2/τ± and γ = 1 (verl aggregates SAPO seq-mean-token-mean)."""
     old, log_prob, adv, mask = random_batch(seed=22, spread=1.0)
-    ours_cfg = spec_config(f"is_reshape:kernel=sech2,width={2 / tau_pos!r},width_neg={2 / tau_neg!r},gamma_mode=fixed,gamma=1")
+    ours_cfg = spec_config(f"is_reshape:kernel=sech2,width={2 / tau_pos!r},width_neg={2 / tau_neg!r},one_sided=false,"
+                           "gamma_mode=fixed,gamma=1")
     sapo_cfg = spec_config(f"sapo:tau_pos={tau_pos},tau_neg={tau_neg}")
     _, ours, _ = loss_and_grad(IS_RESHAPE, ours_cfg, old, log_prob, adv, mask, "seq-mean-token-mean")
     _, theirs, _ = loss_and_grad(get_policy_loss_fn("sapo"), sapo_cfg, old, log_prob, adv, mask, "seq-mean-token-mean")
@@ -339,7 +340,7 @@ def test_missing_config_is_a_clear_error():
 @pytest.mark.parametrize("batch,length,row_stride", [(16, 12, 1), (96, 2048, 3)])
 def test_metrics_match_their_definitions(batch, length, row_stride):
     old, log_prob, adv, mask = random_batch(seed=51, B=batch, T=length)
-    config = spec_config("is_reshape:kernel=gaussian,width=0.5")
+    config = spec_config("is_reshape:kernel=gaussian,width=0.5,one_sided=false")
     params = config.policy_loss.reshape_params()
     _, _, m = loss_and_grad(IS_RESHAPE, config, old, log_prob, adv, mask)
     old, log_prob, adv, mask = old[::row_stride], log_prob[::row_stride], adv[::row_stride], mask[::row_stride]
@@ -365,7 +366,8 @@ def test_metrics_match_their_definitions(batch, length, row_stride):
 
 def test_correctness_gamma_follows_the_four_quadrants():
     """'Right' tokens (A·log r > 0) get γ → gamma_base (g → 1); 'wrong' ones γ → gamma_max (g → r·K)."""
-    config = spec_config("is_reshape:kernel=sech2,gamma_mode=correctness,gamma_base=0,gamma_max=1,gamma_tau=0.01")
+    config = spec_config("is_reshape:kernel=sech2,one_sided=false,gamma_mode=correctness,gamma_base=0,gamma_max=1,"
+                         "gamma_tau=0.01")
     log_r = torch.tensor([[0.5, 0.5, -0.5, -0.5]], dtype=F64)
     adv = torch.tensor([[1.0, -1.0, 1.0, -1.0]], dtype=F64)
     mask = torch.ones_like(adv, dtype=torch.bool)

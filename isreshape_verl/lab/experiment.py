@@ -63,6 +63,8 @@ DEFAULT_LOSSES = (
     "is_reshape:kernel=sech2,width=1,gamma_mode=fixed,gamma=0.5",
     "is_reshape:kernel=sech2,width=1,gamma_mode=fixed,gamma=0",
     "is_reshape:kernel=box,width=0.2,one_sided=true,gamma_mode=fixed,gamma=1",
+    "is_reshape:kernel=laplace,width=1,one_sided=true",
+    "is_reshape:kernel=laplace,width=1,one_sided=true,gamma_mode=fixed,gamma=1",
 )
 
 
