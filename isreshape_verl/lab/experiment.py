@@ -47,21 +47,22 @@ from isreshape_verl.lab.policy import (
     token_log_probs,
 )
 
-# Every spec names its kernel and width, so that the table means the same thing whatever the package's
-# defaults are. The anchor of the paired differences is the design notes' choice, sech2 at width 1 with
-# correctness γ (the package default was this until the lab's table made it laplace at width 1).
-ANCHOR_LOSS = "is_reshape:kernel=sech2,width=1"
+# Every spec names its kernel, width and sidedness, so that the table means the same thing whatever the
+# package's defaults are. The anchor of the paired differences is the design notes' choice: sech2 at
+# width 1, two-sided, with correctness γ.
+ANCHOR_LOSS = "is_reshape:kernel=sech2,width=1,one_sided=false"
 DEFAULT_LOSSES = (
     ANCHOR_LOSS,  # first: the anchor of the paired differences
     "vanilla",
     "sapo",
     "cispo",
     "gpg",
-    *(f"is_reshape:kernel={k},width={w}" for k in ("sech2", "gaussian", "cauchy", "laplace", "epanechnikov", "box")
+    *(f"is_reshape:kernel={k},width={w},one_sided=false"
+      for k in ("sech2", "gaussian", "cauchy", "laplace", "epanechnikov", "box")
       for w in ("0.5", "1", "2") if not (k == "sech2" and w == "1")),
-    "is_reshape:kernel=sech2,width=1,gamma_mode=fixed,gamma=1",
-    "is_reshape:kernel=sech2,width=1,gamma_mode=fixed,gamma=0.5",
-    "is_reshape:kernel=sech2,width=1,gamma_mode=fixed,gamma=0",
+    "is_reshape:kernel=sech2,width=1,one_sided=false,gamma_mode=fixed,gamma=1",
+    "is_reshape:kernel=sech2,width=1,one_sided=false,gamma_mode=fixed,gamma=0.5",
+    "is_reshape:kernel=sech2,width=1,one_sided=false,gamma_mode=fixed,gamma=0",
     "is_reshape:kernel=box,width=0.2,one_sided=true,gamma_mode=fixed,gamma=1",
     "is_reshape:kernel=laplace,width=1,one_sided=true",
     "is_reshape:kernel=laplace,width=1,one_sided=true,gamma_mode=fixed,gamma=1",
