@@ -29,6 +29,7 @@ import torch
 from isreshape_verl.kernels import KERNEL_NAMES, check_kernel_name, kernel_and_integral
 
 GAMMA_MODES = ("fixed", "correctness", "magnitude", "combined")
+WIDTH_MODES = ("fixed", "adaptive")
 
 
 @dataclass
@@ -76,13 +77,33 @@ class ISReshapeParams:
     log_ratio_clamp: float = 20.0
     """|log r| is clamped to this before exp (overflow guard, as verl's losses do with 20). > 0."""
 
+    width_mode: str = "fixed"
+    """fixed | adaptive. adaptive: each loss call scales `width` and `width_neg` by one factor s, chosen
+    without gradient so that the batch's kernel-weighted second moment of log r,
+    M(s) = Σ K_s(r − 1)·(log r)² / N over the tokens the kernel acts on, is at most `width_target`
+    (the largest such s within the bounds): the staler the batch, the narrower the kernel.
+    See isreshape_verl.adaptive_width."""
+
+    width_target: float = 0.01
+    """Budget for M(s) with width_mode=adaptive, > 0 (M2PO's hard budget on E[(log r)²] is 0.04)."""
+
+    width_min: float = 0.05
+    """Narrowest `width` that width_mode=adaptive may choose, > 0 (reached when even it exceeds the target)."""
+
+    width_max: float | None = None
+    """Widest `width` that width_mode=adaptive may choose (None = `width`: adaptive only narrows), > 0;
+    an on-policy batch gets it. width_neg is scaled by the same factor."""
+
     def __post_init__(self):
         check_kernel_name(self.kernel)
         if self.gamma_mode not in GAMMA_MODES:
             raise ValueError(f"gamma_mode={self.gamma_mode!r} is not known; allowed: {', '.join(GAMMA_MODES)}")
-        for key in ("width", "width_neg", "gamma_tau", "gamma_beta", "log_ratio_clamp"):
+        if self.width_mode not in WIDTH_MODES:
+            raise ValueError(f"width_mode={self.width_mode!r} is not known; allowed: {', '.join(WIDTH_MODES)}")
+        for key in ("width", "width_neg", "gamma_tau", "gamma_beta", "log_ratio_clamp", "width_target", "width_min",
+                    "width_max"):
             value = getattr(self, key)
-            if value is None and key == "width_neg":
+            if value is None and key in ("width_neg", "width_max"):
                 continue
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
                 raise ValueError(f"{key}={value!r} is not allowed; it must be a finite number > 0")
@@ -94,8 +115,20 @@ class ISReshapeParams:
             raise ValueError(
                 f"gamma_base={self.gamma_base!r} > gamma_max={self.gamma_max!r}; gamma_base must be <= gamma_max"
             )
+        if self.width_min > self.widest:
+            raise ValueError(
+                f"width_min={self.width_min!r} > width_max={self.widest!r}"
+                + ("" if self.width_max is not None else " (width_max=None means width)")
+                + "; width_min must be <= width_max"
+            )
         if not isinstance(self.one_sided, bool):
             raise ValueError(f"one_sided={self.one_sided!r} is not allowed; it must be true or false")
+
+
+    @property
+    def widest(self) -> float:
+        """The widest `width` allowed with width_mode=adaptive (width_max, or width when it is None)."""
+        return self.width if self.width_max is None else self.width_max
 
 
 class ReshapeTerms(NamedTuple):
@@ -108,6 +141,7 @@ class ReshapeTerms(NamedTuple):
     gamma: torch.Tensor  # γ(r, A); 0-dim (broadcastable) when gamma_mode is fixed
     weight: torch.Tensor  # g(r, A) = (1 − γ) + γ·r·K
     surrogate: torch.Tensor  # f(r) = (1 − γ)·log r + γ·F_K(r)
+    width_scale: torch.Tensor | float  # s: the kernel widths used are s·width and s·width_neg (1 when fixed)
 
 
 def mixing_gamma(params: ISReshapeParams, log_ratio: torch.Tensor, advantages: torch.Tensor) -> torch.Tensor:
@@ -132,8 +166,12 @@ def mixing_gamma(params: ISReshapeParams, log_ratio: torch.Tensor, advantages: t
     return params.gamma_base + span * factor
 
 
-def reshape_terms(params: ISReshapeParams, log_ratio: torch.Tensor, advantages: torch.Tensor) -> ReshapeTerms:
+def reshape_terms(params: ISReshapeParams, log_ratio: torch.Tensor, advantages: torch.Tensor,
+                  width_scale: torch.Tensor | float = 1.0) -> ReshapeTerms:
     """All IS Reshape quantities from an (already clamped) log ratio; differentiable in `log_ratio`.
+
+    The kernel widths are width_scale·width (A > 0) and width_scale·width_neg (A ≤ 0); `width_scale` is
+    the factor s chosen by width_mode=adaptive (a 0-dim tensor) and 1 otherwise.
 
     One-sided kernels act on x_eff, which equals x = r − 1 on the side the update pushes away from μ
     and 0 on the other side, so K(x_eff) = 1 there and F = F_K(x_eff) + (x − x_eff) (∫ 1 dt).
@@ -141,9 +179,9 @@ def reshape_terms(params: ISReshapeParams, log_ratio: torch.Tensor, advantages: 
     ratio = torch.exp(log_ratio)
     x = ratio - 1.0
     positive = advantages > 0
-    width = params.width
+    width = params.width * width_scale
     if params.width_neg is not None and params.width_neg != params.width:
-        width = torch.where(positive, x.new_tensor(params.width), x.new_tensor(params.width_neg))
+        width = torch.where(positive, x.new_tensor(params.width), x.new_tensor(params.width_neg)) * width_scale
     if params.one_sided:
         x_eff = torch.where(positive, x.clamp(min=0.0), x.clamp(max=0.0))
         kernel, integral = kernel_and_integral(params.kernel, x_eff, width)
@@ -156,7 +194,7 @@ def reshape_terms(params: ISReshapeParams, log_ratio: torch.Tensor, advantages: 
     surrogate = one_minus_gamma * log_ratio + gamma * integral
     del integral
     weight = one_minus_gamma + gamma * ratio * kernel
-    return ReshapeTerms(log_ratio, ratio, kernel, gamma, weight, surrogate)
+    return ReshapeTerms(log_ratio, ratio, kernel, gamma, weight, surrogate, width_scale)
 
 
 class _SurrogateWithWeight(torch.autograd.Function):
@@ -185,6 +223,7 @@ def is_reshape_token_loss(
     params: ISReshapeParams,
     on_chunk: Callable[[slice, ReshapeTerms, torch.Tensor], None] | None = None,
     chunk_tokens: int = 1 << 16,
+    valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-token IS Reshape loss ℓ = −f(r)·A, (B, T), whose gradient w.r.t. log_prob is −g(r, A)·A.
 
@@ -196,21 +235,46 @@ def is_reshape_token_loss(
     peak memory is the two (B, T) outputs plus one chunk's temporaries, whatever the batch size.
     `on_chunk(rows, terms, advantages[rows])` sees each chunk's detached `ReshapeTerms` (for metrics).
     Aggregate the returned (B, T) loss (mask, mean) as you like.
+
+    With width_mode=adaptive a first pass over the chunks writes log r into the loss buffer and sums
+    the staleness summary over the `valid` tokens (a (B, T) bool mask; None = every token), all-reduced
+    over torch.distributed's default group when it runs; the width factor is solved from it (see
+    `isreshape_verl.adaptive_width`) and the second pass computes the weights as above.
     """
     compute_dtype = torch.promote_types(log_prob.dtype, torch.float32)
     batch = log_prob.shape[0]
     tokens_per_row = max(1, log_prob.numel() // max(1, batch))
     rows_per_chunk = max(1, chunk_tokens // tokens_per_row)
+    chunks = [slice(start, start + rows_per_chunk) for start in range(0, batch, rows_per_chunk)]
+    adaptive = params.width_mode == "adaptive"
     with torch.no_grad():
         token_loss = torch.empty(log_prob.shape, dtype=compute_dtype, device=log_prob.device)  # (B, T)
         grad_factor = torch.empty_like(token_loss)  # (B, T), −g·A, saved for backward
-        for start in range(0, batch, rows_per_chunk):
-            rows = slice(start, start + rows_per_chunk)
-            adv = advantages[rows].to(compute_dtype)
-            log_ratio = (log_prob[rows].to(compute_dtype) - old_log_prob[rows].to(compute_dtype)).clamp_(
+
+        def clamped_log_ratio(rows):
+            return (log_prob[rows].to(compute_dtype) - old_log_prob[rows].to(compute_dtype)).clamp_(
                 -params.log_ratio_clamp, params.log_ratio_clamp
             )
-            terms = reshape_terms(params, log_ratio, adv)
+
+        width_scale: torch.Tensor | float = 1.0
+        if adaptive:
+            from isreshape_verl import adaptive_width
+
+            summary = torch.zeros(adaptive_width.summary_size(), dtype=torch.float64, device=log_prob.device)
+            for rows in chunks:
+                log_ratio = clamped_log_ratio(rows)
+                token_loss[rows] = log_ratio  # kept for the second pass; overwritten by the loss there
+                chunk_valid = torch.ones_like(log_ratio, dtype=torch.bool) if valid is None else valid[rows].bool()
+                summary += adaptive_width.staleness_summary(log_ratio, advantages[rows], chunk_valid)
+            adaptive_width.reduce_summary(summary)
+            width_neg = params.width if params.width_neg is None else params.width_neg
+            scale, _ = adaptive_width.solve_scale(summary, params.kernel, params.width, width_neg, params.one_sided,
+                                                  params.width_target, params.width_min, params.widest)
+            width_scale = scale.to(compute_dtype)
+        for rows in chunks:
+            adv = advantages[rows].to(compute_dtype)
+            log_ratio = token_loss[rows].clone() if adaptive else clamped_log_ratio(rows)  # the loss overwrites the buffer
+            terms = reshape_terms(params, log_ratio, adv, width_scale)
             torch.mul(terms.surrogate, adv, out=token_loss[rows]).neg_()
             torch.mul(terms.weight, adv, out=grad_factor[rows]).neg_()
             if on_chunk is not None:
@@ -220,6 +284,7 @@ def is_reshape_token_loss(
 
 __all__ = [
     "GAMMA_MODES",
+    "WIDTH_MODES",
     "KERNEL_NAMES",
     "ISReshapeParams",
     "ReshapeTerms",

@@ -3,12 +3,18 @@
     MODE[:KEY=VALUE,KEY=VALUE,...]
 
     vanilla                                   GRPO's PPO-clip (verl `vanilla`)
+    dppo_tv                                   DPPO-Binary-TV (verl `dppo_tv`, prime-rl's default loss)
     vanilla:clip_ratio=0.2                    sets clip_ratio_low and clip_ratio_high too, unless given
     sapo:tau_pos=1,tau_neg=1.05               SAPO (verl `sapo`)
     gpg                                       plain REINFORCE on μ's samples (weight 1)
     cispo:clip_ratio_high=4                   CISPO (verl `cispo`)
     is_reshape                                IS Reshape with its defaults
     is_reshape:kernel=gaussian,width=0.5,gamma_mode=fixed,gamma=1
+    is_reshape:width_mode=adaptive,width_target=0.01
+
+MODE is any loss in verl's policy-loss registry. The options of verl's built-in losses are range-checked
+here (clip ratios > 0, vanilla's dual-clip bound > 1, SAPO's τ > 0, ...); a loss another plugin registers
+takes `loss_agg_mode` only.
 
 Every spec also accepts `loss_agg_mode` (token-mean | token-sum | seq-mean-token-sum |
 seq-mean-token-mean | seq-mean-token-sum-norm). Unknown modes, keys or values fail here, before
@@ -28,40 +34,76 @@ import math
 from dataclasses import dataclass, fields
 
 from isreshape_verl.kernels import KERNEL_NAMES
-from isreshape_verl.reshape import GAMMA_MODES, ISReshapeParams
+from isreshape_verl.reshape import GAMMA_MODES, WIDTH_MODES, ISReshapeParams
 
 LOSS_AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 
-# Keys of verl's ActorConfig that each built-in loss reads.
-_ACTOR_KEYS = {
-    "vanilla": {"clip_ratio": float, "clip_ratio_low": float, "clip_ratio_high": float, "clip_ratio_c": float},
-    "sapo": {"tau_pos": float, "tau_neg": float},
-    "gpg": {},
-    "cispo": {"clip_ratio": float, "clip_ratio_low": float, "clip_ratio_high": float},
-}
-_RESHAPE_TYPES = {
-    "kernel": str,
-    "width": float,
-    "width_neg": "optional_float",
-    "one_sided": bool,
-    "gamma_mode": str,
-    "gamma": float,
-    "gamma_base": float,
-    "gamma_max": float,
-    "gamma_tau": float,
-    "gamma_beta": float,
-    "log_ratio_clamp": float,
-}
-_CHOICES = {"kernel": KERNEL_NAMES, "gamma_mode": GAMMA_MODES, "loss_agg_mode": LOSS_AGG_MODES}
-LOSS_MODES = tuple(_ACTOR_KEYS) + ("is_reshape",)
 
-assert set(_RESHAPE_TYPES) == {f.name for f in fields(ISReshapeParams)}, "spec keys out of sync with ISReshapeParams"
+def _positive(v):
+    return v > 0
+
+
+def _share(v):
+    return 0 < v <= 1
+
+
+def _non_negative(v):
+    return v >= 0
+
+
+# The options of verl's built-in losses: key → (type, range check, the range in words). Keys live on verl's
+# ActorConfig (clip ratios, SAPO's τ) or PolicyLossConfig (clip_cov_*, kl_cov_ratio, ppo_kl_coef, dro_beta).
+_CLIP = {
+    "clip_ratio": (float, _positive, "> 0"),
+    "clip_ratio_low": (float, _positive, "> 0"),
+    "clip_ratio_high": (float, _positive, "> 0"),
+}
+_BUILTIN_KEYS = {
+    "vanilla": {**_CLIP, "clip_ratio_c": (float, lambda v: v > 1, "> 1 (dual-clip bound)")},
+    "dppo_tv": {**_CLIP, "clip_ratio_c": (float, _positive, "> 0 (truncation of the IS weight)")},
+    "dppo_kl": {**_CLIP, "clip_ratio_c": (float, _positive, "> 0 (truncation of the IS weight)")},
+    "gspo": dict(_CLIP),
+    "sapo": {"tau_pos": (float, _positive, "> 0"), "tau_neg": (float, _positive, "> 0")},
+    "gpg": {},
+    "clip_cov": {**_CLIP, "clip_cov_ratio": (float, _share, "in (0, 1]"), "clip_cov_lb": (float, _positive, "> 0"),
+                 "clip_cov_ub": (float, _positive, "> 0")},
+    "kl_cov": {"kl_cov_ratio": (float, _share, "in (0, 1]"), "ppo_kl_coef": (float, _non_negative, ">= 0")},
+    "geo_mean": dict(_CLIP),
+    "dro": {"dro_beta": (float, _positive, "> 0")},
+    "cispo": dict(_CLIP),
+}
+_REQUIRED_KEYS = {"dro": ("dro_beta",)}  # options without a default in verl
+_POLICY_LOSS_KEYS = {"clip_cov_ratio", "clip_cov_lb", "clip_cov_ub", "kl_cov_ratio", "ppo_kl_coef", "dro_beta"}
+# Registered in verl but not a loss a spec can select: the driver's rollout-correction dispatcher.
+_NOT_SPEC_LOSSES = {"bypass_mode": "it is verl's rollout-correction dispatcher, set by algorithm.rollout_correction"}
+
+
+def _reshape_keys() -> dict:
+    """ISReshapeParams' fields with their types (ranges are checked by ISReshapeParams itself)."""
+    kinds = {"str": str, "float": float, "float | None": "optional_float", "bool": bool}
+    return {f.name: (kinds[str(f.type)], None, "") for f in fields(ISReshapeParams)}
+
+
+_CHOICES = {"kernel": KERNEL_NAMES, "gamma_mode": GAMMA_MODES, "width_mode": WIDTH_MODES,
+            "loss_agg_mode": LOSS_AGG_MODES}
+LOSS_MODES = tuple(_BUILTIN_KEYS) + ("is_reshape",)  # the modes a spec names without consulting verl
+
+
+def registered_losses() -> tuple[str, ...]:
+    """Every policy loss in verl's registry that a spec can select (imports verl and its plugins)."""
+    import verl  # noqa: F401  (loads the plugin entry points, registering is_reshape)
+    from verl.trainer.ppo.core_algos import POLICY_LOSS_REGISTRY
+
+    return tuple(name for name in POLICY_LOSS_REGISTRY if name not in _NOT_SPEC_LOSSES)
 
 
 def allowed_keys(mode: str) -> dict:
-    """Key → type accepted by a mode (including the common `loss_agg_mode`)."""
-    keys = dict(_RESHAPE_TYPES) if mode == "is_reshape" else dict(_ACTOR_KEYS[mode])
-    keys["loss_agg_mode"] = str
+    """Key → (type, range check or None, range in words) accepted by a mode, `loss_agg_mode` included.
+
+    A loss registered in verl by someone else (not one of verl's built-ins) takes `loss_agg_mode` only.
+    """
+    keys = _reshape_keys() if mode == "is_reshape" else dict(_BUILTIN_KEYS.get(mode, {}))
+    keys["loss_agg_mode"] = (str, None, "")
     return keys
 
 
@@ -138,7 +180,9 @@ class LossSpec:
 
             policy_loss, actor_settings = ISReshapeLossConfig(**settings), {}
         else:
-            policy_loss, actor_settings = PolicyLossConfig(loss_mode=self.mode), settings
+            loss_settings = {k: v for k, v in settings.items() if k in _POLICY_LOSS_KEYS}
+            actor_settings = {k: v for k, v in settings.items() if k not in _POLICY_LOSS_KEYS}
+            policy_loss = PolicyLossConfig(loss_mode=self.mode, **loss_settings)
             if "clip_ratio" in actor_settings:
                 for side in ("clip_ratio_low", "clip_ratio_high"):
                     actor_settings.setdefault(side, actor_settings["clip_ratio"])
@@ -154,13 +198,19 @@ class LossSpec:
 
 
 def parse_loss_spec(text: str) -> LossSpec:
-    """Parse `MODE[:KEY=VALUE,...]`; raises ValueError naming the bad part and what is allowed."""
+    """Parse `MODE[:KEY=VALUE,...]`; raises ValueError naming the bad part and what is allowed.
+
+    MODE is any policy loss in verl's registry (verl's built-ins, `is_reshape`, or another plugin's).
+    """
     if not isinstance(text, str) or not text.strip():
         raise ValueError(f"empty loss spec {text!r}; expected MODE[:KEY=VALUE,...] with MODE in {', '.join(LOSS_MODES)}")
     mode, _, rest = text.strip().partition(":")
     mode = mode.strip()
-    if mode not in LOSS_MODES:
-        raise ValueError(f"unknown loss {mode!r} in spec {text!r}; allowed: {', '.join(LOSS_MODES)}")
+    if mode in _NOT_SPEC_LOSSES:
+        raise ValueError(f"loss {mode!r} in spec {text!r} cannot be compared: {_NOT_SPEC_LOSSES[mode]}")
+    if mode not in LOSS_MODES and mode not in registered_losses():
+        raise ValueError(f"unknown loss {mode!r} in spec {text!r}; allowed (verl's registry): "
+                         f"{', '.join(registered_losses())}")
     keys = allowed_keys(mode)
     overrides: dict[str, object] = {}
     for item in filter(None, (part.strip() for part in rest.split(","))):
@@ -173,7 +223,15 @@ def parse_loss_spec(text: str) -> LossSpec:
             raise ValueError(f"unknown key {key!r} for loss {mode!r} in spec {text!r}; allowed: {allowed}")
         if key in overrides:
             raise ValueError(f"key {key!r} given twice in loss spec {text!r}")
-        overrides[key] = _parse_value(mode, key, value.strip(), keys[key])
+        kind, check, allowed_range = keys[key]
+        overrides[key] = _parse_value(mode, key, value.strip(), kind)
+        if check is not None and not check(overrides[key]):
+            raise ValueError(f"{key}={value.strip()} is not allowed in loss spec {text!r}; it must be {allowed_range}")
+    missing = [key for key in _REQUIRED_KEYS.get(mode, ()) if key not in overrides]
+    if missing:
+        raise ValueError(f"loss {mode!r} needs {', '.join(missing)} (verl has no default) in spec {text!r}")
+    if mode == "clip_cov" and overrides.get("clip_cov_lb", 1.0) >= overrides.get("clip_cov_ub", 5.0):
+        raise ValueError(f"clip_cov_lb must be < clip_cov_ub in loss spec {text!r} (verl's defaults: 1 and 5)")
     spec = LossSpec(mode, tuple(overrides.items()))
     if mode == "is_reshape":  # range checks (width > 0, γ in [0, 1], ...) live in one place
         reshape_settings = {k: v for k, v in overrides.items() if k != "loss_agg_mode"}

@@ -24,6 +24,9 @@ when it is larger; quadrant "pos" = A > 0, "neg" = A ≤ 0, "up" = r > 1, "down"
     actor/is_reshape/ratio_{min,p01,p50,p99,max}  ratio quantiles (from ≤ ~8,192 evenly strided tokens)
     actor/is_reshape/{pos,neg}_{up,down}_{share,weight}  token share and mean g of each quadrant
     actor/is_reshape/nonfinite_frac     share of response tokens dropped for non-finite inputs
+    actor/is_reshape/width, width_neg   kernel widths used (the adaptive ones with width_mode=adaptive)
+    actor/is_reshape/width_stat         Σ K(r − 1)·(log r)² / N over the tokens the kernel acts on: the
+                                        statistic width_mode=adaptive holds at width_target
 """
 
 from __future__ import annotations
@@ -56,28 +59,36 @@ class _MetricSums:
     """Per-chunk reductions, combined into the metrics with a single host sync.
 
     Over all valid tokens: their count and Σ(log π_θ − log μ) before clamping, a probe for NaN/±Inf
-    inputs (a NaN at a padded position trips it too; the clean-up path then gives the same result). The metrics themselves are taken over the valid tokens of every `row_stride`-th sequence
-    (every sequence when the micro-batch has ≤ 65,536 tokens, as verl's micro-batches usually do) and
-    masked sums are dot products with a 0/1 mask, so the metrics cost a fraction of the loss. Ratio
-    quantiles are those of log r mapped through exp (monotone), from ≤ ~8,192 of those tokens.
+    inputs (a NaN at a padded position trips it too; the clean-up path then gives the same result). The
+    metrics themselves are taken over the valid tokens of every `row_stride`-th sequence (every sequence
+    when the micro-batch has ≤ 65,536 tokens, as verl's micro-batches usually do) and masked sums are dot
+    products with a 0/1 mask, so the metrics cost a fraction of the loss. Ratio quantiles are those of
+    log r mapped through exp (monotone), from ≤ ~8,192 of those tokens. Each chunk adds a dict of named
+    0-dim sums; `sync` turns their totals into named metrics, stacked into one tensor read once.
     """
 
-    def __init__(self, log_prob, old_log_prob, valid: torch.Tensor):
-        self.log_prob, self.old_log_prob, self.valid = log_prob, old_log_prob, valid
+    def __init__(self, log_prob, old_log_prob, valid: torch.Tensor, params: ISReshapeParams):
+        self.log_prob, self.old_log_prob, self.valid, self.params = log_prob, old_log_prob, valid, params
         tokens_per_row = max(1, valid[0].numel()) if valid.shape[0] else 1
         self.row_stride = max(1, -(-valid.numel() // _METRIC_TOKENS))
         sampled_tokens = -(-valid.shape[0] // self.row_stride) * tokens_per_row
         self.token_stride = max(1, sampled_tokens // _QUANTILE_SAMPLE)
         self.probes: list[torch.Tensor] = []  # (n_valid, Σ unclamped log r) per chunk
-        self.sums: list[torch.Tensor] = []  # per chunk: n, Σg, Σg², −Σlog r, #soft-clipped, Σγ, 4 counts, 4 Σg
+        self.sums: dict[str, torch.Tensor] = {}  # name → running 0-dim sum over chunks
         self.extremes: list[torch.Tensor] = []  # (min log r, max log r) per chunk
         self.samples: list[torch.Tensor] = []
+        self.width_scale: torch.Tensor | float = 1.0
+
+    def _add(self, **sums: torch.Tensor) -> None:
+        for name, value in sums.items():
+            self.sums[name] = self.sums[name] + value if name in self.sums else value
 
     def __call__(self, rows: slice, terms, advantages: torch.Tensor) -> None:
         valid = self.valid[rows]
         mask = valid.to(terms.weight.dtype)
         raw_log_ratio = self.log_prob[rows].detach().to(mask.dtype) - self.old_log_prob[rows].to(mask.dtype)
         self.probes.append(torch.stack([mask.sum(), (raw_log_ratio * mask).sum()]))
+        self.width_scale = terms.width_scale
 
         first = (-rows.start) % self.row_stride  # keep rows whose global index is a multiple of row_stride
         pick = slice(first, None, self.row_stride)
@@ -97,60 +108,69 @@ class _MetricSums:
             gamma_sum = torch.dot(terms.gamma[pick].expand(shape).reshape(-1), mask)
         else:  # fixed γ is a 0-dim tensor
             gamma_sum = terms.gamma * n
-        soft = (terms.kernel[pick].expand(shape).reshape(-1) < SOFT_CLIP_THRESHOLD).to(g.dtype)
-        self.sums.append(torch.stack([
-            n, g_sum, torch.dot(g_masked, g), -torch.dot(log_r, mask), torch.dot(soft, mask),
-            gamma_sum,
-            # quadrant counts and weight sums (neg_down, neg_up, pos_down, pos_up) by inclusion–exclusion
-            n - n_pos - n_up + n_both, n_up - n_both, n_pos - n_both, n_both,
-            g_sum - g_pos - g_up + g_both, g_up - g_both, g_pos - g_both, g_both,
-        ]))
+        kernel = terms.kernel[pick].expand(shape).reshape(-1)
+        soft = (kernel < SOFT_CLIP_THRESHOLD).to(g.dtype)
+        # tokens the kernel acts on: all, or (one-sided) those pushed away from μ: r > 1 if A > 0, r < 1 if A ≤ 0
+        acting = mask if not self.params.one_sided else mask * (1.0 - positive - up + 2.0 * both)
+        self._add(
+            n=n, g_sum=g_sum, g_sq=torch.dot(g_masked, g), neg_log_r=-torch.dot(log_r, mask),
+            soft_clipped=torch.dot(soft, mask), gamma=gamma_sum, kernel_moment=torch.dot(kernel * log_r * log_r, acting),
+            # quadrant counts and weight sums by inclusion–exclusion
+            n_neg_down=n - n_pos - n_up + n_both, n_neg_up=n_up - n_both, n_pos_down=n_pos - n_both, n_pos_up=n_both,
+            g_neg_down=g_sum - g_pos - g_up + g_both, g_neg_up=g_up - g_both, g_pos_down=g_pos - g_both,
+            g_pos_up=g_both,
+        )
         valid_flat = mask > 0
         inf = torch.tensor(float("inf"), dtype=log_r.dtype, device=log_r.device)
         lowest, highest = torch.where(valid_flat, log_r, inf).min(), torch.where(valid_flat, log_r, -inf).max()
         self.extremes.append(torch.stack([lowest, highest]))
         self.samples.append(log_r[:: self.token_stride][valid_flat[:: self.token_stride]])
 
-    def sync(self, pg_loss: torch.Tensor) -> tuple[bool, float, list[float] | None]:
-        """(inputs and loss finite?, number of valid tokens, metric values) in one host sync."""
+    def sync(self, pg_loss: torch.Tensor) -> tuple[bool, float, dict[str, float] | None]:
+        """(inputs and loss finite?, number of valid tokens, named metric values) in one host sync."""
         n_valid, raw_sum = torch.stack(self.probes).sum(0).unbind()
-        head = torch.stack([torch.isfinite(pg_loss.detach()) & torch.isfinite(raw_sum), n_valid]).to(raw_sum.dtype)
-        if not self.sums:
-            finite, n_valid = head.tolist()
-            return bool(finite), n_valid, None
-        n, g_sum, g_sq, neg_log_r, soft_clipped, gamma, *quadrant = torch.stack(self.sums).sum(0).unbind()
-        counts, weight_sums = torch.stack(quadrant[:4]), torch.stack(quadrant[4:])
-        extremes = torch.stack(self.extremes)
-        sample = torch.cat(self.samples)
-        if sample.numel() == 0:  # no valid token in the sampled rows
-            sample = extremes[:, 0]
-        probs = torch.tensor([0.01, 0.5, 0.99], dtype=sample.dtype, device=sample.device)
-        n_safe = n.clamp(min=1)
-        values = torch.cat([
-            head,
-            torch.stack([neg_log_r / n_safe, soft_clipped / n_safe, g_sum / n_safe, gamma / n_safe,
-                         g_sum * g_sum / (n_safe * g_sq).clamp(min=torch.finfo(g_sq.dtype).tiny),
-                         extremes[:, 0].min().exp()]),
-            torch.quantile(sample, probs).exp(),
-            extremes[:, 1].max().exp()[None],
-            counts / n_safe,
-            weight_sums / counts.clamp(min=1),
-        ]).tolist()  # the one host sync
-        finite, n_valid, *metrics = values
-        return bool(finite), n_valid, metrics
-
-
-_METRIC_NAMES = [
-    "actor/ppo_kl", "actor/pg_clipfrac", "actor/is_reshape/weight_mean", "actor/is_reshape/gamma_mean",
-    "actor/is_reshape/ess", "actor/is_reshape/ratio_min", "actor/is_reshape/ratio_p01", "actor/is_reshape/ratio_p50",
-    "actor/is_reshape/ratio_p99", "actor/is_reshape/ratio_max", *(f"actor/is_reshape/{q}_share" for q in _QUADRANTS),
-    *(f"actor/is_reshape/{q}_weight" for q in _QUADRANTS),
-]
+        head = {"finite": torch.isfinite(pg_loss.detach()) & torch.isfinite(raw_sum), "n_valid": n_valid}
+        metrics = {}
+        if self.sums:
+            s = self.sums
+            n_safe = s["n"].clamp(min=1)
+            extremes = torch.stack(self.extremes)
+            sample = torch.cat(self.samples)
+            if sample.numel() == 0:  # no valid token in the sampled rows
+                sample = extremes[:, 0]
+            p01, p50, p99 = torch.quantile(sample, torch.tensor([0.01, 0.5, 0.99], dtype=sample.dtype,
+                                                                device=sample.device)).exp().unbind()
+            p = self.params
+            width_neg = p.width if p.width_neg is None else p.width_neg
+            metrics = {
+                "actor/ppo_kl": s["neg_log_r"] / n_safe,
+                "actor/pg_clipfrac": s["soft_clipped"] / n_safe,
+                "actor/is_reshape/weight_mean": s["g_sum"] / n_safe,
+                "actor/is_reshape/gamma_mean": s["gamma"] / n_safe,
+                "actor/is_reshape/ess": s["g_sum"] ** 2 / (n_safe * s["g_sq"]).clamp(min=torch.finfo(s["g_sq"].dtype).tiny),
+                "actor/is_reshape/ratio_min": extremes[:, 0].min().exp(),
+                "actor/is_reshape/ratio_p01": p01,
+                "actor/is_reshape/ratio_p50": p50,
+                "actor/is_reshape/ratio_p99": p99,
+                "actor/is_reshape/ratio_max": extremes[:, 1].max().exp(),
+                "actor/is_reshape/width": torch.as_tensor(p.width * self.width_scale, device=n_safe.device),
+                "actor/is_reshape/width_neg": torch.as_tensor(width_neg * self.width_scale, device=n_safe.device),
+                "actor/is_reshape/width_stat": s["kernel_moment"] / n_safe,
+            }
+            for q in _QUADRANTS:
+                metrics[f"actor/is_reshape/{q}_share"] = s[f"n_{q}"] / n_safe
+            for q in _QUADRANTS:
+                metrics[f"actor/is_reshape/{q}_weight"] = s[f"g_{q}"] / s[f"n_{q}"].clamp(min=1)
+        names = list(head) + list(metrics)
+        values = torch.stack([v.to(n_valid.dtype) for v in (*head.values(), *metrics.values())]).tolist()  # one sync
+        out = dict(zip(names, values))
+        finite, n_valid = bool(out.pop("finite")), out.pop("n_valid")
+        return finite, n_valid, (out or None)
 
 
 def _loss_and_sums(old_log_prob, log_prob, advantages, valid, loss_agg_mode, config, rollout_is_weights, params):
-    sums = _MetricSums(log_prob, old_log_prob, valid)
-    token_loss = is_reshape_token_loss(log_prob, old_log_prob, advantages, params, on_chunk=sums)  # (B, T)
+    sums = _MetricSums(log_prob, old_log_prob, valid, params)
+    token_loss = is_reshape_token_loss(log_prob, old_log_prob, advantages, params, on_chunk=sums, valid=valid)  # (B, T)
     if rollout_is_weights is not None:
         token_loss = token_loss * rollout_is_weights
     pg_loss = agg_loss(loss_mat=token_loss, loss_mask=valid, loss_agg_mode=loss_agg_mode, **config.global_batch_info)
@@ -199,6 +219,6 @@ def compute_policy_loss_is_reshape(
     if metrics is None:
         out = {"actor/ppo_kl": 0.0, "actor/pg_clipfrac": 0.0}
     else:
-        out = dict(zip(_METRIC_NAMES, metrics))
+        out = metrics
     out["actor/is_reshape/nonfinite_frac"] = 1.0 - n_valid / n_response if n_response else 0.0
     return pg_loss, out

@@ -76,9 +76,12 @@ def test_bad_value_in_hydra_config_fails_at_conversion_naming_the_key():
 # One non-default value per key: each must change the gradient that verl's ppo_loss produces.
 KNOB_VALUES = {"kernel": "gaussian", "width": 0.3, "width_neg": 0.2, "one_sided": False, "gamma_mode": "fixed",
                "gamma": 0.4, "gamma_base": 0.1, "gamma_max": 0.8, "gamma_tau": 1.0, "gamma_beta": 4.0,
-               "log_ratio_clamp": 0.05}
+               "log_ratio_clamp": 0.05, "width_mode": "adaptive", "width_target": 0.001, "width_min": 0.5,
+               "width_max": 3.0}
 # keys that only act under another setting get it alongside
-KNOB_CONTEXT = {"gamma": {"gamma_mode": "fixed"}, "gamma_beta": {"gamma_mode": "magnitude"}}
+KNOB_CONTEXT = {"gamma": {"gamma_mode": "fixed"}, "gamma_beta": {"gamma_mode": "magnitude"},
+                "width_target": {"width_mode": "adaptive"}, "width_min": {"width_mode": "adaptive", "width_target": 1e-4},
+                "width_max": {"width_mode": "adaptive", "width_target": 1.0}}
 
 
 def make_batch(seed=0, B=4, P=3, R=6):
@@ -127,7 +130,7 @@ def expected_flat_grad(params, data, flat):
     flat = flat.clone().requires_grad_()
     lp = padded_log_probs(flat, data)
     mask = data["response_mask"].bool()
-    token_loss = is_reshape_token_loss(lp, data["old_log_probs"], data["advantages"], params)
+    token_loss = is_reshape_token_loss(lp, data["old_log_probs"], data["advantages"], params, valid=mask)
     ((token_loss * mask).sum() / mask.sum()).backward()
     return flat.grad
 
@@ -172,6 +175,12 @@ BAD_CONFIGS = [
     ({"gamma_beta": -2.0}, r"gamma_beta=-2.0 is not allowed"),
     ({"log_ratio_clamp": 0.0}, r"log_ratio_clamp=0.0 is not allowed"),
     ({"one_sided": "yes"}, r"one_sided='yes' is not allowed; it must be true or false"),
+    ({"width_mode": "auto"}, r"width_mode='auto' is not known; allowed: fixed, adaptive"),
+    ({"width_target": 0.0}, r"width_target=0.0 is not allowed; it must be a finite number > 0"),
+    ({"width_min": -0.1}, r"width_min=-0.1 is not allowed"),
+    ({"width_max": float("nan")}, r"width_max=nan is not allowed"),
+    ({"width_min": 0.5, "width_max": 0.2}, r"width_min=0.5 > width_max=0.2; width_min must be <= width_max"),
+    ({"width_min": 1.5}, r"width_min=1.5 > width_max=1.0 \(width_max=None means width\)"),
 ]
 
 
@@ -186,6 +195,7 @@ def test_bad_config_values_are_rejected_by_both_config_classes(settings, message
 def test_config_fields_are_the_documented_user_facing_names():
     ours = {f.name for f in fields(ISReshapeParams)}
     assert ours == {"kernel", "width", "width_neg", "one_sided", "gamma_mode", "gamma", "gamma_base", "gamma_max",
-                    "gamma_tau", "gamma_beta", "log_ratio_clamp"}
+                    "gamma_tau", "gamma_beta", "log_ratio_clamp", "width_mode", "width_target", "width_min",
+                    "width_max"}
     assert ours <= {f.name for f in fields(ISReshapeLossConfig)}
     assert ISReshapeLossConfig().loss_mode == "is_reshape"
