@@ -15,6 +15,12 @@ batch (log r ≡ 0, M ≡ 0) keeps the widest kernel, and a staler batch gets a 
 second-moment budget on log r (0.04 there, enforced by a hard token mask) turned into a soft one, met by
 the kernel's width instead of by dropping tokens.
 
+How s* moves with staleness (log r of spread σ): while the acting tokens' plain second moment is under the
+target, the widest kernel is kept; once it exceeds the target, s* drops to where the kernel takes off
+the excess, and falls further as σ grows as long as σ is below about the chosen width. Beyond that the
+kernel already cuts most tokens, M(s) falls as σ grows at fixed s (≈ (s·w)³/σ), and s* levels off
+(asymptotically it rises like σ^(1/3)): a very stale batch gets a narrow, not an ever narrower, kernel.
+
 The solve never passes over the (B, T) tensors more than once. It reads a summary of the batch: Σ(log r)²
 in `BINS` uniform bins of log r ∈ [−LOG_R_EDGE, LOG_R_EDGE] for each sign of A (tokens beyond the edge are
 counted in the edge bin, which overstates their K and so errs towards a narrower kernel), and N. K is

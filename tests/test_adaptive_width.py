@@ -1,0 +1,173 @@
+"""width_mode=adaptive: the solved width meets its target, shrinks with staleness, respects its bounds,
+and is the same on 2 data-parallel ranks as on one process holding the whole batch."""
+
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from isreshape_verl.kernels import KERNEL_NAMES, kernel_value
+from isreshape_verl.reshape import ISReshapeParams, is_reshape_token_loss
+from isreshape_verl.specs import parse_loss_spec
+
+
+def lagged_batch(spread: float, seed: int = 0, B: int = 64, T: int = 48):
+    """log r ~ N(0, spread²) per token, random-sign advantages, ragged response mask."""
+    gen = torch.Generator().manual_seed(seed)
+    old = -torch.rand(B, T, generator=gen, dtype=torch.float64) * 3
+    log_prob = old + spread * torch.randn(B, T, generator=gen, dtype=torch.float64)
+    adv = torch.randn(B, 1, generator=gen, dtype=torch.float64).expand(B, T).contiguous()
+    lengths = torch.randint(1, T + 1, (B,), generator=gen)
+    mask = torch.arange(T)[None, :] < lengths[:, None]
+    return log_prob, old, adv, mask
+
+
+def exact_statistic(params: ISReshapeParams, width: float, width_neg: float, log_prob, old, adv, mask) -> float:
+    """M = Σ K(r − 1; w_A)·(log r)² / N over valid tokens the kernel acts on, written out token by token."""
+    log_r = (log_prob - old)[mask]
+    a = adv[mask]
+    w = torch.where(a > 0, torch.tensor(width, dtype=log_r.dtype), torch.tensor(width_neg, dtype=log_r.dtype))
+    k = kernel_value(params.kernel, torch.expm1(log_r), w)
+    acting = torch.ones_like(log_r, dtype=torch.bool)
+    if params.one_sided:
+        acting = ((a > 0) & (log_r > 0)) | ((a <= 0) & (log_r < 0))
+    return float((k * log_r**2 * acting).sum() / log_r.numel())
+
+
+def solved(params, log_prob, old, adv, mask):
+    """(width, width_neg, width_stat) that the verl loss logs for this batch."""
+    spec = parse_loss_spec("is_reshape:" + ",".join(f"{k}={v}" for k, v in params.__dict__.items()))
+    _, metrics = spec.loss_fn(old_log_prob=old, log_prob=log_prob, advantages=adv, response_mask=mask,
+                              loss_agg_mode="token-mean", config=spec.actor_config())
+    return metrics["actor/is_reshape/width"], metrics["actor/is_reshape/width_neg"], metrics["actor/is_reshape/width_stat"]
+
+
+@pytest.mark.parametrize("kernel", [k for k in KERNEL_NAMES if k != "box"])
+@pytest.mark.parametrize("one_sided", [True, False])
+@pytest.mark.parametrize("spread", [0.1, 0.3])
+def test_achieved_statistic_meets_the_target(kernel, one_sided, spread):
+    """Within 3 % of the target, and the target is binding: 3 % more width would exceed it."""
+    params = ISReshapeParams(kernel=kernel, one_sided=one_sided, width_mode="adaptive", width_target=0.002,
+                             width_min=0.01, width_max=4.0, width_neg=0.5)
+    batch = lagged_batch(spread)
+    width, width_neg, stat = solved(params, *batch)
+    assert 0.01 < width < 4.0
+    assert width_neg == pytest.approx(0.5 * width, rel=1e-6)  # one common factor
+    exact = exact_statistic(params, width, width_neg, *batch)
+    assert stat == pytest.approx(exact, rel=1e-6)  # the logged statistic is the exact one
+    assert exact == pytest.approx(0.002, rel=0.03)
+    assert exact_statistic(params, 1.03 * width, 1.03 * width_neg, *batch) > 0.002
+
+
+def test_box_kernel_stays_under_its_target():
+    """M(s) is a step function for the box kernel: the solve stays at or under the target."""
+    params = ISReshapeParams(kernel="box", width_mode="adaptive", width_target=0.002, width_min=0.01, width_max=4.0)
+    batch = lagged_batch(0.2)
+    width, width_neg, _ = solved(params, *batch)
+    assert exact_statistic(params, width, width_neg, *batch) <= 0.002 * 1.03
+
+
+@pytest.mark.parametrize("kernel", ["laplace", "sech2", "gaussian"])
+def test_width_falls_as_the_spread_of_log_r_grows(kernel):
+    """Up to spreads of about the chosen width (see the module docstring of adaptive_width for beyond)."""
+    params = ISReshapeParams(kernel=kernel, width_mode="adaptive", width_target=0.002, width_min=0.001,
+                             width_max=10.0)
+    widths = [solved(params, *lagged_batch(spread, seed=3))[0] for spread in (0.02, 0.05, 0.1, 0.2)]
+    assert widths[0] == pytest.approx(10.0)  # under budget: the widest kernel
+    assert all(a >= b for a, b in zip(widths, widths[1:])) and widths[2] > widths[3], widths
+
+
+def test_bounds_hold_and_an_on_policy_batch_gets_the_widest_width():
+    log_prob, old, adv, mask = lagged_batch(1.0)
+    params = ISReshapeParams(width=1.0, width_mode="adaptive", width_target=1e-6, width_min=0.2, width_max=3.0)
+    assert solved(params, log_prob, old, adv, mask)[0] == pytest.approx(0.2)  # even the narrowest exceeds it
+    loose = ISReshapeParams(width=1.0, width_mode="adaptive", width_target=100.0, width_min=0.2, width_max=3.0)
+    assert solved(loose, log_prob, old, adv, mask)[0] == pytest.approx(3.0)
+    on_policy = solved(params, old.clone(), old, adv, mask)
+    assert on_policy[0] == pytest.approx(3.0) and on_policy[2] == 0.0
+    default_max = ISReshapeParams(width=0.7, width_mode="adaptive")  # width_max None = width
+    assert solved(default_max, old.clone(), old, adv, mask)[0] == pytest.approx(0.7)
+
+
+def test_gradient_is_the_fixed_width_loss_at_the_solved_width():
+    """Adaptive = fixed width at s·width, s·width_neg: same loss and same gradient."""
+    log_prob, old, adv, mask = lagged_batch(0.2, seed=5)
+    adaptive = ISReshapeParams(width=1.0, width_neg=0.6, width_mode="adaptive", width_target=0.003, width_min=0.05)
+    width, width_neg, _ = solved(adaptive, log_prob, old, adv, mask)
+    fixed = ISReshapeParams(width=width, width_neg=width_neg)
+    grads = []
+    for params in (adaptive, fixed):
+        leaf = log_prob.clone().requires_grad_(True)
+        loss = is_reshape_token_loss(leaf, old, adv, params, valid=mask)
+        (loss * mask).sum().backward()
+        grads.append((loss.detach() * mask, leaf.grad))
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-9, atol=1e-12)
+
+
+def test_padding_does_not_move_the_width():
+    """Tokens outside the mask, however stale, do not enter the summary."""
+    log_prob, old, adv, mask = lagged_batch(0.2, seed=6)
+    params = ISReshapeParams(width_mode="adaptive", width_target=0.002, width_min=0.01)
+    noisy = torch.where(mask, log_prob, old + 5.0)
+    assert solved(params, noisy, old, adv, mask)[0] == pytest.approx(solved(params, log_prob, old, adv, mask)[0])
+
+
+def test_chunking_does_not_change_the_width():
+    log_prob, old, adv, mask = lagged_batch(0.2, seed=7)
+    params = ISReshapeParams(width_mode="adaptive", width_target=0.002, width_min=0.01)
+    losses = [is_reshape_token_loss(log_prob, old, adv, params, valid=mask, chunk_tokens=c) for c in (1 << 16, 100)]
+    torch.testing.assert_close(losses[0], losses[1], rtol=0, atol=0)
+
+
+_DP_WORKER = textwrap.dedent("""
+    import os, sys, torch, torch.distributed as dist
+    rank, world, path = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+    dist.init_process_group("gloo", rank=rank, world_size=world, init_method="file://" + sys.argv[4])
+    from isreshape_verl.specs import parse_loss_spec
+    data = torch.load(path)
+    rows = slice(rank * data["rows"], (rank + 1) * data["rows"])
+    spec = parse_loss_spec(data["spec"])
+    config = spec.actor_config()
+    mask = data["mask"]
+    config.global_batch_info.update(dp_size=world, batch_num_tokens=int(mask.sum()), global_batch_size=mask.shape[0])
+    leaf = data["log_prob"][rows].clone().requires_grad_(True)
+    loss, metrics = spec.loss_fn(old_log_prob=data["old"][rows], log_prob=leaf, advantages=data["adv"][rows],
+                                 response_mask=mask[rows], loss_agg_mode=spec.loss_agg_mode, config=config)
+    loss.backward()
+    torch.save({"grad": leaf.grad, "width": metrics["actor/is_reshape/width"]}, path + f".rank{rank}")
+    dist.destroy_process_group()
+""")
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
+def test_two_gloo_ranks_match_one_process_on_the_concatenated_batch(tmp_path, agg):
+    """Each rank sees half of the batch; the all-reduced summary gives both the width of the whole batch,
+    and with verl's dp_size normalisation the summed rank gradients equal the one-process gradient."""
+    log_prob, old, adv, mask = lagged_batch(0.25, seed=8, B=16, T=20)
+    # the halves differ in staleness, so a rank solving alone would choose another width
+    log_prob[8:] = old[8:] + 3.0 * (log_prob[8:] - old[8:])
+    text = f"is_reshape:width_mode=adaptive,width_target=0.003,width_min=0.01,loss_agg_mode={agg}"
+    path = str(tmp_path / "batch.pt")
+    torch.save({"log_prob": log_prob, "old": old, "adv": adv, "mask": mask, "rows": 8, "spec": text}, path)
+    script = tmp_path / "worker.py"
+    script.write_text(_DP_WORKER)
+    procs = [subprocess.Popen([sys.executable, str(script), str(r), "2", path, str(tmp_path / "rendezvous")])
+             for r in range(2)]
+    assert [p.wait(timeout=240) for p in procs] == [0, 0]
+    ranks = [torch.load(path + f".rank{r}") for r in range(2)]
+
+    spec = parse_loss_spec(text)
+    leaf = log_prob.clone().requires_grad_(True)
+    loss, metrics = spec.loss_fn(old_log_prob=old, log_prob=leaf, advantages=adv, response_mask=mask,
+                                 loss_agg_mode=agg, config=spec.actor_config())
+    loss.backward()
+    assert ranks[0]["width"] == ranks[1]["width"] == pytest.approx(metrics["actor/is_reshape/width"], rel=1e-12)
+    alone = solved(ISReshapeParams(width_mode="adaptive", width_target=0.003, width_min=0.01),
+                   log_prob[:8], old[:8], adv[:8], mask[:8])[0]
+    assert not math.isclose(alone, ranks[0]["width"], rel_tol=1e-3)
+    # DDP/FSDP average the ranks' gradients; verl's agg_loss multiplies each rank's loss by dp_size
+    torch.testing.assert_close(torch.cat([r["grad"] for r in ranks]) / 2, leaf.grad, rtol=1e-10, atol=1e-14)
