@@ -6,6 +6,11 @@ For a token with ratio r = π_θ/μ (μ the behaviour policy that sampled it) an
     token loss     ℓ = −f(r)·A
     gradient       ∂ℓ/∂log π_θ = −g(r, A)·A,             g(r, A) = r·f'(r) = (1 − γ) + γ·r·K(r − 1)
 
+With `localize_sft` the SFT-like term gets the same kernel, evaluated at log r:
+
+    f(r) = (1 − γ)·F_K(log r) + γ·F_K(r),      g(r, A) = (1 − γ)·K(log r) + γ·r·K(r − 1)
+
+(F_K(log r) means ∫₀^{log r} K(v) dv, the same closed forms with x = log r.)
 γ = γ(r, A) ∈ [0, 1] is treated as a constant (never back-propagated). γ = 0 gives the SFT-like
 weight 1 (REINFORCE on μ's samples), γ = 1 with K ≡ 1 gives plain importance sampling (weight r),
 and g(1, A) = 1 for every kernel and every γ.
@@ -77,6 +82,11 @@ class ISReshapeParams:
     log_ratio_clamp: float = 20.0
     """|log r| is clamped to this before exp (overflow guard, as verl's losses do with 20). > 0."""
 
+    localize_sft: bool = False
+    """Also give the SFT-like term a trust region: its weight (1 − γ) becomes (1 − γ)·K(log r), the same
+    kernel, width and sidedness evaluated at log r (≈ r − 1 near μ), so that its surrogate has the closed
+    form F_K(log r). Without it, 'right' tokens keep a weight of at least 1 − γ however far r has moved."""
+
     width_mode: str = "fixed"
     """fixed | adaptive. adaptive: each loss call scales `width` and `width_neg` by one factor s, chosen
     without gradient so that the batch's kernel-weighted second moment of log r,
@@ -121,8 +131,9 @@ class ISReshapeParams:
                 + ("" if self.width_max is not None else " (width_max=None means width)")
                 + "; width_min must be <= width_max"
             )
-        if not isinstance(self.one_sided, bool):
-            raise ValueError(f"one_sided={self.one_sided!r} is not allowed; it must be true or false")
+        for key in ("one_sided", "localize_sft"):
+            if not isinstance(getattr(self, key), bool):
+                raise ValueError(f"{key}={getattr(self, key)!r} is not allowed; it must be true or false")
 
 
     @property
@@ -182,19 +193,28 @@ def reshape_terms(params: ISReshapeParams, log_ratio: torch.Tensor, advantages: 
     width = params.width * width_scale
     if params.width_neg is not None and params.width_neg != params.width:
         width = torch.where(positive, x.new_tensor(params.width), x.new_tensor(params.width_neg)) * width_scale
-    if params.one_sided:
-        x_eff = torch.where(positive, x.clamp(min=0.0), x.clamp(max=0.0))
-        kernel, integral = kernel_and_integral(params.kernel, x_eff, width)
-        integral = integral + (x - x_eff)
-    else:
-        kernel, integral = kernel_and_integral(params.kernel, x, width)
+    kernel, integral = _localized(params, x, positive, width)
     del x  # free before the next allocations: this runs on (B, T) tensors inside the loss
     gamma = mixing_gamma(params, log_ratio, advantages)
     one_minus_gamma = 1.0 - gamma
-    surrogate = one_minus_gamma * log_ratio + gamma * integral
+    if params.localize_sft:
+        sft_kernel, sft_integral = _localized(params, log_ratio, positive, width)
+        surrogate = one_minus_gamma * sft_integral + gamma * integral
+        weight = one_minus_gamma * sft_kernel + gamma * ratio * kernel
+    else:
+        surrogate = one_minus_gamma * log_ratio + gamma * integral
+        weight = one_minus_gamma + gamma * ratio * kernel
     del integral
-    weight = one_minus_gamma + gamma * ratio * kernel
     return ReshapeTerms(log_ratio, ratio, kernel, gamma, weight, surrogate, width_scale)
+
+
+def _localized(params: ISReshapeParams, x: torch.Tensor, positive: torch.Tensor, width):
+    """(K(x), ∫₀ˣ K), with K = 1 on the safe side when one_sided (the side x·A < 0: toward μ)."""
+    if not params.one_sided:
+        return kernel_and_integral(params.kernel, x, width)
+    x_eff = torch.where(positive, x.clamp(min=0.0), x.clamp(max=0.0))
+    kernel, integral = kernel_and_integral(params.kernel, x_eff, width)
+    return kernel, integral + (x - x_eff)
 
 
 class _SurrogateWithWeight(torch.autograd.Function):

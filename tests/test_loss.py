@@ -42,10 +42,13 @@ def expected_weight(params: ISReshapeParams, log_prob, old_log_prob, adv):
     r = log_r.exp()
     x = r - 1
     w_neg = params.width if params.width_neg is None else params.width_neg
-    k = torch.where(adv > 0, expected_kernel(params.kernel, x, params.width), expected_kernel(params.kernel, x, w_neg))
-    if params.one_sided:
-        pushes_away = torch.where(adv > 0, x > 0, x < 0)
-        k = torch.where(pushes_away, k, torch.ones_like(k))
+    pushes_away = torch.where(adv > 0, x > 0, x < 0)
+
+    def localized(at):  # K at `at` (r − 1, or log r for the SFT-like term), 1 on the safe side when one-sided
+        k = torch.where(adv > 0, expected_kernel(params.kernel, at, params.width),
+                        expected_kernel(params.kernel, at, w_neg))
+        return torch.where(pushes_away, k, torch.ones_like(k)) if params.one_sided else k
+    k = localized(x)
     lo, hi = params.gamma_base, params.gamma_max
     correctness = 1 / (1 + torch.exp(adv * log_r / params.gamma_tau))  # σ(−A·log r/τ)
     magnitude = 2 / (1 + torch.exp(-params.gamma_beta * adv.abs())) - 1  # 2σ(β|A|) − 1
@@ -55,7 +58,8 @@ def expected_weight(params: ISReshapeParams, log_prob, old_log_prob, adv):
         "magnitude": lo + (hi - lo) * magnitude,
         "combined": lo + (hi - lo) * magnitude * correctness,
     }[params.gamma_mode]
-    return (1 - gamma) + gamma * r * k
+    sft = localized(log_r) if params.localize_sft else 1.0
+    return (1 - gamma) * sft + gamma * r * k
 
 
 def random_batch(seed, B=6, T=9, spread=0.6, dtype=F64):
@@ -97,11 +101,56 @@ def test_gradient_is_minus_g_times_advantage_over_token_count(kernel, one_sided,
     torch.testing.assert_close(grad, expected, rtol=1e-10, atol=1e-14)
 
 
+@pytest.mark.parametrize("kernel,one_sided,gamma_mode", GRID)
+def test_localized_sft_gradient_is_minus_g_times_advantage(kernel, one_sided, gamma_mode):
+    """localize_sft: g = (1 − γ)·K(log r) + γ·r·K(r − 1), formulas written out above."""
+    spec = (f"is_reshape:kernel={kernel},one_sided={str(one_sided).lower()},gamma_mode={gamma_mode},"
+            "localize_sft=true,width=0.7,width_neg=0.4,gamma=0.3,gamma_base=0.2,gamma_max=0.9")
+    config = spec_config(spec)
+    params = config.policy_loss.reshape_params()
+    old, log_prob, adv, mask = random_batch(seed=100 + GRID.index((kernel, one_sided, gamma_mode)))
+    _, grad, _ = loss_and_grad(IS_RESHAPE, config, old, log_prob, adv, mask)
+    expected = -expected_weight(params, log_prob, old, adv) * adv * mask / mask.sum()
+    torch.testing.assert_close(grad, expected, rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("kernel", KERNEL_NAMES)
+@pytest.mark.parametrize("localize_sft", [False, True])
+def test_weight_is_r_times_the_surrogate_derivative(kernel, localize_sft):
+    """g = r·f'(r): autograd through reshape_terms' surrogate (γ held fixed) against its weight."""
+    from isreshape_verl.reshape import reshape_terms
+
+    params = ISReshapeParams(kernel=kernel, localize_sft=localize_sft, gamma_mode="fixed", gamma=0.4, width=0.6)
+    _, log_prob, adv, _ = random_batch(seed=7)
+    old, _, _, _ = random_batch(seed=7)
+    log_r = (log_prob - old).requires_grad_(True)
+    terms = reshape_terms(params, log_r, adv)
+    (d_f_d_log_r,) = torch.autograd.grad(terms.surrogate.sum(), log_r)  # = r·f'(r)
+    keep = (terms.log_ratio.detach().abs() > 1e-9)
+    if kernel in ("box", "epanechnikov"):  # kinks at |u| = 1 have no derivative
+        keep &= ((torch.expm1(log_r.detach()).abs() - 0.6).abs() > 1e-6) & ((log_r.detach().abs() - 0.6).abs() > 1e-6)
+    torch.testing.assert_close(d_f_d_log_r[keep], terms.weight.detach()[keep], rtol=1e-10, atol=1e-12)
+
+
+def test_localized_sft_changes_nothing_at_gamma_one_and_is_a_trust_region_at_gamma_zero():
+    old, log_prob, adv, mask = random_batch(seed=21, spread=1.0)
+    grads = [loss_and_grad(IS_RESHAPE, spec_config(f"is_reshape:gamma_mode=fixed,gamma=1,localize_sft={v}"),
+                           old, log_prob, adv, mask)[1] for v in ("false", "true")]
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
+    # γ = 0: plain SFT-like weight 1 everywhere, vs. K(log r) on the pushed-away side (1 on the safe side)
+    _, grad, _ = loss_and_grad(IS_RESHAPE, spec_config("is_reshape:gamma_mode=fixed,gamma=0,localize_sft=true"),
+                               old, log_prob, adv, mask)
+    log_r = log_prob - old
+    pushes_away = torch.where(adv > 0, log_r > 0, log_r < 0)
+    expected_g = torch.where(pushes_away, torch.exp(-log_r.abs()), torch.ones_like(log_r))  # laplace, width 1
+    torch.testing.assert_close(grad, -expected_g * adv * mask / mask.sum(), rtol=1e-10, atol=1e-14)
+
+
 @pytest.mark.parametrize("kernel", KERNEL_NAMES)
 @pytest.mark.parametrize("gamma_mode", GAMMA_MODES)
 def test_weight_is_one_on_policy(kernel, gamma_mode):
     """g(1, A) = 1 for every kernel and γ: at r = 1 the loss is the on-policy REINFORCE gradient −A/N."""
-    config = spec_config(f"is_reshape:kernel={kernel},gamma_mode={gamma_mode},gamma=0.3")
+    config = spec_config(f"is_reshape:kernel={kernel},gamma_mode={gamma_mode},gamma=0.3,localize_sft=true")
     old, _, adv, mask = random_batch(seed=3)
     _, grad, metrics = loss_and_grad(IS_RESHAPE, config, old, old, adv, mask)
     torch.testing.assert_close(grad, -adv * mask / mask.sum(), rtol=1e-12, atol=0)

@@ -76,7 +76,7 @@ def test_bad_value_in_hydra_config_fails_at_conversion_naming_the_key():
 # One non-default value per key: each must change the gradient that verl's ppo_loss produces.
 KNOB_VALUES = {"kernel": "gaussian", "width": 0.3, "width_neg": 0.2, "one_sided": False, "gamma_mode": "fixed",
                "gamma": 0.4, "gamma_base": 0.1, "gamma_max": 0.8, "gamma_tau": 1.0, "gamma_beta": 4.0,
-               "log_ratio_clamp": 0.05, "width_mode": "adaptive", "width_target": 0.001, "width_min": 0.5,
+               "log_ratio_clamp": 0.05, "localize_sft": True, "width_mode": "adaptive", "width_target": 0.001, "width_min": 0.5,
                "width_max": 3.0}
 # keys that only act under another setting get it alongside
 KNOB_CONTEXT = {"gamma": {"gamma_mode": "fixed"}, "gamma_beta": {"gamma_mode": "magnitude"},
@@ -175,6 +175,7 @@ BAD_CONFIGS = [
     ({"gamma_beta": -2.0}, r"gamma_beta=-2.0 is not allowed"),
     ({"log_ratio_clamp": 0.0}, r"log_ratio_clamp=0.0 is not allowed"),
     ({"one_sided": "yes"}, r"one_sided='yes' is not allowed; it must be true or false"),
+    ({"localize_sft": 1}, r"localize_sft=1 is not allowed; it must be true or false"),
     ({"width_mode": "auto"}, r"width_mode='auto' is not known; allowed: fixed, adaptive"),
     ({"width_target": 0.0}, r"width_target=0.0 is not allowed; it must be a finite number > 0"),
     ({"width_min": -0.1}, r"width_min=-0.1 is not allowed"),
@@ -195,7 +196,7 @@ def test_bad_config_values_are_rejected_by_both_config_classes(settings, message
 def test_config_fields_are_the_documented_user_facing_names():
     ours = {f.name for f in fields(ISReshapeParams)}
     assert ours == {"kernel", "width", "width_neg", "one_sided", "gamma_mode", "gamma", "gamma_base", "gamma_max",
-                    "gamma_tau", "gamma_beta", "log_ratio_clamp", "width_mode", "width_target", "width_min",
+                    "gamma_tau", "gamma_beta", "log_ratio_clamp", "localize_sft", "width_mode", "width_target", "width_min",
                     "width_max"}
     assert ours <= {f.name for f in fields(ISReshapeLossConfig)}
     assert ISReshapeLossConfig().loss_mode == "is_reshape"
