@@ -33,6 +33,12 @@ PRESETS = {
     "full": ("3 seeds × lags 0 2 4 8 16, 150 steps: ≈ 2 h on 2 cores; prints its estimate first", dict(
         seeds=[0, 1, 2], lags=[0, 2, 4, 8, 16], steps=150, eval_problems=1000,
     )),
+    # Calibrated so that GRPO's clip (vanilla) degrades at the largest lag: 2 passes × 4 mini-batches per
+    # rollout batch (verl's ppo_epochs, ppo_mini_batch_size) make the ratio spread grow with the lag.
+    "stress": ("3 seeds × lags 0 4 16 32, 2 epochs × 4 mini-batches per rollout batch: heavy off-policy "
+               "staleness, ≈ 3 min per run on one core", dict(
+        seeds=[0, 1, 2], lags=[0, 4, 16, 32], epochs=2, mini_batches=4,
+    )),
 }
 
 
@@ -49,7 +55,7 @@ class CompareArgs:
     out: str = "compare_out"
     """Output folder (runs/, report.md, PNGs)."""
     preset: str = "default"
-    """smoke | default | full; explicit flags override the preset."""
+    """smoke | default | full | stress; explicit flags override the preset."""
     resume: bool = False
     """Continue interrupted runs from their last checkpoint; finished runs are kept."""
     async_mode: bool = False

@@ -15,6 +15,8 @@ import os
 
 import numpy as np
 
+from isreshape_verl.sandbox.stats import area_under_curve, excludes_zero, verdict_rows
+
 ACC_THRESHOLD_GAIN = 0.05  # "steps to threshold": first evaluation ≥ start accuracy + 5 points
 COLLAPSE_DROP = 0.10  # collapse: final accuracy ≥ 10 points below the start, or non-finite metrics
 
@@ -42,6 +44,10 @@ def summarize_run(rows: list[dict]) -> dict:
         "start_acc": start,
         "final_acc": final,
         "best_acc": best,
+        "auc": area_under_curve(evals),
+        "ppo_kl": mean("ppo_kl"),
+        "ratio_p01": mean("ratio_p01"),
+        "ratio_p99": mean("ratio_p99"),
         "steps_to_threshold": hit,
         "collapsed": (not finite) or final < start - COLLAPSE_DROP,
         "final_reward_ema": train[-1]["reward_ema"] if train else float("nan"),
@@ -105,6 +111,61 @@ def markdown_table(rows: list[dict]) -> str:
             f"| {_fmt(r['lag_mean'], 2)} | {_fmt(r['ess'])} |"
         )
     return "\n".join(lines)
+
+
+def _interval(ci, signed=False) -> str:
+    if ci is None:
+        return "–"
+    mean, low, high = ci
+    if not math.isfinite(mean):
+        return "–"
+    f = "{:+.3f}" if signed else "{:.3f}"
+    text = f"{f.format(mean)} [{f.format(low)}, {f.format(high)}]"
+    return f"**{text}**" if signed and excludes_zero(ci) else text
+
+
+def verdict_table(runs: list[dict], reference: str) -> str:
+    """Markdown: mean [95 % bootstrap interval over seeds] per (loss, lag), paired Δ to the reference."""
+    head = ("| loss | lag | seeds | final acc | best acc | AUC (mean acc) | Δ final vs ref. | Δ AUC vs ref. "
+            "| collapsed |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in sorted(verdict_rows(runs, reference), key=lambda r: (_lag_key(r["lag"]), )):
+        lines.append(
+            f"| `{r['loss']}` | {r['lag']} | {r['seeds']} | {_interval(r['final_acc'])} | {_interval(r['best_acc'])} "
+            f"| {_interval(r['auc'])} | {_interval(r['delta_final_acc'], True)} | {_interval(r['delta_auc'], True)} "
+            f"| {r['collapsed']}/{r['seeds']} |"
+        )
+    return "\n".join(lines)
+
+
+def diagnostics_table(runs: list[dict]) -> str:
+    """Markdown: mean over steps and seeds of ppo_kl, ESS and ratio quantiles per (loss, lag)."""
+    head = "| loss | lag | ppo_kl | ESS | ratio p01 | ratio p99 | mean \\|r − 1\\| |"
+    lines = [head, "|---|---|---|---|---|---|---|"]
+    for (loss, lag), members in sorted(group_runs(runs).items(), key=lambda kv: _lag_key(kv[0][1])):
+        s = [m["summary"] for m in members]
+
+        def mean(key):
+            values = [x[key] for x in s if x.get(key) is not None and math.isfinite(x[key])]
+            return float(np.mean(values)) if values else float("nan")
+        lines.append(f"| `{loss}` | {lag} | {_fmt(mean('ppo_kl'), 4)} | {_fmt(mean('ess'))} | {_fmt(mean('ratio_p01'))} "
+                     f"| {_fmt(mean('ratio_p99'))} | {_fmt(mean('ratio_absdev'))} |")
+    return "\n".join(lines)
+
+
+def _lag_key(lag):
+    return (0, lag) if isinstance(lag, int) else (1, str(lag))
+
+
+def strict_json(value):
+    """The same structure with NaN/±Inf floats as None, so that strict JSON readers accept the file."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return value
 
 
 def terminal_table(rows: list[dict]) -> str:
@@ -270,6 +331,22 @@ def write_report(out_dir: str, runs: list[dict], specs, context: dict) -> str:
         "",
         markdown_table(rows),
         "",
+        f"### Across seeds, against `{runs[0]['loss']}`" if runs else "",
+        "",
+        "Mean over seeds [95 % percentile-bootstrap interval over seeds]. AUC: mean test accuracy over the run "
+        "(trapezoid over the evaluations). Δ: paired by seed (same prompts, sampling seed and warm start), loss − "
+        f"`{runs[0]['loss'] if runs else ''}` at the same lag; **bold** when the interval excludes 0. With 3 seeds "
+        "an interval is coarse (10 distinct resamples).",
+        "",
+        verdict_table(runs, runs[0]["loss"]) if runs else "",
+        "",
+        "### Ratio spread",
+        "",
+        "Mean over RL steps and seeds: verl's `ppo_kl` (mean −log r), ESS of the gradient weights, the 1 % and 99 % "
+        "ratio quantiles of the training tokens, and mean |r − 1|.",
+        "",
+        diagnostics_table(runs),
+        "",
         "![test accuracy](accuracy.png)",
         "",
         "![ratio histograms](ratios.png)",
@@ -296,6 +373,7 @@ def write_report(out_dir: str, runs: list[dict], specs, context: dict) -> str:
     with open(path, "w") as f:
         f.write("\n".join(lines))
     with open(os.path.join(out_dir, "summary.json"), "w") as f:
-        json.dump({"table": rows, "runs": [{k: v for k, v in r.items() if k != "rows"} for r in runs]}, f, indent=1,
-                  default=str)
+        summary = {"table": rows, "verdict": verdict_rows(runs, runs[0]["loss"]) if runs else [],
+                   "runs": [{k: v for k, v in r.items() if k != "rows"} for r in runs]}
+        json.dump(strict_json(summary), f, indent=1, default=str, allow_nan=False)
     return path
