@@ -29,6 +29,10 @@ step, all on the summary's device and without a host sync. With torch.distribute
 is all-reduced (one collective per call) before solving, so every data-parallel rank gets the same width,
 the one a single process would get on the concatenated batch. verl keeps the number of micro-batches equal
 across data-parallel ranks (also with `use_dynamic_bsz`), so every rank reaches the collective.
+
+The width is solved per loss call, that is per micro-batch in verl: unlike the fixed width, the update is
+not exactly invariant to the micro-batch size. Micro-batches of a few thousand tokens get nearly the width
+of their whole mini-batch (within 10 % at ≈ 2,400 tokens in the tests; ± 15–35 % at 250–500 tokens).
 """
 
 from __future__ import annotations

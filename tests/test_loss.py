@@ -81,6 +81,10 @@ def loss_and_grad(fn, config, old, log_prob, adv, mask, loss_agg_mode="token-mea
 
 
 def spec_config(text):
+    """verl's actor config for a spec, at a fixed kernel width unless the spec says otherwise: these tests
+    check the per-token math and its aggregation; the adaptive width has its own tests."""
+    if text.startswith("is_reshape") and "width_mode=" not in text:
+        text += ("," if ":" in text else ":") + "width_mode=fixed"
     return parse_loss_spec(text).actor_config()
 
 
@@ -92,7 +96,8 @@ GRID = list(itertools.product(KERNEL_NAMES, (False, True), GAMMA_MODES))
 def test_gradient_is_minus_g_times_advantage_over_token_count(kernel, one_sided, gamma_mode):
     """d loss / d log_prob = −g(r, A)·A·mask / N (token-mean), g from the formulas written out above."""
     spec = (f"is_reshape:kernel={kernel},one_sided={str(one_sided).lower()},gamma_mode={gamma_mode},"
-            "width=0.7,width_neg=0.4,gamma=0.8,gamma_base=0.2,gamma_max=0.9,gamma_tau=0.3,gamma_beta=1.5")
+            "width=0.7,width_neg=0.4,gamma=0.8,gamma_base=0.2,gamma_max=0.9,gamma_tau=0.3,gamma_beta=1.5,"
+            "localize_sft=false")
     config = spec_config(spec)
     params = config.policy_loss.reshape_params()
     old, log_prob, adv, mask = random_batch(seed=GRID.index((kernel, one_sided, gamma_mode)))
@@ -120,7 +125,8 @@ def test_weight_is_r_times_the_surrogate_derivative(kernel, localize_sft):
     """g = r·f'(r): autograd through reshape_terms' surrogate (γ held fixed) against its weight."""
     from isreshape_verl.reshape import reshape_terms
 
-    params = ISReshapeParams(kernel=kernel, localize_sft=localize_sft, gamma_mode="fixed", gamma=0.4, width=0.6)
+    params = ISReshapeParams(kernel=kernel, localize_sft=localize_sft, gamma_mode="fixed", gamma=0.4, width=0.6,
+                             width_mode="fixed")
     _, log_prob, adv, _ = random_batch(seed=7)
     old, _, _, _ = random_batch(seed=7)
     log_r = (log_prob - old).requires_grad_(True)
@@ -161,7 +167,8 @@ def test_weight_is_one_on_policy(kernel, gamma_mode):
 
 def test_loss_value_is_minus_surrogate_times_advantage():
     """loss = mean over valid tokens of −f(r)·A, f(r) = (1 − γ)·log r + γ·F_K(r); sech2: F = w·tanh((r−1)/w)."""
-    config = spec_config("is_reshape:kernel=sech2,width=0.8,one_sided=false,gamma_mode=fixed,gamma=0.6")
+    config = spec_config("is_reshape:kernel=sech2,width=0.8,one_sided=false,gamma_mode=fixed,gamma=0.6,"
+                         "localize_sft=false")
     old, log_prob, adv, mask = random_batch(seed=5)
     loss, _, _ = loss_and_grad(IS_RESHAPE, config, old, log_prob, adv, mask)
     log_r = log_prob - old
@@ -170,14 +177,15 @@ def test_loss_value_is_minus_surrogate_times_advantage():
 
 
 def test_plain_torch_token_loss_matches_the_verl_loss():
-    """The five-line example of the README (no verl) gives the same loss and gradient as the plugin."""
+    """The five-line example of the README (no verl) gives the same loss and gradient as the plugin,
+    with the package defaults (adaptive width included)."""
     old, log_prob, adv, mask = random_batch(seed=11)
-    config = spec_config("is_reshape")
+    config = parse_loss_spec("is_reshape").actor_config()
     loss_verl, grad_verl, _ = loss_and_grad(IS_RESHAPE, config, old, log_prob, adv, mask)
     from isreshape_verl import ISReshapeParams as TopLevelParams, is_reshape_token_loss as top_level_loss
 
     lp = log_prob.clone().requires_grad_()
-    token_loss = top_level_loss(lp, old, adv, TopLevelParams())
+    token_loss = top_level_loss(lp, old, adv, TopLevelParams(), valid=mask)
     loss = (token_loss * mask).sum() / mask.sum()
     loss.backward()
     assert loss.item() == pytest.approx(loss_verl.item(), rel=1e-12)
@@ -203,7 +211,8 @@ def test_chunked_computation_is_exact(chunk_tokens):
 def test_gamma_zero_equals_verl_gpg():
     old, log_prob, adv, mask = random_batch(seed=21, spread=2.0)
     for agg in LOSS_AGG_MODES:
-        _, ours, _ = loss_and_grad(IS_RESHAPE, spec_config("is_reshape:gamma_mode=fixed,gamma=0"), old, log_prob, adv, mask, agg)
+        _, ours, _ = loss_and_grad(IS_RESHAPE, spec_config("is_reshape:gamma_mode=fixed,gamma=0,localize_sft=false"),
+                                   old, log_prob, adv, mask, agg)
         _, theirs, _ = loss_and_grad(get_policy_loss_fn("gpg"), spec_config("gpg"), old, log_prob, adv, mask, agg)
         torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-15)
 
@@ -416,7 +425,7 @@ def test_metrics_match_their_definitions(batch, length, row_stride):
 def test_correctness_gamma_follows_the_four_quadrants():
     """'Right' tokens (A·log r > 0) get γ → gamma_base (g → 1); 'wrong' ones γ → gamma_max (g → r·K)."""
     config = spec_config("is_reshape:kernel=sech2,one_sided=false,gamma_mode=correctness,gamma_base=0,gamma_max=1,"
-                         "gamma_tau=0.01")
+                         "gamma_tau=0.01,localize_sft=false")
     log_r = torch.tensor([[0.5, 0.5, -0.5, -0.5]], dtype=F64)
     adv = torch.tensor([[1.0, -1.0, 1.0, -1.0]], dtype=F64)
     mask = torch.ones_like(adv, dtype=torch.bool)

@@ -38,6 +38,7 @@ import torch
 from isreshape_verl.sandbox.rollout import Rollout, decode, greedy_accuracy, sample, sequence_log_probs, token_log_probs
 from isreshape_verl.sandbox.task import score
 
+WIDTH_METRICS = ("width", "width_neg", "width_stat")  # is_reshape's kernel widths and adaptive-width statistic
 TIMING_KEYS = ("time_gen", "time_logprob", "time_train", "time_eval", "gen_tokens_per_s", "train_tokens_per_s",
                "time_step", "dropped_stale")
 
@@ -223,6 +224,7 @@ class Trainer:
         t0 = time.perf_counter()
         stats = {k: [] for k in ("ratio", "g", "g_valid_adv", "adv", "mask_ratio")}
         kls, clips, ents, losses = [], [], [], []
+        widths = {key: [] for key in WIDTH_METRICS}
         grad_norms = []
         size = B // args.mini_batches
         for _ in range(args.epochs):
@@ -262,6 +264,9 @@ class Trainer:
                         ents.append(entropy.detach()[on])
                     kls.append(float(pg_metrics.get("actor/ppo_kl", float("nan"))))
                     clips.append(float(pg_metrics.get("actor/pg_clipfrac", float("nan"))))
+                    for key, values in widths.items():
+                        if f"actor/is_reshape/{key}" in pg_metrics:
+                            values.append(float(pg_metrics[f"actor/is_reshape/{key}"]))
                     losses.append(float(pg_loss.detach()))
                 grad_norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)))
                 self.opt.step()
@@ -286,6 +291,7 @@ class Trainer:
             "time_train": time_train,
             "train_tokens_per_s": float(roll.attention_mask.sum()) * args.epochs / max(time_train, 1e-9),
         }
+        out.update({key: float(np.mean(values)) for key, values in widths.items() if values})
         pos, up = a_tok > 0, ratio > 1
         for name, sel in (("pos_up", pos & up), ("pos_down", pos & ~up), ("neg_up", ~pos & up), ("neg_down", ~pos & ~up)):
             out[f"{name}_share"] = float(sel.sum()) / n_tok
