@@ -11,6 +11,19 @@
 # Hydra config + dataclasses + validate_config + v1 trainer start-up assertions) without
 # launching; RECIPE_CHECK=0 skips the check (for a machine without verl installed).
 
+# IS Reshape's keys (ISReshapeParams' fields): the recipe passes one only when its knob IS_<KEY> is set,
+# so that the package's dataclass owns every default.
+IS_RESHAPE_KEYS=(kernel width width_neg one_sided gamma_mode gamma gamma_base gamma_max gamma_tau gamma_beta
+    log_ratio_clamp localize_sft width_mode width_target width_min width_max)
+
+# The knob (environment variable) of each IS Reshape key: kernel -> IS_KERNEL.
+is_reshape_knobs() {
+    local key
+    for key in "${IS_RESHAPE_KEYS[@]}"; do
+        printf 'IS_%s ' "${key^^}"
+    done
+}
+
 recipe_usage() {
     cat <<EOF
 usage: [KNOB=value ...] bash recipes/${1:-DATASET}/${2:-LOSS}.sh [--help] [hydra.key=value ...]
@@ -56,11 +69,10 @@ arguments are Hydra overrides appended last (they win). Knobs (environment varia
   loss-specific
     SAPO_TAU_POS, SAPO_TAU_NEG            SAPO temperatures (1.0, 1.05)
     CLIP_RATIO                            GRPO PPO-clip epsilon (0.2)
-    IS_KERNEL, IS_WIDTH, IS_WIDTH_NEG, IS_ONE_SIDED, IS_GAMMA_MODE, IS_GAMMA, IS_GAMMA_BASE,
-    IS_GAMMA_MAX, IS_GAMMA_TAU, IS_GAMMA_BETA, IS_LOG_RATIO_CLAMP
-                                          IS Reshape knobs (laplace, 1.0, null, true, correctness,
-                                          1.0, 0.5, 1.0, 0.1, 1.0, 20.0); Hydra overrides of these keys
-                                          take no '+' (the recipe already added them)
+    $(is_reshape_knobs | fold -s -w 84 | sed '2,$s/^/    /')
+                                          IS Reshape knobs, one per key of ISReshapeParams (unset: the
+                                          package default, see the README); as trailing Hydra overrides
+                                          these keys take '++' (actor_rollout_ref.actor.policy_loss.KEY)
   script
     DRY_RUN            1: print the command, check it, do not launch
     RECIPE_CHECK       0: skip the config check (also before a real launch)
@@ -125,18 +137,12 @@ loss_args() {
             LOSS_ARGS=(
                 "$pl._target_=isreshape_verl.config.ISReshapeLossConfig"
                 "$pl.loss_mode=is_reshape"
-                "+$pl.kernel=${IS_KERNEL:-laplace}"
-                "+$pl.width=${IS_WIDTH:-1.0}"
-                "+$pl.width_neg=${IS_WIDTH_NEG:-null}"
-                "+$pl.one_sided=${IS_ONE_SIDED:-true}"
-                "+$pl.gamma_mode=${IS_GAMMA_MODE:-correctness}"
-                "+$pl.gamma=${IS_GAMMA:-1.0}"
-                "+$pl.gamma_base=${IS_GAMMA_BASE:-0.5}"
-                "+$pl.gamma_max=${IS_GAMMA_MAX:-1.0}"
-                "+$pl.gamma_tau=${IS_GAMMA_TAU:-0.1}"
-                "+$pl.gamma_beta=${IS_GAMMA_BETA:-1.0}"
-                "+$pl.log_ratio_clamp=${IS_LOG_RATIO_CLAMP:-20.0}"
             )
+            local key knob
+            for key in "${IS_RESHAPE_KEYS[@]}"; do
+                knob="IS_${key^^}"
+                if [[ -n ${!knob:-} ]]; then LOSS_ARGS+=("+$pl.$key=${!knob}"); fi
+            done
             ;;
         *) die "unknown loss '$1' (allowed: grpo, sapo, isreshape)" ;;
     esac

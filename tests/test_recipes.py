@@ -38,6 +38,16 @@ def _bash(script: str, *args: str, env: dict | None = None, check: bool = True) 
 
 _KNOBS = {"MODEL", "DATA_DIR", "ASYNC", "STALENESS", "NNODES", "GPUS_PER_NODE", "RUN_ROOT", "EXP_NAME",
           "TRAIN_BATCH", "MINI_BATCH", "MICRO_BATCH", "ROLLOUT_N", "COMPARE_DIR", "LOSSES", "SEED", "WANDB"}
+_KNOBS |= {k for k in os.environ if k.startswith("IS_")}  # IS Reshape knobs of the caller's shell
+
+
+def test_the_recipes_knob_list_is_the_dataclass():
+    """recipes/common.sh lists one IS_<KEY> knob per ISReshapeParams field, in one place."""
+    from isreshape_verl.reshape import ISReshapeParams
+
+    proc = subprocess.run(["bash", "-c", "source recipes/common.sh && is_reshape_knobs"], cwd=REPO,
+                          capture_output=True, text=True, check=True)
+    assert proc.stdout.split() == [f"IS_{name.upper()}" for name in ISReshapeParams.__dataclass_fields__]
 
 
 def _commands(stdout: str) -> list[list[str]]:
@@ -114,8 +124,8 @@ def test_recipe_composes_and_validates(recipe_check, dataset, loss, mode, nodes)
 
 
 def test_isreshape_recipe_builds_the_loss_dataclass_with_its_defaults(recipe_check):
-    """The recipe's IS Reshape defaults are exactly the dataclass defaults (no drift), and
-    a Hydra override of a knob needs no '+' because the recipe already added the key."""
+    """Unset knobs leave every IS Reshape key at the dataclass default (the recipe passes none of them),
+    knobs that are set reach the config, and a trailing '++' override of a key wins."""
     from verl.utils.config import omega_conf_to_dataclass
 
     from isreshape_verl.config import ISReshapeLossConfig
@@ -129,7 +139,8 @@ def test_isreshape_recipe_builds_the_loss_dataclass_with_its_defaults(recipe_che
     for name in ISReshapeParams.__dataclass_fields__:
         assert getattr(actor.policy_loss, name) == getattr(defaults, name), name
 
-    proc = _bash("recipes/gsm8k/isreshape.sh", "actor_rollout_ref.actor.policy_loss.kernel=cauchy",
+    assert "policy_loss.kernel" not in proc.stdout  # defaults are the dataclass's, not restated
+    proc = _bash("recipes/gsm8k/isreshape.sh", "++actor_rollout_ref.actor.policy_loss.kernel=cauchy",
                  env={"IS_WIDTH": "0.5", "IS_GAMMA_MODE": "fixed"})
     cfg = recipe_check.check_overrides(_overrides(proc.stdout)).config
     actor = omega_conf_to_dataclass(cfg.actor_rollout_ref.actor)
@@ -169,7 +180,7 @@ def test_check_catches_what_would_fail_on_the_cluster(recipe_check):
     msg = _problems(recipe_check, [*base, "actor_rollout_ref.actor.policy_loss.kernal=cauchy"])
     assert "could not compose" in msg and "kernal" in msg
     # an out-of-range loss knob fails when verl builds the actor dataclass
-    msg = _problems(recipe_check, [*base, "actor_rollout_ref.actor.policy_loss.width=-1"])
+    msg = _problems(recipe_check, [*base, "++actor_rollout_ref.actor.policy_loss.width=-1"])
     assert "width=-1 is not allowed" in msg
     # the comparison invariants
     msg = _problems(recipe_check, [*base, "actor_rollout_ref.rollout.top_p=0.9", "algorithm.rollout_correction.bypass_mode=False"])
