@@ -4,13 +4,14 @@ Every loss runs through verl's registry on identical tensors (log_prob requires 
 advantages and a ragged response mask), one loss call + backward per repetition, median of --reps after
 --warmup calls, interleaved round-robin across the losses. Printed next to each: the ratio to `vanilla` measured in the same run, and a memory-bound
 floor: one fused kernel that reads the three input tensors once and writes the gradient once
-(torch.addcmul(log_prob, old, adv, out=grad)).
+(torch.addcmul(log_prob, old, adv, out=grad)). For each `width_mode=adaptive` loss whose fixed-width twin is
+in the list, the line "time ratio" gives their time ratio, measured side by side.
 
 Peak extra memory = the highest amount allocated above what existed before the call, gradient included:
 torch.cuda.max_memory_allocated on CUDA; on CPU, the running sum of torch.profiler's per-op memory events
 (allocations and frees in time order), since the CPU allocator keeps no statistics.
 
-    python benchmarks/loss_overhead.py                       # CPU, [64, 4096] and [256, 8192], fp32 and bf16
+    python benchmarks/loss_overhead.py                       # [8, 2048], [64, 4096], [256, 8192]; fp32, bf16
     python benchmarks/loss_overhead.py --shapes 64x4096 --dtypes fp32 --reps 50
 """
 
@@ -24,16 +25,17 @@ import time
 from functools import partial
 
 import torch
-import verl  # noqa: F401  (registers is_reshape through the plugin entry point)
 from torch.profiler import ProfilerActivity, profile
 from tqdm import tqdm
 
+import isreshape_verl.verl_loss  # noqa: F401  (registers is_reshape, also where the package is not installed)
 from isreshape_verl.kernels import KERNEL_NAMES
 from isreshape_verl.specs import parse_loss_spec
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-DEFAULT_LOSSES = ["vanilla", "sapo", "is_reshape"] + [
-    f"is_reshape:kernel={k},gamma_mode=fixed,gamma=1" for k in KERNEL_NAMES
+DEFAULT_LOSSES = ["vanilla", "sapo", "is_reshape", "is_reshape:width_mode=fixed",
+                  "is_reshape:width_mode=fixed,localize_sft=false"] + [
+    f"is_reshape:kernel={k},gamma_mode=fixed,gamma=1,width_mode=fixed" for k in KERNEL_NAMES
 ]
 
 
@@ -137,9 +139,28 @@ def run(args):
         for label, seconds, peak in measured:
             rows.append(f"{shape:>10} {dtype_name:>5} {label:<58} {seconds * 1e3:>8.2f} {seconds / base_t:>9.2f} "
                         f"{peak / 2**20:>9.1f} {peak / base_m:>9.2f}")
+        for adaptive, fixed in adaptive_pairs(specs):
+            ratio = measured[adaptive][1] / measured[fixed][1]
+            rows.append(f"{shape:>10} {dtype_name:>5} {'  time ratio ' + str(specs[adaptive]) + ' / ' + str(specs[fixed]):<58} "
+                        f"{'':>8} {ratio:>9.3f}")
     print(header)
     print("-" * len(header))
     print("\n".join(rows))
+
+
+def adaptive_pairs(specs):
+    """(i, j): spec i has width_mode=adaptive and spec j is the same loss at a fixed width."""
+    import dataclasses
+
+    def params(spec):
+        if spec.mode != "is_reshape":
+            return None
+        return dataclasses.asdict(spec.actor_config().policy_loss.reshape_params())
+    found = []
+    for i, a in enumerate(map(params, specs)):
+        if a and a["width_mode"] == "adaptive":
+            found += [(i, j) for j, b in enumerate(map(params, specs)) if b and b == {**a, "width_mode": "fixed"}]
+    return found
 
 
 def parse_shape(text):
@@ -154,8 +175,8 @@ def parse_shape(text):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shapes", nargs="+", type=parse_shape, default=[(64, 4096), (256, 8192)],
-                        help="BxT shapes (default: 64x4096 256x8192)")
+    parser.add_argument("--shapes", nargs="+", type=parse_shape, default=[(8, 2048), (64, 4096), (256, 8192)],
+                        help="BxT shapes (default: 8x2048 64x4096 256x8192; 8x2048 is a typical verl micro-batch)")
     parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=["fp32", "bf16"])
     parser.add_argument("--losses", nargs="+", default=DEFAULT_LOSSES,
                         help="loss specs; the first is the baseline of the ratios (default: vanilla first)")

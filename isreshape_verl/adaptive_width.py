@@ -24,8 +24,8 @@ kernel already cuts most tokens, M(s) falls as σ grows at fixed s (≈ (s·w)³
 The solve never passes over the (B, T) tensors more than once. It reads a summary of the batch: Σ(log r)²
 in `BINS` uniform bins of log r ∈ [−LOG_R_EDGE, LOG_R_EDGE] for each sign of A (tokens beyond the edge are
 counted in the edge bin, which overstates their K and so errs towards a narrower kernel), and N. K is
-evaluated at each bin's centre, on a coarse grid of s and then on a fine grid inside the chosen coarse
-step, all on the summary's device and without a host sync. With torch.distributed initialised, the summary
+evaluated at each bin's centre, on 32 log-spaced values of s with s* interpolated between two of them,
+all on the summary's device and without a host sync. With torch.distributed initialised, the summary
 is all-reduced (one collective per call) before solving, so every data-parallel rank gets the same width,
 the one a single process would get on the concatenated batch. verl keeps the number of micro-batches equal
 across data-parallel ranks (also with `use_dynamic_bsz`), so every rank reaches the collective.
@@ -43,9 +43,9 @@ import torch
 
 from isreshape_verl.kernels import kernel_value
 
-BINS = 256  # per sign of A
-LOG_R_EDGE = 1.0  # bins cover log r ∈ [−1, 1] (r ∈ [0.37, 2.72]), bin width 2/256 ≈ 0.0078
-GRID = 48  # points of each of the two grids over s
+BINS = 128  # per sign of A
+LOG_R_EDGE = 1.0  # bins cover log r ∈ [−1, 1] (r ∈ [0.37, 2.72]), bin width 2/128 ≈ 0.016
+GRID = 32  # log-spaced points over [s_lo, s_hi]
 
 
 def summary_size() -> int:
@@ -73,43 +73,46 @@ def reduce_summary(summary: torch.Tensor) -> torch.Tensor:
     return summary
 
 
-def _bin_centres(device) -> torch.Tensor:
-    edges = torch.linspace(-LOG_R_EDGE, LOG_R_EDGE, BINS + 1, dtype=torch.float64, device=device)
-    return 0.5 * (edges[1:] + edges[:-1])  # (BINS,) centres in log r; none is 0 (BINS is even)
+_BIN_CACHE: dict = {}
+
+
+def _bins(device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(r − 1 at the bin centres (BINS,), the A ≤ 0 row's pushed-away side r < 1, the A > 0 row's r > 1),
+    float64, made once per device."""
+    if device not in _BIN_CACHE:
+        edges = torch.linspace(-LOG_R_EDGE, LOG_R_EDGE, BINS + 1, dtype=torch.float64, device=device)
+        centres = 0.5 * (edges[1:] + edges[:-1])  # in log r; none is 0 (BINS is even)
+        _BIN_CACHE[device] = (torch.expm1(centres), (centres < 0).double(), (centres > 0).double())
+    return _BIN_CACHE[device]
 
 
 def second_moment(summary: torch.Tensor, scales: torch.Tensor, kernel: str, width: float, width_neg: float,
                   one_sided: bool) -> torch.Tensor:
     """M(s) for each s in `scales` (S,), from a summary; (S,) float64."""
-    centres = _bin_centres(summary.device)  # (BINS,)
-    x = torch.expm1(centres)  # r − 1 at the centres
-    sums = summary[: 2 * BINS].view(2, BINS)  # row 0: A ≤ 0, row 1: A > 0
+    x, below, above = _bins(summary.device)
+    sums_neg, sums_pos = summary[:BINS], summary[BINS: 2 * BINS]  # Σ(log r)² per bin for A ≤ 0, A > 0
     if one_sided:  # only the side that pushes away from μ is tuned: r < 1 for A ≤ 0, r > 1 for A > 0
-        sums = sums * torch.stack([centres < 0, centres > 0]).to(sums.dtype)
-    widths = torch.tensor([width_neg, width], dtype=torch.float64, device=summary.device)  # (2,)
-    k = kernel_value(kernel, x[None, None, :], (scales[:, None, None] * widths[None, :, None]))  # (S, 2, BINS)
-    total = (k * sums[None]).sum(dim=(1, 2))  # (S,)
-    return total / summary[-1].clamp(min=1.0)
+        sums_neg, sums_pos = sums_neg * below, sums_pos * above
+    k_neg = kernel_value(kernel, x[None, :], scales[:, None] * width_neg)  # (S, BINS)
+    k_pos = kernel_value(kernel, x[None, :], scales[:, None] * width)
+    return (k_neg @ sums_neg + k_pos @ sums_pos) / summary[-1].clamp(min=1.0)
 
 
 def solve_scale(summary: torch.Tensor, kernel: str, width: float, width_neg: float, one_sided: bool,
-                target: float, width_min: float, width_max: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(s*, M(s*)) as 0-dim float64 tensors on the summary's device; see the module docstring.
+                target: float, width_min: float, width_max: float) -> torch.Tensor:
+    """s* as a 0-dim float64 tensor on the summary's device, without a host sync; see the module docstring.
 
-    Two log-spaced grids: GRID points over [s_lo, s_hi], then GRID points inside the coarse step above the
-    chosen point, so s* is within a factor (s_hi / s_lo)^(1 / (GRID − 1)²) of the exact largest feasible s.
+    M is evaluated on GRID log-spaced points over [s_lo, s_hi]; since M grows with s, the points with
+    M ≤ target form a prefix, and s* is interpolated (linearly in log s) between its last point and the next.
     """
     s_lo, s_hi = width_min / width, width_max / width
     device = summary.device
-    step = math.log(s_hi / s_lo) / (GRID - 1)
-    coarse = torch.exp(torch.linspace(math.log(s_lo), math.log(s_hi), GRID, dtype=torch.float64, device=device))
-    best = _largest_feasible(coarse, second_moment(summary, coarse, kernel, width, width_neg, one_sided), target, s_lo)
-    fine = best * torch.exp(torch.linspace(0.0, step, GRID, dtype=torch.float64, device=device)).clamp(max=s_hi / best)
-    moments = second_moment(summary, fine, kernel, width, width_neg, one_sided)
-    best = _largest_feasible(fine, moments, target, s_lo)
-    achieved = second_moment(summary, best[None], kernel, width, width_neg, one_sided)[0]
-    return best, achieved
-
-
-def _largest_feasible(scales: torch.Tensor, moments: torch.Tensor, target: float, s_lo: float) -> torch.Tensor:
-    return torch.where(moments <= target, scales, torch.full_like(scales, s_lo)).max()
+    log_s = torch.linspace(math.log(s_lo), math.log(s_hi), GRID, dtype=torch.float64, device=device)
+    moments = second_moment(summary, torch.exp(log_s), kernel, width, width_neg, one_sided)  # (GRID,)
+    feasible = (moments <= target).sum()  # how many grid points meet the target
+    i = (feasible - 1).clamp(0, GRID - 2)
+    m0, m1 = moments[i], moments[i + 1]
+    frac = ((target - m0) / (m1 - m0).clamp(min=1e-300)).clamp(0.0, 1.0)
+    interpolated = torch.exp(log_s[i] + frac * (log_s[i + 1] - log_s[i]))
+    s_lo_t, s_hi_t = log_s[0].exp(), log_s[-1].exp()
+    return torch.where(feasible == 0, s_lo_t, torch.where(feasible == GRID, s_hi_t, interpolated))

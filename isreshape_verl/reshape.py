@@ -290,7 +290,7 @@ def is_reshape_token_loss(
                 summary += adaptive_width.staleness_summary(log_ratio, advantages[rows], chunk_valid)
             adaptive_width.reduce_summary(summary)
             width_neg = params.width if params.width_neg is None else params.width_neg
-            scale, _ = adaptive_width.solve_scale(summary, params.kernel, params.width, width_neg, params.one_sided,
+            scale = adaptive_width.solve_scale(summary, params.kernel, params.width, width_neg, params.one_sided,
                                                   params.width_target, params.width_min, params.widest)
             width_scale = scale.to(compute_dtype)
         for rows in chunks:
