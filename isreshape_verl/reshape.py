@@ -34,6 +34,8 @@ import torch
 from isreshape_verl.kernels import KERNEL_NAMES, check_kernel_name, kernel_and_integral
 
 GAMMA_MODES = ("fixed", "correctness", "magnitude", "combined")
+CPU_CHUNK_TOKENS = 1 << 16
+ACCELERATOR_CHUNK_TOKENS = 1 << 24
 WIDTH_MODES = ("fixed", "adaptive")
 
 
@@ -244,7 +246,7 @@ def is_reshape_token_loss(
     advantages: torch.Tensor,
     params: ISReshapeParams,
     on_chunk: Callable[[slice, ReshapeTerms, torch.Tensor], None] | None = None,
-    chunk_tokens: int = 1 << 16,
+    chunk_tokens: int | None = None,
     valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-token IS Reshape loss ℓ = −f(r)·A, (B, T), whose gradient w.r.t. log_prob is −g(r, A)·A.
@@ -254,7 +256,9 @@ def is_reshape_token_loss(
     does not cut the gradient (−g(r_clamped)·A still reaches every token). γ is detached.
 
     The weight is computed under no_grad over chunks of rows of about `chunk_tokens` tokens, so the
-    peak memory is the two (B, T) outputs plus one chunk's temporaries, whatever the batch size.
+    peak memory is the two (B, T) outputs plus one chunk's temporaries, whatever the batch size. The
+    default is 2¹⁶ tokens on CPU (a chunk's temporaries stay in cache) and 2²⁴ on other devices, where
+    every chunk costs a few dozen kernel launches and memory is no concern at that size.
     `on_chunk(rows, terms, advantages[rows])` sees each chunk's detached `ReshapeTerms` (for metrics).
     Aggregate the returned (B, T) loss (mask, mean) as you like.
 
@@ -264,6 +268,8 @@ def is_reshape_token_loss(
     `isreshape_verl.adaptive_width`) and the second pass computes the weights as above.
     """
     compute_dtype = torch.promote_types(log_prob.dtype, torch.float32)
+    if chunk_tokens is None:
+        chunk_tokens = CPU_CHUNK_TOKENS if log_prob.device.type == "cpu" else ACCELERATOR_CHUNK_TOKENS
     batch = log_prob.shape[0]
     tokens_per_row = max(1, log_prob.numel() // max(1, batch))
     rows_per_chunk = max(1, chunk_tokens // tokens_per_row)

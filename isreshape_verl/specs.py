@@ -91,8 +91,10 @@ LOSS_MODES = tuple(_BUILTIN_KEYS) + ("is_reshape",)  # the modes a spec names wi
 
 def registered_losses() -> tuple[str, ...]:
     """Every policy loss in verl's registry that a spec can select (imports verl and its plugins)."""
-    import verl  # noqa: F401  (loads the plugin entry points, registering is_reshape)
+    import verl  # noqa: F401  (loads the plugin entry points: other plugins' losses)
     from verl.trainer.ppo.core_algos import POLICY_LOSS_REGISTRY
+
+    import isreshape_verl.verl_loss  # noqa: F401  (registers is_reshape, also with plugin discovery off)
 
     return tuple(name for name in POLICY_LOSS_REGISTRY if name not in _NOT_SPEC_LOSSES)
 
@@ -164,8 +166,10 @@ class LossSpec:
     @property
     def loss_fn(self):
         """The policy-loss function registered in verl under this mode."""
-        import verl  # noqa: F401  (loads the plugin entry points, registering is_reshape)
+        import verl  # noqa: F401  (loads the plugin entry points: other plugins' losses)
         from verl.trainer.ppo.core_algos import get_policy_loss_fn
+
+        import isreshape_verl.verl_loss  # noqa: F401  (registers is_reshape, also with plugin discovery off)
 
         return get_policy_loss_fn(self.mode)
 
