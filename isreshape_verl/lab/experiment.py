@@ -47,25 +47,29 @@ from isreshape_verl.lab.policy import (
     token_log_probs,
 )
 
-# Every spec names its kernel, width and sidedness, so that the table means the same thing whatever the
-# package's defaults are. The anchor of the paired differences is the design notes' choice: sech2 at
-# width 1, two-sided, with correctness γ.
-ANCHOR_LOSS = "is_reshape:kernel=sech2,width=1,one_sided=false"
+# Every spec names its kernel, width, sidedness, SFT localization and width mode, so that the table means the
+# same thing whatever the package's defaults are. The anchor of the paired differences is the design notes'
+# choice: sech2 at width 1, two-sided, with correctness γ.
+_BEFORE_LOCALIZATION = "localize_sft=false,width_mode=fixed"  # the settings of every loss before both existed
+ANCHOR_LOSS = f"is_reshape:kernel=sech2,width=1,one_sided=false,{_BEFORE_LOCALIZATION}"
+_DEFAULT_SHAPE = "is_reshape:kernel=laplace,width=1,one_sided=true,localize_sft=true"  # the package default's
 DEFAULT_LOSSES = (
     ANCHOR_LOSS,  # first: the anchor of the paired differences
     "vanilla",
     "sapo",
     "cispo",
     "gpg",
-    *(f"is_reshape:kernel={k},width={w},one_sided=false"
+    *(f"is_reshape:kernel={k},width={w},one_sided=false,{_BEFORE_LOCALIZATION}"
       for k in ("sech2", "gaussian", "cauchy", "laplace", "epanechnikov", "box")
       for w in ("0.5", "1", "2") if not (k == "sech2" and w == "1")),
-    "is_reshape:kernel=sech2,width=1,one_sided=false,gamma_mode=fixed,gamma=1",
-    "is_reshape:kernel=sech2,width=1,one_sided=false,gamma_mode=fixed,gamma=0.5",
-    "is_reshape:kernel=sech2,width=1,one_sided=false,gamma_mode=fixed,gamma=0",
-    "is_reshape:kernel=box,width=0.2,one_sided=true,gamma_mode=fixed,gamma=1",
-    "is_reshape:kernel=laplace,width=1,one_sided=true",
-    "is_reshape:kernel=laplace,width=1,one_sided=true,gamma_mode=fixed,gamma=1",
+    f"is_reshape:kernel=sech2,width=1,one_sided=false,gamma_mode=fixed,gamma=1,{_BEFORE_LOCALIZATION}",
+    f"is_reshape:kernel=sech2,width=1,one_sided=false,gamma_mode=fixed,gamma=0.5,{_BEFORE_LOCALIZATION}",
+    f"is_reshape:kernel=sech2,width=1,one_sided=false,gamma_mode=fixed,gamma=0,{_BEFORE_LOCALIZATION}",
+    f"is_reshape:kernel=box,width=0.2,one_sided=true,gamma_mode=fixed,gamma=1,{_BEFORE_LOCALIZATION}",
+    f"is_reshape:kernel=laplace,width=1,one_sided=true,{_BEFORE_LOCALIZATION}",
+    f"is_reshape:kernel=laplace,width=1,one_sided=true,gamma_mode=fixed,gamma=1,{_BEFORE_LOCALIZATION}",
+    f"{_DEFAULT_SHAPE},width_mode=fixed",
+    *(f"{_DEFAULT_SHAPE},width_mode=adaptive,width_target={t}" for t in ("0.003", "0.01", "0.03")),
 )
 
 
