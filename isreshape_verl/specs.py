@@ -163,6 +163,22 @@ class LossSpec:
     def loss_agg_mode(self) -> str:
         return dict(self.overrides).get("loss_agg_mode", "token-mean")
 
+    def drawn_at_fixed_width(self) -> "LossSpec":
+        """This loss with `width_mode=adaptive` replaced by its widest fixed width (the one an on-policy
+        batch gets), for plots of g(r): an adaptive width depends on the whole batch, so a curve read off
+        one synthetic batch of ratios would show an arbitrary width. Any other spec is returned unchanged."""
+        if self.mode != "is_reshape":
+            return self
+        settings = dict(self.overrides)
+        params = ISReshapeParams(**{k: v for k, v in settings.items() if k != "loss_agg_mode"})
+        if params.width_mode != "adaptive":
+            return self
+        scale = params.widest / params.width
+        settings.update(width_mode="fixed", width=params.widest)
+        if params.width_neg is not None:
+            settings["width_neg"] = params.width_neg * scale
+        return LossSpec(self.mode, tuple(settings.items()))
+
     @property
     def loss_fn(self):
         """The policy-loss function registered in verl under this mode."""

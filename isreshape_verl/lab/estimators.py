@@ -249,7 +249,10 @@ def summarise(est: Estimates, true_grad: torch.Tensor) -> dict:
 
 
 def weight_curve(estimator: Estimator, ratios: torch.Tensor, sign: float) -> torch.Tensor:
-    """g(r) of one token with advantage A = sign, read off by autograd exactly as in `estimate`."""
+    """g(r) of one token with advantage A = sign, read off by autograd exactly as in `estimate`
+    (an adaptive-width loss at its widest width: see LossSpec.drawn_at_fixed_width)."""
+    if estimator.spec is not None and estimator.spec.drawn_at_fixed_width() != estimator.spec:
+        estimator = Estimator(estimator.label, estimator.spec.drawn_at_fixed_width())
     n = ratios.numel()
     log_prob = ratios.double().log().reshape(n, 1).clone().requires_grad_(True)
     old = torch.zeros(n, 1, dtype=torch.float64)

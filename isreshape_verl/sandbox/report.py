@@ -267,9 +267,11 @@ def plot_ratios(runs: list[dict], path: str) -> None:
 
 
 def g_curve(spec, ratios: np.ndarray, advantage: float) -> np.ndarray:
-    """g(r) of a loss, numerically from verl's registry function (see loop.effective_weights)."""
+    """g(r) of a loss, numerically from verl's registry function (see loop.effective_weights); an
+    adaptive-width loss is drawn at its widest width (LossSpec.drawn_at_fixed_width)."""
     import torch
 
+    spec = spec.drawn_at_fixed_width()
     from isreshape_verl.sandbox.loop import effective_weights
 
     log_prob = torch.log(torch.tensor(ratios, dtype=torch.float32))[None, :]  # (1, N), log μ = 0
@@ -291,7 +293,8 @@ def plot_g_curves(specs, path: str) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
     for ax, adv in zip(axes, (1.0, -1.0)):
         for i, spec in enumerate(specs):
-            ax.plot(r, g_curve(spec, r, adv), color=f"C{i}", label=spec.label)
+            note = " (adaptive width: at its widest)" if spec.drawn_at_fixed_width() != spec else ""
+            ax.plot(r, g_curve(spec, r, adv), color=f"C{i}", label=spec.label + note)
         ax.axvline(1.0, color="gray", lw=0.5)
         ax.set_title(f"A {'> 0' if adv > 0 else '< 0'}: weight g(r) on −A·∇log π_θ")
         ax.set_xlabel("r = π_θ/μ")
