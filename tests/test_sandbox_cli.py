@@ -51,12 +51,17 @@ def test_help_everywhere():
     assert out.returncode == 0 and "isreshape-verl compare" in out.stdout
 
 
+def _reject_nan(constant):
+    raise ValueError(f"{constant} is not strict JSON")
+
+
 def test_smoke_preset_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setenv("ISRESHAPE_CACHE", str(tmp_path / "cache"))  # cold cache: the warm start is part of it
     out = tmp_path / "smoke"
     assert main(["--preset", "smoke", "--out", str(out), "--no-progress"]) == 0
     for name in ("report.md", "accuracy.png", "ratios.png", "g_curves.png", "summary.json"):
         assert (out / name).stat().st_size > 0, name
+    json.loads((out / "summary.json").read_text(), parse_constant=_reject_nan)
     report = (out / "report.md").read_text()
     for loss in ("vanilla", "sapo", "is_reshape"):
         assert f"| `{loss}` | 0 |" in report and f"| `{loss}` | 2 |" in report
@@ -64,7 +69,8 @@ def test_smoke_preset_end_to_end(tmp_path, monkeypatch):
     assert len(runs) == 6
     for run in runs:
         config = json.loads((out / "runs" / run / "config.json").read_text())
-        rows = [json.loads(l) for l in (out / "runs" / run / "metrics.jsonl").read_text().splitlines()]
+        rows = [json.loads(l, parse_constant=_reject_nan)  # strict JSON: no NaN/Infinity
+                for l in (out / "runs" / run / "metrics.jsonl").read_text().splitlines()]
         assert rows[-1]["step"] == config["rl"]["steps"]
         for row in rows[1:]:
             for key in ("loss", "entropy", "ppo_kl", "reward", "reward_ema", "grad_norm", "lag",
@@ -122,3 +128,13 @@ def test_cli_resume_after_interruption_matches_uninterrupted(tmp_path, monkeypat
         cut = read_metrics(str(tmp_path / "cut" / "runs" / run / "metrics.jsonl"))
         assert cut[-1]["step"] == 6
         assert without_timings(cut) == without_timings(full)
+
+
+def test_a_second_comparison_into_the_same_folder_is_refused(tmp_path, capsys):
+    from isreshape_verl.sandbox.cli import lock_output
+
+    with lock_output(str(tmp_path)):
+        assert main(["--preset", "smoke", "--out", str(tmp_path), "--no-progress"]) == 2
+        assert f"is in use by a running comparison (pid {os.getpid()})" in capsys.readouterr().err
+    with lock_output(str(tmp_path)):  # released when the first one ends
+        pass

@@ -271,6 +271,37 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"isreshape-verl compare: error: {err}", file=sys.stderr)
         return 2
+    try:
+        lock = lock_output(args.out)
+    except ValueError as err:
+        print(f"isreshape-verl compare: error: {err}", file=sys.stderr)
+        return 2
     from isreshape_verl.sandbox.experiment import run_comparison
 
-    return run_comparison(args, specs, command="isreshape-verl compare " + shlex.join(argv))
+    with lock:
+        return run_comparison(args, specs, command="isreshape-verl compare " + shlex.join(argv))
+
+
+def lock_output(folder: str):
+    """An exclusive lock on `folder` for one comparison (an open file; closing it releases the lock).
+
+    Two comparisons writing into one folder would interleave their checkpoints and metrics; the second is
+    refused, naming the process that holds the folder.
+    """
+    import fcntl
+
+    path = os.path.join(folder, ".compare.lock")
+    handle = open(path, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise ValueError(f"--out {folder!r} is in use by a running comparison (pid {holder}); wait for it, "
+                         "or choose another --out") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(str(os.getpid()))
+    handle.flush()
+    return handle

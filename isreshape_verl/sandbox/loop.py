@@ -340,8 +340,10 @@ class Trainer:
 
     # ---- the run ---------------------------------------------------------------------------------------
     def _write(self, row: dict) -> None:
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        from isreshape_verl.sandbox.report import strict_json
+
+        with open(self.metrics_path, "a") as f:  # NaN (no token with A ≠ 0, say) is written as null
+            f.write(json.dumps(strict_json(row), allow_nan=False) + "\n")
 
     def run(self, resume: bool = False, stop_after: int | None = None) -> bool:
         """Train to `args.steps`; returns False when stopped early by `stop_after` (checkpointed)."""
@@ -403,6 +405,3 @@ def without_timings(rows: list[dict]) -> list[dict]:
     """Metrics minus wall-clock-dependent keys (for determinism and resume comparisons)."""
     return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]
 
-
-def finite_row(row: dict) -> bool:
-    return all(math.isfinite(v) for v in row.values() if isinstance(v, float))

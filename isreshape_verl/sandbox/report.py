@@ -35,7 +35,8 @@ def summarize_run(rows: list[dict]) -> dict:
     train = [r for r in rows if r["step"] > 0 and "reward" in r]
     lags = [r["lag"] for r in train]
     # g/ESS/quantiles are NaN legitimately when every group has equal rewards (no token has A ≠ 0)
-    finite = all(math.isfinite(r[k]) for r in train for k in ("loss", "entropy", "grad_norm", "ppo_kl", "reward"))
+    finite = all(isinstance(r[k], (int, float)) and math.isfinite(r[k])  # null in the file = not finite
+                 for r in train for k in ("loss", "entropy", "grad_norm", "ppo_kl", "reward"))
 
     def mean(key):
         values = [r[key] for r in train if isinstance(r.get(key), float) and math.isfinite(r[key])]

@@ -174,13 +174,37 @@ class CPUPlatform(PlatformBase):
         return None
 
 
+def _fsdp1_without_sync_module_states() -> None:
+    """Make verl's FSDP1 engine build its FSDP wrapper with `sync_module_states=False`.
+
+    verl hard-codes `sync_module_states=True` (broadcast rank 0's weights at wrap time), which torch's
+    FSDP1 refuses for CPU parameters. Skipping the broadcast is only correct when every rank already
+    holds the real weights: true when the model ties its word embeddings, for which verl loads the
+    checkpoint on every rank instead of initialising ranks > 0 on the meta device
+    (`get_init_weight_context_manager(use_meta_tensor=not tie_word_embeddings)`); the harness's tiny model
+    does, and its tests check the unsharded weights against the checkpoint on every data-parallel layout.
+    """
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    from verl.workers.engine.fsdp import transformer_impl
+
+    class FSDPOnCPU(FullyShardedDataParallel):
+        def __init__(self, *args, **kwargs):
+            kwargs["sync_module_states"] = False
+            super().__init__(*args, **kwargs)
+
+    transformer_impl.FSDP = FSDPOnCPU  # a subclass, so verl's isinstance(module, FSDP) checks still hold
+
+
 def install() -> CPUPlatform:
     """Make `CPUPlatform` verl's platform for this process (call before verl's engine modules are imported).
 
     Also sets `VERL_ENGINE_DEVICE=cuda`: verl registers its FSDP engine for the devices "cuda" and "npu"
-    only, and this variable is verl's own override of the device used for that registry lookup.
+    only, and this variable is verl's own override of the device used for that registry lookup. And it
+    makes verl's FSDP1 wrapper skip `sync_module_states` (see `_fsdp1_without_sync_module_states`).
     """
     os.environ["VERL_ENGINE_DEVICE"] = "cuda"
     platform = CPUPlatform()
     set_platform(platform)
+    _fsdp1_without_sync_module_states()  # imports verl's engine: after set_platform
     return platform
