@@ -8,6 +8,7 @@ and a plot of g(r) for every kernel.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 import torch
@@ -27,6 +28,8 @@ def _float_list(text: str, what: str, positive: bool = False) -> list[float]:
         raise argparse.ArgumentTypeError(f"{what} must be comma-separated numbers, got {text!r}") from None
     if not values:
         raise argparse.ArgumentTypeError(f"{what} is empty")
+    if not all(math.isfinite(v) for v in values):
+        raise argparse.ArgumentTypeError(f"{what} must be finite numbers, got {text!r}")
     if positive and any(v <= 0 for v in values):
         raise argparse.ArgumentTypeError(f"{what} must all be > 0, got {text!r}")
     return values

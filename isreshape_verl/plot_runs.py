@@ -38,6 +38,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from isreshape_verl.paths import ensure_writable_dir
+
 VAL_RE = re.compile(r"^val-core/(?P<source>.+)/(?P<var>acc|reward)/mean@(?P<n>\d+)$")
 
 
@@ -292,6 +294,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--smooth {args.smooth} is not allowed; it must be >= 1")
     if args.last < 1:
         parser.error(f"--last {args.last} is not allowed; it must be >= 1")
+    try:
+        ensure_writable_dir(str(Path(args.out).expanduser()))
+    except ValueError as err:
+        print(f"isreshape-verl plot-runs: error: {err}", file=sys.stderr)
+        return 2
     try:
         runs = find_runs(args.paths)
     except FileNotFoundError as exc:

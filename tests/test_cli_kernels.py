@@ -46,6 +46,8 @@ def test_kernels_plot_writes_a_png(tmp_path):
     (["--kernels", "tri"], "unknown kernel(s) ['tri']; allowed: gaussian"),
     (["--r", "-1"], "--r must all be > 0"),
     (["--r", "a,b"], "--r must be comma-separated numbers"),
+    (["--r", "nan"], "--r must be finite numbers"),
+    (["--r", "1,inf"], "--r must be finite numbers"),
     (["--widths", "0"], "--widths must all be > 0"),
     (["--gamma", "1.5"], "--gamma 1.5 is not allowed; it must be in [0, 1]"),
 ])

@@ -342,6 +342,15 @@ def test_bad_arguments_fail_early_with_clear_messages(tmp_path, capsys, argv, me
     assert not out.exists()
 
 
+def test_unwritable_out_fails_before_the_experiment(tmp_path, capsys):
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("x")
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--out", str(blocker / "sub"), "--no-progress"])
+    assert exc.value.code == 2
+    assert "is not writable" in capsys.readouterr().err
+
+
 def test_out_is_required(capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main(["--no-progress"])

@@ -145,3 +145,12 @@ def test_runs_as_module_and_through_the_cli(experiment, tmp_path):
     out = tmp_path / "cli"
     assert cli_main(["plot-runs", str(experiment), "--out", str(out)]) == 0
     assert (out / "val_accuracy.png").is_file() and (out / "summary.md").is_file()
+
+
+def test_unwritable_out_is_a_one_line_error(experiment, tmp_path, capsys):
+    from isreshape_verl.plot_runs import main as plot_main
+
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("x")
+    assert plot_main([str(experiment), "--out", str(blocker / "plots")]) == 2
+    assert "--out" in capsys.readouterr().err

@@ -24,6 +24,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from isreshape_verl.lab.experiment import Args
+from isreshape_verl.paths import ensure_writable_dir
 
 
 def _doc(name: str) -> str:
@@ -84,6 +85,10 @@ def parse_args(argv: list[str]) -> tuple[Args, argparse.Namespace]:
         parser.error(f"--threads: must be >= 1, got {ns.threads}")
     if ns.out.exists() and not ns.out.is_dir():
         parser.error(f"--out: {ns.out} exists and is not a directory")
+    try:  # before the experiment, not after it
+        ensure_writable_dir(str(ns.out))
+    except ValueError as err:
+        parser.error(str(err))
     return args, ns
 
 

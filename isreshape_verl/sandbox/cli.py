@@ -21,6 +21,8 @@ import shlex
 import sys
 from dataclasses import asdict, dataclass, field
 
+from isreshape_verl.paths import ensure_writable_dir
+
 PRESETS = {
     # name: (description, overrides of CompareArgs fields)
     "smoke": ("plumbing check, < 1 min on 2 cores with a cold cache (CI runs it)", dict(
@@ -239,24 +241,13 @@ def resolve_args(argv: list[str]) -> tuple[CompareArgs, list]:
             raise ValueError(f"--data {args.data!r} is not a readable parquet file ({err})") from None
         if not {"prompt", "reward_model"} <= columns:
             raise ValueError(f"--data {args.data!r} is not verl-format: it needs columns prompt and reward_model")
-    _check_writable(args.out)
+    ensure_writable_dir(args.out)
     if args.device == "cuda":
         import torch
 
         if not torch.cuda.is_available():
             raise ValueError("--device cuda but CUDA is not available")
     return args, specs
-
-
-def _check_writable(folder: str) -> None:
-    try:
-        os.makedirs(folder, exist_ok=True)
-        probe = os.path.join(folder, f".write_test_{os.getpid()}")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
-    except OSError as err:
-        raise ValueError(f"--out {folder!r} is not writable ({err.strerror or err})") from None
 
 
 def run_name(spec, lag, seed) -> str:
