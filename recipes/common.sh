@@ -187,6 +187,16 @@ run_recipe() {
     : "${DRY_RUN:=0}"
     : "${RECIPE_CHECK:=1}"
 
+    # integer knobs: a bad value is named here rather than as a ZeroDivisionError deep inside verl
+    local knob
+    for knob in NNODES GPUS_PER_NODE TRAIN_BATCH MINI_BATCH MICRO_BATCH ROLLOUT_N ROLLOUT_TP SEED TEST_FREQ; do
+        [[ ${!knob} =~ ^[0-9]+$ ]] || die "$knob='${!knob}' is not allowed; it must be a whole number"
+    done
+    for knob in NNODES GPUS_PER_NODE TRAIN_BATCH MINI_BATCH MICRO_BATCH ROLLOUT_N ROLLOUT_TP; do
+        (( ${!knob} >= 1 )) || die "$knob must be >= 1; got ${!knob}"
+    done
+    [[ $SAVE_FREQ =~ ^-?[0-9]+$ ]] || die "SAVE_FREQ='$SAVE_FREQ' is not allowed; it must be a whole number (-1: never)"
+
     local mode
     case "$ASYNC" in
         sync) mode=sync; : "${STALENESS:=1}" ;;

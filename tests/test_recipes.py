@@ -230,6 +230,11 @@ def test_dry_run_runs_the_check_and_fails_on_a_bad_config(tmp_path):
 def test_bad_knobs_are_named(tmp_path):
     proc = _bash("recipes/gsm8k/grpo.sh", env={"ASYNC": "fast"}, check=False)
     assert proc.returncode == 2 and "ASYNC='fast' is not allowed (sync, colocate, separate)" in proc.stderr
+    for env, message in (({"NNODES": "0"}, "NNODES must be >= 1; got 0"),
+                         ({"TRAIN_BATCH": "abc"}, "TRAIN_BATCH='abc' is not allowed; it must be a whole number"),
+                         ({"SAVE_FREQ": "often"}, "SAVE_FREQ='often' is not allowed")):
+        proc = _bash("recipes/gsm8k/grpo.sh", env=env, check=False)
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr
     # a real launch without prepared data stops before anything starts
     proc = _bash("recipes/math/grpo.sh", env={"DRY_RUN": "0", "DATA_DIR": str(tmp_path / "none"),
                                             "RUN_ROOT": str(tmp_path / "runs")}, check=False)
