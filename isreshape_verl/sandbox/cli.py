@@ -250,11 +250,6 @@ def resolve_args(argv: list[str]) -> tuple[CompareArgs, list]:
     return args, specs
 
 
-def run_name(spec, lag, seed) -> str:
-    label = re.sub(r"[^A-Za-z0-9_.=-]+", "_", str(spec).replace(":", "__"))
-    return f"{label}__lag{lag}__seed{seed}"
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:

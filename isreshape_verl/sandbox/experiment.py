@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import time
 from dataclasses import asdict
 
@@ -128,9 +129,12 @@ def estimate_step_seconds(policy, task, spec, rl: RLArgs, warm_state: dict) -> f
         return time.perf_counter() - t0
 
 
-def run_comparison(args, specs, command: str) -> int:
-    from isreshape_verl.sandbox.cli import run_name
+def run_name(spec, lag, seed) -> str:
+    label = re.sub(r"[^A-Za-z0-9_.=-]+", "_", str(spec).replace(":", "__"))
+    return f"{label}__lag{lag}__seed{seed}"
 
+
+def run_comparison(args, specs, command: str) -> int:
     wall0 = time.perf_counter()
     device = device_of(args)
     cores = os.cpu_count() or 1
