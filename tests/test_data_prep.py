@@ -281,3 +281,18 @@ def test_verl_rl_dataset_reads_the_parquet(gsm8k_out, math_out, tmp_path):
         assert item["raw_prompt"] == [dict(m) for m in frame.iloc[0].prompt]
         assert item["reward_model"]["ground_truth"] == frame.iloc[0].reward_model["ground_truth"]
         assert item["data_source"] == frame.iloc[0].data_source and item["index"] == 0
+
+
+@needs_data
+def test_math_parquet_through_the_sandbox_gets_reward_on_reference_answers(math_out):
+    """`compare --data` with a MATH parquet scores with verl's MATH scorer: every reference answer of
+    MATH-500 and of the train split earns reward 1 (with the GSM8K scorer, MATH-500 would earn 0)."""
+    from isreshape_verl.sandbox.task import parquet_task, score
+
+    out, _ = math_out
+    for split, n in (("test", 500), ("train", 7500)):
+        task = parquet_task(str(out / f"{split}.parquet"), 0, 0)
+        problems = task.train + task.test
+        assert len(problems) == n
+        rewards = score([p.solution for p in problems], problems)
+        assert sum(rewards) >= n - 2, (split, sum(rewards))  # MATH train: 2 rows have an empty \boxed{}

@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from isreshape_verl.sandbox.task import DIFFICULTY_LEVELS, make_problem, make_split, procedural_task, score
+from isreshape_verl.sandbox.task import DIFFICULTY_LEVELS, Problem, make_problem, make_split, procedural_task, score
 
 
 def _evaluate(prompt: str) -> int:
@@ -38,12 +38,35 @@ def test_known_problems_and_word_problems():
         assert str(value) == p.answer
 
 
+def _gsm8k(answer):
+    return Problem("q", f"#### {answer}", answer)
+
+
 def test_verl_gsm8k_scorer_accepts_format_and_rejects_wrong():
-    assert score(["37+15=52\n52-8=44\n#### 44"], ["44"]) == [1.0]
-    assert score(["#### 45"], ["44"]) == [0.0]
-    assert score(["the answer is 44"], ["44"]) == [0.0]  # strict: needs '#### '
-    assert score(["#### 4\n#### 44"], ["44"]) == [1.0]  # the last answer line counts
-    assert score([""], ["0"]) == [0.0]
+    assert score(["37+15=52\n52-8=44\n#### 44"], [_gsm8k("44")]) == [1.0]
+    assert score(["#### 45"], [_gsm8k("44")]) == [0.0]
+    assert score(["the answer is 44"], [_gsm8k("44")]) == [0.0]  # strict: needs '#### '
+    assert score(["#### 4\n#### 44"], [_gsm8k("44")]) == [1.0]  # the last answer line counts
+    assert score([""], [_gsm8k("0")]) == [0.0]
+
+
+def test_the_data_source_picks_verls_scorer():
+    math = Problem("q", "", "\\frac{1}{2}", "HuggingFaceH4/MATH-500")
+    assert score(["so $\\boxed{\\frac{1}{2}}$"], [math]) == [1.0]  # the MATH scorer reads \boxed
+    assert score(["#### \\frac{1}{2}"], [math]) == [0.0]
+    assert score(["so $\\boxed{44}$"], [_gsm8k("44")]) == [0.0]  # and GSM8K's reads '#### ' only
+
+
+def test_parquet_with_a_source_verl_cannot_score_is_refused(tmp_path):
+    import pandas as pd
+
+    from isreshape_verl.sandbox.task import parquet_task
+
+    rows = [{"data_source": "my/unknown", "prompt": [{"role": "user", "content": f"{i}+1?"}],
+             "reward_model": {"ground_truth": str(i + 1)}} for i in range(5)]
+    pd.DataFrame(rows).to_parquet(tmp_path / "x.parquet")
+    with pytest.raises(ValueError, match="verl has no reward function for data_source 'my/unknown'"):
+        parquet_task(str(tmp_path / "x.parquet"), 2, 0)
 
 
 def test_split_is_seeded_and_disjoint():

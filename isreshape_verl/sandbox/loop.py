@@ -93,7 +93,7 @@ class Batch:
 
     rollout: Rollout
     old_log_probs: torch.Tensor  # (B, R) log μ: full-forward log-probs of the generating weights
-    rewards: torch.Tensor  # (B,) verl GSM8K score
+    rewards: torch.Tensor  # (B,) verl's score (default_compute_score by the problem's data_source)
     group: np.ndarray  # (B,) prompt id of each sample (GRPO groups)
     version: int  # updates done by the policy that generated this batch
     mu_kv_gap: float  # max |log μ(KV-cache sampling) − log μ(full forward)|
@@ -113,7 +113,7 @@ def generate_batch(policy, problems, args: RLArgs, gen: torch.Generator, version
     old = sequence_log_probs(model, rollout, args.micro_batch)  # (B, R)
     t2 = time.perf_counter()
     gap = ((old - rollout.sample_log_probs).abs() * rollout.response_mask).max().item()
-    rewards = torch.tensor(score(decode(policy.tokenizer, rollout), [p.answer for p in problems for _ in range(n)]))
+    rewards = torch.tensor(score(decode(policy.tokenizer, rollout), [p for p in problems for _ in range(n)]))
     ref = sequence_log_probs(ref_model, rollout, args.micro_batch) if ref_model is not None else None
     rewards = rewards.to(old.device)
     group = np.repeat(np.arange(len(problems)), n)

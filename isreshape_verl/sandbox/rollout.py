@@ -127,7 +127,7 @@ def decode(tokenizer, rollout: Rollout) -> list[str]:
 
 @torch.no_grad()
 def greedy_accuracy(policy, problems, max_new_tokens: int, batch_size: int = 512) -> float:
-    """Share of `problems` answered right by greedy decoding (verl's GSM8K scorer), batched."""
+    """Share of `problems` answered right by greedy decoding (verl's scorer for each data_source), batched."""
     from isreshape_verl.sandbox.task import score
 
     was_training = policy.model.training
@@ -137,6 +137,6 @@ def greedy_accuracy(policy, problems, max_new_tokens: int, batch_size: int = 512
         chunk = problems[start : start + batch_size]
         rollout = sample(policy.model, [policy.prompt_ids(p.prompt) for p in chunk], max_new_tokens,
                          policy.pad_id, policy.eos_id, greedy=True)
-        right += sum(score(decode(policy.tokenizer, rollout), [p.answer for p in chunk]))
+        right += sum(score(decode(policy.tokenizer, rollout), list(chunk)))
     policy.model.train(was_training)
     return right / max(1, len(problems))

@@ -1,4 +1,4 @@
-"""Procedurally generated, verifiable math problems for the CPU sandbox, scored with verl's GSM8K reward.
+"""Procedurally generated, verifiable math problems for the CPU sandbox, scored with verl's rewards.
 
 Every problem is a short chain of additions and subtractions, written either as bare arithmetic
 ("37+15-8=?") or as a one-line word problem ("Ann has 37 pens. She gets 15 more. How many pens now?").
@@ -22,7 +22,9 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from verl.utils.reward_score.gsm8k import compute_score
+from verl.utils.reward_score import default_compute_score
+
+GSM8K_SOURCE = "openai/gsm8k"  # the procedural task's answers are GSM8K-format
 
 # difficulty → (min operations, max operations, largest operand)
 DIFFICULTY_LEVELS = {1: (1, 2, 9), 2: (2, 2, 20), 3: (1, 2, 50), 4: (2, 3, 99), 5: (3, 4, 999)}
@@ -34,8 +36,9 @@ _THINGS = ("pens", "cats", "eggs", "cups", "hats", "keys", "apples", "books")
 @dataclass(frozen=True)
 class Problem:
     prompt: str  # the question text, e.g. "37+15-8=?"
-    solution: str  # the worked solution ending in "#### <answer>"
+    solution: str  # the worked solution ending in "#### <answer>" (or "\\boxed{<answer>}" for MATH data)
     answer: str  # the ground truth, e.g. "44"
+    data_source: str = GSM8K_SOURCE  # picks verl's scorer, as in verl's own reward manager
 
 
 def _chain(rng: random.Random, difficulty: int) -> tuple[int, list[tuple[str, int]]]:
@@ -108,9 +111,10 @@ def make_split(seed: int, n: int, difficulty: int = 3, word_share: float = 0.0, 
     return out
 
 
-def score(responses: list[str], answers: list[str]) -> list[float]:
-    """verl's GSM8K reward (strict `#### <number>`, 1 if right else 0) for each response."""
-    return [float(compute_score(r, a)) for r, a in zip(responses, answers)]
+def score(responses: list[str], problems: list[Problem]) -> list[float]:
+    """verl's reward for each response: `default_compute_score(data_source, ...)`, the function verl's reward
+    manager calls, so a GSM8K problem is scored by the GSM8K scorer and a MATH problem by the MATH one."""
+    return [float(default_compute_score(p.data_source, r, p.answer)) for r, p in zip(responses, problems)]
 
 
 @dataclass(frozen=True)
@@ -127,6 +131,20 @@ def procedural_task(seed: int, n_train: int, n_test: int, difficulty: int, word_
     test = make_split(seed + 1_000_003, n_test, difficulty, word_share)
     train = make_split(seed, n_train, difficulty, word_share, exclude={p.prompt for p in test}, allow_fewer=True)
     return TaskData(train, test, f"procedural(difficulty={difficulty}, seed={seed})")
+
+
+def _check_scorers(path: str, problems: list[Problem]) -> None:
+    """Refuse data whose data_source verl cannot score, or whose reference solution would score 0."""
+    for source in sorted({p.data_source for p in problems}):
+        first = next(p for p in problems if p.data_source == source)
+        try:
+            reward = float(default_compute_score(source, first.solution, first.answer))
+        except NotImplementedError:
+            raise ValueError(f"{path}: verl has no reward function for data_source {source!r} "
+                             "(see verl.utils.reward_score.default_compute_score)") from None
+        if reward <= 0:
+            raise ValueError(f"{path}: verl's scorer for {source!r} gives {reward} to the reference answer "
+                             f"{first.answer!r}; the sandbox cannot learn from this data")
 
 
 def parquet_task(path: str, n_test: int, seed: int) -> TaskData:
@@ -146,9 +164,14 @@ def parquet_task(path: str, n_test: int, seed: int) -> TaskData:
         messages = list(row.prompt)
         question = next((m["content"] for m in reversed(messages) if m["role"] == "user"), messages[-1]["content"])
         truth = str(row.reward_model["ground_truth"])
+        source = str(getattr(row, "data_source", GSM8K_SOURCE) or GSM8K_SOURCE)
         extra = getattr(row, "extra_info", None) or {}
-        solution = extra.get("answer") if isinstance(extra, dict) and extra.get("answer") else f"#### {truth}"
-        problems.append(Problem(question, str(solution), truth))
+        if source == GSM8K_SOURCE:
+            solution = extra.get("answer") if isinstance(extra, dict) and extra.get("answer") else f"#### {truth}"
+        else:  # verl's MATH scorers read the last \boxed{...}
+            solution = f"The answer is $\\boxed{{{truth}}}$."
+        problems.append(Problem(question, str(solution), truth, source))
+    _check_scorers(path, problems)
     if len(problems) < 2:
         raise ValueError(f"{path} has {len(problems)} rows; need at least 2")
     random.Random(seed).shuffle(problems)
