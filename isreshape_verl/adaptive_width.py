@@ -27,8 +27,11 @@ counted in the edge bin, which overstates their K and so errs towards a narrower
 evaluated at each bin's centre, on 32 log-spaced values of s with s* interpolated between two of them,
 all on the summary's device and without a host sync. With torch.distributed initialised, the summary
 is all-reduced (one collective per call) before solving, so every data-parallel rank gets the same width,
-the one a single process would get on the concatenated batch. verl keeps the number of micro-batches equal
-across data-parallel ranks (also with `use_dynamic_bsz`), so every rank reaches the collective.
+the one a single process would get on the concatenated batch. verl's engines keep the number of
+micro-batches equal across data-parallel ranks (`same_micro_num_in_dp=True`, also with `use_dynamic_bsz`),
+so every rank reaches the collective; with Ulysses sequence parallelism the sum covers each sequence's
+shards once. Not with Megatron pipeline parallelism: only the last stage calls the loss, and the
+collective over every rank would wait forever; use `width_mode=fixed` there.
 
 The width is solved per loss call, that is per micro-batch in verl: unlike the fixed width, the update is
 not exactly invariant to the micro-batch size. Micro-batches of a few thousand tokens get nearly the width
