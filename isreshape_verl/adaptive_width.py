@@ -31,7 +31,8 @@ the one a single process would get on the concatenated batch. verl's engines kee
 micro-batches equal across data-parallel ranks (`same_micro_num_in_dp=True`, also with `use_dynamic_bsz`),
 so every rank reaches the collective; with Ulysses sequence parallelism the sum covers each sequence's
 shards once. Not with Megatron pipeline parallelism: only the last stage calls the loss, and the
-collective over every rank would wait forever; use `width_mode=fixed` there.
+collective over every rank would wait forever, so the verl loss refuses that configuration (use
+`width_mode=fixed` there).
 
 The width is solved per loss call, that is per micro-batch in verl: unlike the fixed width, the update is
 not exactly invariant to the micro-batch size. Micro-batches of a few thousand tokens get nearly the width

@@ -180,6 +180,18 @@ def _loss_and_sums(old_log_prob, log_prob, advantages, valid, loss_agg_mode, con
     return pg_loss.to(log_prob.dtype), finite, n_valid, metrics
 
 
+def _check_adaptive_width_is_safe(params: ISReshapeParams, config) -> None:
+    """The adaptive width all-reduces over every rank; with Megatron pipeline parallelism only the last stage
+    calls the loss, so that collective would hang the job instead of failing it."""
+    if params.width_mode != "adaptive" or getattr(config, "strategy", None) != "megatron":
+        return
+    stages = getattr(getattr(config, "megatron", None), "pipeline_model_parallel_size", 1) or 1
+    if stages > 1:
+        raise ValueError(f"width_mode=adaptive cannot run with Megatron pipeline parallelism "
+                         f"(pipeline_model_parallel_size={stages}): only the last stage computes the loss; "
+                         "set actor_rollout_ref.actor.policy_loss.width_mode=fixed")
+
+
 @register_policy_loss(LOSS_NAME)
 def compute_policy_loss_is_reshape(
     old_log_prob: torch.Tensor,  # (B, T) log μ, from the behaviour policy
@@ -201,6 +213,7 @@ def compute_policy_loss_is_reshape(
         raise ValueError("is_reshape needs inputs of one shape (B, T); got " +
                          ", ".join(f"{k} {tuple(v)}" for k, v in shapes.items()))
     params = params_from_actor_config(config)
+    _check_adaptive_width_is_safe(params, config)
     response_mask = response_mask.bool()
     args = (loss_agg_mode, config, rollout_is_weights, params)
 

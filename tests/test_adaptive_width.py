@@ -183,3 +183,19 @@ def test_micro_batches_of_a_few_thousand_tokens_get_nearly_the_whole_batch_width
              for i in range(0, 256, 64)]
     assert 0.1 < whole < 1.0  # the target binds
     assert all(abs(w / whole - 1) < 0.10 for w in parts), [w / whole for w in parts]
+
+
+def test_megatron_pipeline_parallelism_is_refused_instead_of_hanging():
+    from dataclasses import replace
+
+    from verl.workers.config import McoreEngineConfig
+
+    log_prob, old, adv, mask = lagged_batch(0.2)
+    config = parse_loss_spec("is_reshape").actor_config()
+    megatron = replace(config, strategy="megatron")
+    object.__setattr__(megatron, "megatron", McoreEngineConfig(pipeline_model_parallel_size=2))
+    fn = parse_loss_spec("is_reshape").loss_fn
+    with pytest.raises(ValueError, match="pipeline_model_parallel_size=2.*width_mode=fixed"):
+        fn(old_log_prob=old, log_prob=log_prob, advantages=adv, response_mask=mask, config=megatron)
+    object.__setattr__(megatron, "megatron", McoreEngineConfig(pipeline_model_parallel_size=1))
+    fn(old_log_prob=old, log_prob=log_prob, advantages=adv, response_mask=mask, config=megatron)  # no pipeline: fine
