@@ -138,3 +138,31 @@ def test_a_second_comparison_into_the_same_folder_is_refused(tmp_path, capsys):
         assert f"is in use by a running comparison (pid {os.getpid()})" in capsys.readouterr().err
     with lock_output(str(tmp_path)):  # released when the first one ends
         pass
+
+
+def test_sigterm_stops_every_worker_and_says_how_to_resume(tmp_path):
+    """`kill PID` (or Ctrl-C) stops the workers too, with one line on how to continue, no traceback."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "out"
+    env = {**os.environ, "ISRESHAPE_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.Popen([sys.executable, "-m", "isreshape_verl.sandbox", "--preset", "smoke", "--out", str(out),
+                             "--no-progress", "--jobs", "2"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and not list(out.glob("runs/*/metrics.jsonl")):
+        time.sleep(0.5)
+    assert list(out.glob("runs/*/metrics.jsonl")), "no run started"
+    import psutil
+
+    children = psutil.Process(proc.pid).children(recursive=True)
+    assert children
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert "interrupted" in err and "--resume" in err and "Traceback" not in err, err
+    _, alive = psutil.wait_procs(children, timeout=10)
+    assert not alive, alive

@@ -8,9 +8,12 @@ seed sees the same prompts, the same sampling seed and the same warm start.
 from __future__ import annotations
 
 import json
+import multiprocessing as mp
 import os
 import platform
 import re
+import signal
+import sys
 import time
 from dataclasses import asdict
 
@@ -136,6 +139,7 @@ def run_name(spec, lag, seed) -> str:
 
 def run_comparison(args, specs, command: str) -> int:
     wall0 = time.perf_counter()
+    _terminate_on_sigterm()
     device = device_of(args)
     cores = os.cpu_count() or 1
     lags = ["async"] if args.async_mode else list(args.lags)
@@ -190,7 +194,12 @@ def run_comparison(args, specs, command: str) -> int:
     if done_names:
         print(f"--resume: {len(done_names)} finished run(s) kept")
 
-    results = _run_all(todo, jobs, args)
+    try:
+        results = _run_all(todo, jobs, args)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; finished runs and checkpoints (every {args.ckpt_every} steps) are kept. Continue with:"
+              f"\n  {command} --resume" + ("" if "--out" in command else f" --out {args.out}"), file=sys.stderr)
+        return 130
     if not all(r["finished"] for r in results):
         print(f"stopped after {args.stop_after} steps (--stop-after); continue with --resume")
         return 0
@@ -230,6 +239,18 @@ def _time_eval(policy, task, args) -> float:
     return (time.perf_counter() - t0) * args.eval_problems / min(64, args.eval_problems)
 
 
+def _ignore_interrupts() -> None:
+    """Workers leave Ctrl-C to the parent, which stops them: one message instead of one traceback each."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _terminate_on_sigterm() -> None:
+    """SIGTERM (a scheduler, `kill`) stops a comparison like Ctrl-C, so that its workers stop too."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, handler)
+
+
 def _run_all(todo: list[dict], jobs: int, args) -> list[dict]:
     from tqdm import tqdm
 
@@ -265,26 +286,32 @@ def _run_all(todo: list[dict], jobs: int, args) -> list[dict]:
                 job["on_progress"] = on_progress
                 results.append(_execute(job))
             return results
-        import multiprocessing as mp
         import queue as queue_lib
         from concurrent.futures import ProcessPoolExecutor
 
         ctx = mp.get_context("spawn")
-        with ctx.Manager() as manager, ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
-            events = manager.Queue()
-            futures = [pool.submit(_execute, job, events) for job in todo]
-            while not all(f.done() for f in futures):
-                try:
-                    name, kw = events.get(timeout=0.5)
-                    on_progress(name, kw)
-                except queue_lib.Empty:
-                    pass
-            while True:
-                try:
-                    on_progress(*events.get_nowait())
-                except queue_lib.Empty:
-                    break
-            results = [f.result() for f in futures]
+        with ctx.Manager() as manager, ProcessPoolExecutor(max_workers=jobs, mp_context=ctx,
+                                                           initializer=_ignore_interrupts) as pool:
+            try:
+                events = manager.Queue()
+                futures = [pool.submit(_execute, job, events) for job in todo]
+                while not all(f.done() for f in futures):
+                    try:
+                        name, kw = events.get(timeout=0.5)
+                        on_progress(name, kw)
+                    except queue_lib.Empty:
+                        pass
+                while True:
+                    try:
+                        on_progress(*events.get_nowait())
+                    except queue_lib.Empty:
+                        break
+                results = [f.result() for f in futures]
+            except BaseException:  # Ctrl-C, SIGTERM or a failed run: stop the workers now, not after their runs
+                pool.shutdown(wait=False, cancel_futures=True)
+                for child in mp.active_children():
+                    child.terminate()
+                raise
         return results
     finally:
         for bar in bars.values():
