@@ -161,7 +161,12 @@ def run_comparison(args, specs, command: str) -> int:
                               eval_every=args.warm_eval_every, eval_problems=args.warm_eval_problems,
                               target_accuracy=args.warm_target)
     identity = {"model": model_identity(args), "task": task_identity(args)}
-    warm = load_or_train(policy, identity, task.train, task.test, warm_args, args.max_new_tokens)
+    if device == "cpu":  # one process trains the warm start: give it every core
+        torch.set_num_threads(cores)
+    warm = load_or_train(policy, identity, task.train, task.test, warm_args, args.max_new_tokens,
+                         progress=not args.no_progress)
+    if threads:
+        torch.set_num_threads(threads)
     how = "cached" if warm["cached"] else f"{warm['seconds']:.0f} s"
     print(f"warm start: greedy accuracy {warm['accuracy']:.3f} after {warm['steps']} steps ({how})")
     warm_state = {k: v.detach().clone() for k, v in policy.model.state_dict().items()}

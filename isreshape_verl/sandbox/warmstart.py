@@ -68,8 +68,13 @@ def _supervised_batch(policy, problems):
     return input_ids.to(device), attention_mask.to(device), resp_mask.to(device), prompt_ids.shape[1]
 
 
-def train_warm_start(policy, train, test, args: WarmStartArgs, max_new_tokens: int, log=print) -> dict:
-    """Supervised training until greedy accuracy ≥ target; leaves the selected weights in `policy.model`."""
+def train_warm_start(policy, train, test, args: WarmStartArgs, max_new_tokens: int, log=print,
+                     progress: bool = False) -> dict:
+    """Supervised training until greedy accuracy ≥ target; leaves the selected weights in `policy.model`.
+
+    `progress`: a progress bar up to the step limit (the target usually stops it earlier)."""
+    from tqdm import tqdm
+
     rng = random.Random(args.seed)
     torch.manual_seed(args.seed)
     model = policy.model
@@ -82,7 +87,10 @@ def train_warm_start(policy, train, test, args: WarmStartArgs, max_new_tokens: i
     acc = greedy_accuracy(policy, eval_set, max_new_tokens)
     history.append((0, acc))
     step = 0
+    bar = tqdm(total=args.max_steps, desc="warm start (stops at the target accuracy)", disable=not progress,
+               dynamic_ncols=True)
     for step in range(1, args.max_steps + 1):
+        bar.update(1)
         for group in opt.param_groups:
             group["lr"] = args.lr * min(1.0, step / 20)
         input_ids, attention_mask, resp_mask, width = _supervised_batch(policy, rng.sample(train, args.batch_size))
@@ -95,17 +103,21 @@ def train_warm_start(policy, train, test, args: WarmStartArgs, max_new_tokens: i
         if step % args.eval_every == 0:
             acc = greedy_accuracy(policy, eval_set, max_new_tokens)
             history.append((step, acc))
-            log(f"warm start step {step}: loss {loss.item():.3f}, greedy accuracy {acc:.3f}")
+            bar.set_postfix(acc=f"{acc:.3f}", target=args.target_accuracy)
+            if not progress:
+                log(f"warm start step {step}: loss {loss.item():.3f}, greedy accuracy {acc:.3f}")
             if acc > best[0]:
                 best = (acc, step, {k: v.detach().clone() for k, v in model.state_dict().items()})
             if acc >= args.target_accuracy:
                 break
+    bar.close()
     if best[2] is not None:
         model.load_state_dict(best[2])
     return {"accuracy": best[0], "steps": best[1], "seconds": time.perf_counter() - start, "history": history}
 
 
-def load_or_train(policy, identity: dict, train, test, args: WarmStartArgs, max_new_tokens: int, log=print) -> dict:
+def load_or_train(policy, identity: dict, train, test, args: WarmStartArgs, max_new_tokens: int, log=print,
+                  progress: bool = False) -> dict:
     """Load the cached warm start for `identity`, or train and cache it (safe with concurrent callers)."""
     key = cache_key({"identity": identity, "warm_start": asdict(args), "max_new_tokens": max_new_tokens})
     folder = os.path.join(cache_root(), "warmstart")
@@ -121,7 +133,7 @@ def load_or_train(policy, identity: dict, train, test, args: WarmStartArgs, max_
             log(f"warm start: loaded from cache {weights} (accuracy {meta['accuracy']:.3f})")
             return meta
         log(f"warm start: training (cache key {key}); this happens once per model/task config")
-        meta = train_warm_start(policy, train, test, args, max_new_tokens, log)
+        meta = train_warm_start(policy, train, test, args, max_new_tokens, log, progress)
         meta.update(key=key, identity=identity)
         tmp = f"{weights}.tmp{os.getpid()}"
         torch.save({k: v.cpu() for k, v in policy.model.state_dict().items()}, tmp)
