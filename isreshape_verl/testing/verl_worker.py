@@ -24,8 +24,9 @@ parallelism, each rank given its contiguous share of the batch as verl's dispatc
 are paid once. Per case it returns the weights before and after, the grad norm of each optimizer step
 and the worker's metrics.
 
-    from isreshape_verl.testing.verl_worker import run_cases, is_reshape_overrides
-    out = run_cases([{"name": "a", "overrides": is_reshape_overrides(kernel="box")}])
+    from isreshape_verl.testing.verl_worker import is_reshape_overrides, run_cases, save_tiny_model
+    model = save_tiny_model("/tmp/tiny_qwen2")
+    out = run_cases([{"name": "a", "overrides": is_reshape_overrides(kernel="box")}], model_dir=model)
     out["a"]["grad_norm"], out["a"]["metrics"]["actor/is_reshape/ess"], out["a"]["weights"]
 
 CPU-only settings the harness adds (`cpu_overrides`): `attn_implementation=sdpa`, fp32 FSDP mixed
@@ -310,12 +311,13 @@ def _free_port() -> int:
 
 
 def run_cases(cases: list[dict], *, model_dir: str | os.PathLike, world_size: int = 1,
-              batch: BatchSpec = BatchSpec(), timeout: float = 600, log_dir: str | os.PathLike | None = None,
+              batch: BatchSpec = BatchSpec(), timeout: float = 1800, log_dir: str | os.PathLike | None = None,
               env: dict | None = None) -> dict[str, dict]:
     """Run each case ({"name", "overrides": [hydra overrides]}, optional "base" replacing
     `harness_overrides`) in fresh processes, one per rank; return name → result of `run_case`.
 
-    Raises RuntimeError with the processes' output when a process fails.
+    Raises RuntimeError with the processes' output when a process fails or `timeout` seconds pass (a hang
+    guard: the ~1 min of CPU the tests need can take many times longer on a machine shared with other jobs).
     """
     with tempfile.TemporaryDirectory() as tmp:
         spec_path, out_path = Path(tmp, "job.json"), Path(tmp, "out.pt")
@@ -333,22 +335,20 @@ def run_cases(cases: list[dict], *, model_dir: str | os.PathLike, world_size: in
                                             str(spec_path), str(out_path)], env=proc_env, stdout=log,
                                            stderr=subprocess.STDOUT), log))
         deadline = time.monotonic() + timeout
-        failed = []
-        for rank, (proc, log) in enumerate(procs):
-            try:
-                proc.wait(timeout=max(1.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
+        # poll every rank: when one dies, the others would wait for it in a collective until gloo's timeout
+        while any(proc.poll() is None for proc, _ in procs) and time.monotonic() < deadline:
+            if any(proc.poll() not in (None, 0) for proc, _ in procs):
+                break
+            time.sleep(0.2)
+        for proc, log in procs:
+            if proc.poll() is None:
                 proc.kill()
-                proc.wait()
+            proc.wait()
             log.close()
-            if proc.returncode != 0:
-                failed.append(rank)
+        failed = [rank for rank, (proc, _) in enumerate(procs) if proc.returncode != 0]
         if failed:
-            for proc, _ in procs:  # a surviving rank would block on the dead one
-                if proc.poll() is None:
-                    proc.kill()
             tails = "\n".join(f"--- rank {r} ---\n" + (logs / f"rank{r}.log").read_text()[-6000:] for r in failed)
-            raise RuntimeError(f"verl worker process(es) {failed} failed:\n{tails}")
+            raise RuntimeError(f"verl worker process(es) {failed} failed or timed out after {timeout:.0f} s:\n{tails}")
         results = torch.load(out_path, weights_only=False)
     errors = {name: r["error"] for name, r in results.items() if "error" in r}
     if errors:
