@@ -31,6 +31,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
+from isreshape_verl import adaptive_width
 from isreshape_verl.kernels import KERNEL_NAMES, check_kernel_name, kernel_and_integral
 
 GAMMA_MODES = ("fixed", "correctness", "magnitude", "combined")
@@ -286,8 +287,6 @@ def is_reshape_token_loss(
 
         width_scale: torch.Tensor | float = 1.0
         if adaptive:
-            from isreshape_verl import adaptive_width
-
             summary = torch.zeros(adaptive_width.summary_size(), dtype=torch.float64, device=log_prob.device)
             for rows in chunks:
                 log_ratio = clamped_log_ratio(rows)
@@ -297,7 +296,7 @@ def is_reshape_token_loss(
             adaptive_width.reduce_summary(summary)
             width_neg = params.width if params.width_neg is None else params.width_neg
             scale = adaptive_width.solve_scale(summary, params.kernel, params.width, width_neg, params.one_sided,
-                                                  params.width_target, params.width_min, params.widest)
+                                               params.width_target, params.width_min, params.widest)
             width_scale = scale.to(compute_dtype)
         for rows in chunks:
             adv = advantages[rows].to(compute_dtype)
