@@ -105,8 +105,12 @@ def read_jsonl(path: str | os.PathLike) -> Iterator[SourceRow]:
     """Yield every non-blank line of a JSON-lines file; lines that are not JSON yield a
     :class:`SourceRow` whose ``data`` is a :class:`BadRowError` (decided later: raise or skip)."""
     path = Path(path)
-    if not path.is_file():
+    if not path.is_file():  # raised here, when called, not at the first row
         raise FileNotFoundError(f"{path}: no such file (expected JSON lines)")
+    return _jsonl_rows(path)
+
+
+def _jsonl_rows(path: Path) -> Iterator[SourceRow]:
     with path.open(encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, start=1):
             if not line.strip():

@@ -198,6 +198,22 @@ def test_bad_rows_error_with_file_and_line_or_skip(tmp_path, capsys):
     assert list(train.extra_info.map(lambda e: e["index"])) == [0, 1]
 
 
+def test_no_file_is_written_until_every_input_is_good(tmp_path, capsys):
+    """A bad row in test.jsonl stops the run before train.parquet is written; a missing input is one line."""
+    gsm8k = _load("gsm8k")
+    good = json.dumps({"question": "1+1?", "answer": "1+1=<<1+1=2>>2\n#### 2"})
+    src = tmp_path / "src"
+    _write(src / "train.jsonl", [good, good])
+    _write(src / "test.jsonl", [good, "{not json"])
+    out = tmp_path / "out"
+    assert gsm8k.main(["--local-dir", str(src), "--output-dir", str(out), "--quiet"]) == 2
+    assert f"{src / 'test.jsonl'}:2: not valid JSON" in capsys.readouterr().err
+    assert not (out / "train.parquet").exists() and not (out / "test.parquet").exists()
+    assert gsm8k.main(["--local-dir", str(tmp_path / "missing"), "--output-dir", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == f"error: {tmp_path / 'missing' / 'train.jsonl'}: no such file (expected JSON lines)"
+
+
 def test_bad_row_reasons_name_the_problem(tmp_path):
     vf = _load("gsm8k").vf  # the very module the scripts use
     gsm8k = _load("gsm8k")
