@@ -138,8 +138,21 @@ def run_name(spec, lag, seed) -> str:
 
 
 def run_comparison(args, specs, command: str) -> int:
+    """Run every (loss, lag, seed) and write the report. SIGTERM (a scheduler, `kill`) stops it like Ctrl-C,
+    so that its workers stop too; the caller's SIGTERM handler is restored afterwards."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread
+        return _run_comparison(args, specs, command)
+    previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    try:
+        return _run_comparison(args, specs, command)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run_comparison(args, specs, command: str) -> int:
     wall0 = time.perf_counter()
-    _terminate_on_sigterm()
     device = device_of(args)
     cores = os.cpu_count() or 1
     lags = ["async"] if args.async_mode else list(args.lags)
@@ -249,11 +262,8 @@ def _ignore_interrupts() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def _terminate_on_sigterm() -> None:
-    """SIGTERM (a scheduler, `kill`) stops a comparison like Ctrl-C, so that its workers stop too."""
-    def handler(signum, frame):
-        raise KeyboardInterrupt
-    signal.signal(signal.SIGTERM, handler)
+def _raise_keyboard_interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def _run_all(todo: list[dict], jobs: int, args) -> list[dict]:
