@@ -68,29 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    out_dir = Path(args.output_dir).expanduser()
-    results = []  # every split is read and checked before any file is written
-    for split in SPLITS:
-        try:
-            if args.local_dir:
-                rows = vf.read_jsonl(Path(args.local_dir).expanduser() / f"{split}.jsonl")
-            else:
-                rows = vf.read_hub("openai/gsm8k", "main", split)
-            converted, stats = vf.convert_rows(
-                rows, convert, split, args.skip_bad, progress=None if args.quiet else f"gsm8k {split}"
-            )
-        except FileNotFoundError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-        except vf.BadRowError as exc:
-            print(f"error: {exc} (use --skip-bad to skip bad rows)", file=sys.stderr)
-            return 2
-        results.append((split, converted, stats))
-    for split, converted, stats in results:
-        path = out_dir / f"{split}.parquet"
-        vf.write_parquet(converted, path)
-        print(vf.report(f"gsm8k {split}", path, stats))
-    return 0
+
+    def reader(split):
+        if args.local_dir:
+            return lambda: vf.read_jsonl(Path(args.local_dir).expanduser() / f"{split}.jsonl")
+        return lambda: vf.read_hub("openai/gsm8k", "main", split)
+
+    jobs = [(f"gsm8k {split}", split, reader(split), convert) for split in SPLITS]
+    return vf.convert_then_write(Path(args.output_dir).expanduser(), jobs, args.skip_bad, args.quiet)
 
 
 if __name__ == "__main__":

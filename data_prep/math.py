@@ -133,26 +133,14 @@ def _sources(args) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    out_dir = Path(args.output_dir).expanduser()
-    results = []  # every split is read and checked before any file is written
     try:
         sources = _sources(args)
-        for split, (rows, converter) in sources.items():
-            name = f"math {split}" + (f" ({args.test_set})" if split == "test" else "")
-            converted, stats = vf.convert_rows(rows, converter, split, args.skip_bad,
-                                               progress=None if args.quiet else name)
-            results.append((name, split, converted, stats))
     except FileNotFoundError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except vf.BadRowError as exc:
-        print(f"error: {exc} (use --skip-bad to skip bad rows)", file=sys.stderr)
-        return 2
-    for name, split, converted, stats in results:
-        path = out_dir / f"{split}.parquet"
-        vf.write_parquet(converted, path)
-        print(vf.report(name, path, stats))
-    return 0
+    jobs = [(f"math {split}" + (f" ({args.test_set})" if split == "test" else ""), split,
+             (lambda rows=rows: rows), converter) for split, (rows, converter) in sources.items()]
+    return vf.convert_then_write(Path(args.output_dir).expanduser(), jobs, args.skip_bad, args.quiet)
 
 
 if __name__ == "__main__":

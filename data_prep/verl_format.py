@@ -34,6 +34,7 @@ import argparse
 import json
 import os
 import re
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -234,6 +235,31 @@ def write_parquet(rows: list[dict], path: Path) -> None:
         raise ValueError(f"refusing to write {path}: no rows left (all bad?)")
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.Table.from_pylist(rows), path)
+
+
+def convert_then_write(out_dir: Path, jobs, skip_bad: bool, quiet: bool) -> int:
+    """Convert every split, then write `<split>.parquet` for each; returns the exit code.
+
+    `jobs`: (name, split, read_rows, converter) with `read_rows()` giving the source rows. Every split is read and
+    checked before any file is written, so a bad row or a missing input leaves no half-written output; either
+    is reported in one line (exit 2).
+    """
+    results = []
+    try:
+        for name, split, read_rows, converter in jobs:
+            converted, stats = convert_rows(read_rows(), converter, split, skip_bad, progress=None if quiet else name)
+            results.append((name, split, converted, stats))
+    except FileNotFoundError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except BadRowError as exc:
+        print(f"error: {exc} (use --skip-bad to skip bad rows)", file=sys.stderr)
+        return 2
+    for name, split, converted, stats in results:
+        path = out_dir / f"{split}.parquet"
+        write_parquet(converted, path)
+        print(report(name, path, stats))
+    return 0
 
 
 def report(name: str, path: Path, stats: ConvertStats) -> str:
