@@ -6,7 +6,8 @@
 # at target 0.01 — the same with a fixed width, and the design notes' two-sided sech² with the adaptive γ;
 # each spec names the settings it depends on, so the labels stay true if defaults change)
 # `stress` preset of `isreshape-verl compare` (2 passes × 4 mini-batches per rollout batch). 84 runs of
-# 60 steps: about 2 h on 2 CPU cores (warm start cached; +4 min once if not). Interrupted? Run it again
+# 60 steps: about 1.6 h on 2 CPU cores (72 of the runs took 81 min here; warm start cached, +4 min once
+# if not). Interrupted? Run it again
 # with --resume: finished runs are kept, the others continue from their last checkpoint.
 #
 #   bash benchmarks/lag_study.sh                       # writes runs/lag_study/{report.md,*.png,summary.json}
