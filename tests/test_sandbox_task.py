@@ -79,3 +79,59 @@ def test_split_is_seeded_and_disjoint():
         make_problem(random.Random(0), 9)
     # a small difficulty has few distinct problems: the train pool is what exists, not an error
     assert 0 < len(make_split(0, 20000, 1, allow_fewer=True)) < 20000
+
+
+@pytest.fixture(scope="module")
+def tiny_policy():
+    from isreshape_verl.sandbox.model import TinyModelArgs, build_policy
+
+    return build_policy(None, TinyModelArgs(), 0)
+
+
+def test_math_like_parquet_warns_with_the_count_of_unknown_characters(tmp_path, tiny_policy):
+    import pandas as pd
+
+    from isreshape_verl.sandbox.task import fit_task, parquet_task
+
+    prompts = [f"What is {i}+1?" for i in range(7)] + ["Find $x^2$ or $y^3$.", "Let $\\frac{1}{2}$ be a_b.", "ok"]
+    rows = [{"data_source": "HuggingFaceH4/MATH-500", "prompt": [{"role": "user", "content": q}],
+             "reward_model": {"ground_truth": str(i)}} for i, q in enumerate(prompts)]
+    pd.DataFrame(rows).to_parquet(tmp_path / "math.parquet")
+    task = parquet_task(str(tmp_path / "math.parquet"), 2, 0)
+    logged = []
+    fitted = fit_task(task, tiny_policy, 28, log=logged.append)
+    assert fitted is task  # every prompt fits: nothing dropped, no second line
+    assert len(logged) == 1 and logged[0].startswith(f"warning: {task.source}: characters outside")
+    # prompts: '^' ×2 (one prompt) + '\\' ×1, '{' ×2, '}' ×2, '_' ×1 (another) = 8 characters, 5 kinds, 2 prompts
+    assert "8 character(s) of 5 kind(s) in 2 of 10 prompts" in logged[0]
+    assert "'^' ×2" in logged[0] and "'{' ×2" in logged[0] and "'\\\\' ×1" in logged[0] and "'_' ×1" in logged[0]
+    # each MATH reference solution "The answer is $\\boxed{i}$." has one '\\', one '{', one '}': 30 in 10 of 10
+    assert "30 character(s) of 3 kind(s) in 10 of 10 reference solutions (the model cannot write them)" in logged[0]
+
+
+def test_procedural_task_fits_silently(tiny_policy):
+    from isreshape_verl.sandbox.task import fit_task
+
+    task = procedural_task(0, 50, 10, 3, word_share=0.5)
+    logged = []
+    assert fit_task(task, tiny_policy, 28, log=logged.append) is task and logged == []
+
+
+def test_over_long_prompts_are_dropped_with_the_reason_and_refused_when_none_is_left(tiny_policy):
+    from isreshape_verl.sandbox.task import TaskData, fit_task
+
+    limit = tiny_policy.model.config.max_position_embeddings  # 256: TinyModelArgs.max_positions
+    budget = limit - 28  # prompt tokens = characters + 1 ("\n" ends the prompt): 227 characters just fit
+    fits, too_long = Problem("a" * (budget - 1), "#### 1", "1"), Problem("b" * budget, "#### 1", "1")
+    longest = Problem("c" * 300, "#### 1", "1")
+    task = TaskData([fits, too_long, longest], [fits, too_long], "t")
+    logged = []
+    fitted = fit_task(task, tiny_policy, 28, log=logged.append)
+    assert fitted.train == [fits] and fitted.test == [fits]
+    assert logged == [f"t: dropped 2 of 3 train and 1 of 2 test problems: prompt + max_new_tokens (28) must fit the "
+                      f"model's {limit} positions, so a prompt may have at most {budget} tokens (the longest prompt "
+                      "has 301)"]
+    with pytest.raises(ValueError, match=rf"t: no test problem fits: .* all 1 are longer \(the shortest has {budget + 1}\)"):
+        fit_task(TaskData([fits], [too_long], "t"), tiny_policy, 28)
+    with pytest.raises(ValueError, match=f"no train problem fits: prompt \\+ max_new_tokens \\({limit}\\)"):
+        fit_task(task, tiny_policy, limit)  # no room left for any prompt

@@ -20,6 +20,7 @@ improve with RL; for GSM8K/MATH use `--data FILE.parquet` (verl format, as writt
 from __future__ import annotations
 
 import random
+from collections import Counter
 from dataclasses import dataclass
 
 from verl.utils.reward_score import default_compute_score
@@ -131,6 +132,71 @@ def procedural_task(seed: int, n_train: int, n_test: int, difficulty: int, word_
     test = make_split(seed + 1_000_003, n_test, difficulty, word_share)
     train = make_split(seed, n_train, difficulty, word_share, exclude={p.prompt for p in test}, allow_fewer=True)
     return TaskData(train, test, f"procedural(difficulty={difficulty}, seed={seed})")
+
+
+def unknown_characters(tokenizer, texts: list[str]) -> list[list[str]]:
+    """For each text, the characters `tokenizer` turns into its unknown token, in order of appearance (for the
+    tiny model's char-level tokenizer: every character outside `model.CHARSET`). Empty lists for a tokenizer
+    without an unknown token (byte-level BPE writes any text) or without character offsets (slow tokenizers)."""
+    unk = tokenizer.unk_token_id
+    if unk is None or not getattr(tokenizer, "is_fast", False) or not texts:
+        return [[] for _ in texts]
+    enc = tokenizer(list(texts), add_special_tokens=False, return_offsets_mapping=True)
+    return [[text[a:b] for tok, (a, b) in zip(ids, offsets) if tok == unk]
+            for text, ids, offsets in zip(texts, enc["input_ids"], enc["offset_mapping"])]
+
+
+def _unknown_report(what: str, unknown: list[list[str]]) -> str | None:
+    """'4346 character(s) of 14 kind(s) in 355 of 500 <what> ('\\' ×1512, ...)', or None when there are none."""
+    counts = Counter(ch for chars in unknown for ch in chars)
+    if not counts:
+        return None
+    listed = ", ".join(f"{ch!r} ×{n}" for ch, n in counts.most_common())
+    hit = sum(1 for chars in unknown if chars)
+    return f"{sum(counts.values())} character(s) of {len(counts)} kind(s) in {hit} of {len(unknown)} {what} ({listed})"
+
+
+def fit_task(task: TaskData, policy, max_new_tokens: int, log=print) -> TaskData:
+    """The task as `policy` can run it, saying what it changed.
+
+    * Characters the policy's tokenizer maps to its unknown token (the tiny model's char-level tokenizer knows
+      only `model.CHARSET`) are counted in the prompts and in the reference solutions (warm-start targets) and
+      reported as one warning through `log`; nothing is dropped for them.
+    * A problem whose prompt (in tokens, as `policy.prompt_ids` builds it) plus `max_new_tokens` exceeds the
+      model's positions (`config.max_position_embeddings`; `TinyModelArgs.max_positions` for the tiny model)
+      is dropped, with one line through `log` saying how many from each split and why.
+
+    Raises ValueError naming the limit when no train or no test problem fits.
+    """
+    problems = task.train + task.test
+    prompts = unknown_characters(policy.tokenizer, [p.prompt for p in problems])
+    solutions = unknown_characters(policy.tokenizer, [p.solution for p in problems])
+    found = [r for r in (_unknown_report("prompts", prompts),
+                         _unknown_report("reference solutions (the model cannot write them)", solutions)) if r]
+    if found:
+        unk = policy.tokenizer.unk_token
+        log(f"warning: {task.source}: characters outside the tokenizer's vocabulary become {unk}: " + "; ".join(found))
+
+    limit = int(policy.model.config.max_position_embeddings)
+    budget = limit - max_new_tokens  # the longest prompt that leaves room for a full response
+
+    splits = {"train": task.train, "test": task.test}
+    lengths = {name: [len(policy.prompt_ids(p.prompt)) for p in split] for name, split in splits.items()}
+    kept = {name: [p for p, n in zip(split, lengths[name]) if n <= budget] for name, split in splits.items()}
+    why = (f"prompt + max_new_tokens ({max_new_tokens}) must fit the model's {limit} positions, "
+           f"so a prompt may have at most {budget} tokens")
+    for name in splits:
+        if not kept[name]:
+            raise ValueError(f"{task.source}: no {name} problem fits: {why}, and all {len(splits[name])} are longer "
+                             f"(the shortest has {min(lengths[name], default=0)}); lower max_new_tokens or use a "
+                             "model with more positions")
+    dropped = {name: len(splits[name]) - len(kept[name]) for name in splits}
+    if not any(dropped.values()):
+        return task
+    longest = max(max(n, default=0) for n in lengths.values())
+    log(f"{task.source}: dropped {dropped['train']} of {len(task.train)} train and {dropped['test']} of "
+        f"{len(task.test)} test problems: {why} (the longest prompt has {longest})")
+    return TaskData(kept["train"], kept["test"], f"{task.source}, prompts ≤ {budget} tokens")
 
 
 def _check_scorers(path: str, problems: list[Problem]) -> None:
