@@ -4,7 +4,7 @@
                    one panel per lag, with the smoothed sampled train reward dashed
     ratios.png     histograms of log r = log π_θ/μ over all training tokens, per loss, one panel per lag
     g_curves.png   the per-token weight g(r) of each compared loss for A > 0 and A < 0, computed from
-                   verl's own loss function by autograd (loss-agnostic, see loop.effective_weights)
+                   verl's own loss function by autograd (loss-agnostic, see diagnostics.effective_weights)
 """
 
 from __future__ import annotations
@@ -17,12 +17,22 @@ import numpy as np
 
 from isreshape_verl.sandbox.stats import area_under_curve, excludes_zero, verdict_rows
 
+REPORT_MD, SUMMARY_JSON = "report.md", "summary.json"
+ACCURACY_PNG, RATIOS_PNG, G_CURVES_PNG = "accuracy.png", "ratios.png", "g_curves.png"
+REPORT_FILES = (REPORT_MD, SUMMARY_JSON, ACCURACY_PNG, RATIOS_PNG, G_CURVES_PNG)  # what write_report writes
 ACC_THRESHOLD_GAIN = 0.05  # "steps to threshold": first evaluation ≥ start accuracy + 5 points
 COLLAPSE_DROP = 0.10  # collapse: final accuracy ≥ 10 points below the start, or non-finite metrics
 
 
 def _fmt(x, digits=3):
     return "–" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.{digits}f}"
+
+
+def collapsed_cell(count: int, bold: bool = False) -> str:
+    """The 'collapsed' cell of a (loss, lag) row: 'no (0)' or 'yes (2)', the number of seeds that collapsed;
+    report.md bolds the yes."""
+    word = "yes" if count else "no"
+    return f"{f'**{word}**' if bold and count else word} ({count})"
 
 
 def summarize_run(rows: list[dict]) -> dict:
@@ -108,7 +118,7 @@ def markdown_table(rows: list[dict]) -> str:
         sd = f" ± {r['final_sd']:.3f}" if math.isfinite(r["final_sd"]) else ""
         lines.append(
             f"| `{r['loss']}` | {r['lag']} | {r['seeds']} | {_fmt(r['start'])} | {_fmt(r['final'])}{sd} | {_fmt(r['best'])} "
-            f"| {r['hits']} | {'**yes**' if r['collapsed'] else 'no'} ({r['collapsed']}) | {_fmt(r['reward'])} "
+            f"| {r['hits']} | {collapsed_cell(r['collapsed'], bold=True)} | {_fmt(r['reward'])} "
             f"| {_fmt(r['lag_mean'], 2)} | {_fmt(r['ess'])} |"
         )
     return "\n".join(lines)
@@ -169,14 +179,18 @@ def strict_json(value):
     return value
 
 
-def terminal_table(rows: list[dict]) -> str:
+def terminal_table(rows: list[dict], out_dir: str | None = None) -> str:
+    """The results table for the terminal (same columns and wording as report.md's); with `out_dir`, followed
+    by the files `write_report` wrote there (report, summary and plots)."""
     header = f"{'loss':<40} {'lag':>5} {'seeds':>5} {'start':>6} {'final':>6} {'±sd':>6} {'best':>6} {'collapsed':>9}"
     lines = [header, "-" * len(header)]
     for r in rows:
         lines.append(
             f"{r['loss'][:40]:<40} {str(r['lag']):>5} {r['seeds']:>5} {_fmt(r['start']):>6} {_fmt(r['final']):>6} "
-            f"{_fmt(r['final_sd']):>6} {_fmt(r['best']):>6} {r['collapsed']:>9}"
+            f"{_fmt(r['final_sd']):>6} {_fmt(r['best']):>6} {collapsed_cell(r['collapsed']):>9}"
         )
+    if out_dir is not None:
+        lines += ["", f"written to {out_dir}:"] + [f"  {path}" for path in report_files(out_dir)]
     return "\n".join(lines)
 
 
@@ -268,12 +282,12 @@ def plot_ratios(runs: list[dict], path: str) -> None:
 
 
 def g_curve(spec, ratios: np.ndarray, advantage: float) -> np.ndarray:
-    """g(r) of a loss, numerically from verl's registry function (see loop.effective_weights); an
+    """g(r) of a loss, numerically from verl's registry function (see diagnostics.effective_weights); an
     adaptive-width loss is drawn at its widest width (LossSpec.drawn_at_fixed_width)."""
     import torch
 
     spec = spec.drawn_at_fixed_width()
-    from isreshape_verl.sandbox.loop import effective_weights
+    from isreshape_verl.diagnostics import effective_weights
 
     log_prob = torch.log(torch.tensor(ratios, dtype=torch.float32))[None, :]  # (1, N), log μ = 0
     old = torch.zeros_like(log_prob)
@@ -307,11 +321,16 @@ def plot_g_curves(specs, path: str) -> None:
     plt.close(fig)
 
 
+def report_files(out_dir: str) -> list[str]:
+    """Paths of the files `write_report` writes into `out_dir` (REPORT_FILES), those that exist."""
+    return [path for path in (os.path.join(out_dir, name) for name in REPORT_FILES) if os.path.exists(path)]
+
+
 def write_report(out_dir: str, runs: list[dict], specs, context: dict) -> str:
     """report.md + PNGs in `out_dir`; returns the report path. `runs`: dicts with loss, lag, seed, rows, summary."""
-    plot_accuracy(runs, os.path.join(out_dir, "accuracy.png"))
-    plot_ratios(runs, os.path.join(out_dir, "ratios.png"))
-    plot_g_curves(specs, os.path.join(out_dir, "g_curves.png"))
+    plot_accuracy(runs, os.path.join(out_dir, ACCURACY_PNG))
+    plot_ratios(runs, os.path.join(out_dir, RATIOS_PNG))
+    plot_g_curves(specs, os.path.join(out_dir, G_CURVES_PNG))
     rows = table_rows(runs)
     lines = [
         "# isreshape-verl compare",
@@ -351,11 +370,11 @@ def write_report(out_dir: str, runs: list[dict], specs, context: dict) -> str:
         "",
         diagnostics_table(runs),
         "",
-        "![test accuracy](accuracy.png)",
+        f"![test accuracy]({ACCURACY_PNG})",
         "",
-        "![ratio histograms](ratios.png)",
+        f"![ratio histograms]({RATIOS_PNG})",
         "",
-        "![g(r) of each loss](g_curves.png)",
+        f"![g(r) of each loss]({G_CURVES_PNG})",
         "",
         "## Measured lag of every run",
         "",
@@ -373,10 +392,10 @@ def write_report(out_dir: str, runs: list[dict], specs, context: dict) -> str:
             f"| {s['seconds']:.0f} |"
         )
     lines += ["", "Per-run metrics are in `runs/*/metrics.jsonl`, settings in `runs/*/config.json`.", ""]
-    path = os.path.join(out_dir, "report.md")
+    path = os.path.join(out_dir, REPORT_MD)
     with open(path, "w") as f:
         f.write("\n".join(lines))
-    with open(os.path.join(out_dir, "summary.json"), "w") as f:
+    with open(os.path.join(out_dir, SUMMARY_JSON), "w") as f:
         summary = {"table": rows, "verdict": verdict_rows(runs, runs[0]["loss"]) if runs else [],
                    "runs": [{k: v for k, v in r.items() if k != "rows"} for r in runs]}
         json.dump(strict_json(summary), f, indent=1, default=str, allow_nan=False)

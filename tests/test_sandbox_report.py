@@ -1,0 +1,51 @@
+"""The comparison report: report.md and the terminal summary say the same thing, and the terminal names the files."""
+
+import os
+
+from isreshape_verl.sandbox.report import (
+    REPORT_FILES,
+    markdown_table,
+    summarize_run,
+    table_rows,
+    terminal_table,
+    write_report,
+)
+
+
+def _rows(final_acc: float) -> list[dict]:
+    """A 2-step run's metrics.jsonl rows: test accuracy 0.5 at step 0 and `final_acc` at step 2."""
+    train = {"loss": -0.1, "entropy": 0.1, "grad_norm": 0.3, "ppo_kl": 0.01, "reward": 0.4, "reward_ema": 0.4,
+             "lag": 0, "ess": 0.99, "g_mean": 1.0, "log_ratio_hist": [1] * 40}
+    return [{"step": 0, "test_acc": 0.5}, {"step": 1, **train}, {"step": 2, **train, "test_acc": final_acc}]
+
+
+def _runs() -> list[dict]:
+    # loss "a": both seeds end at 0.55 (no collapse); loss "b": seed 1 ends at 0.3 < 0.5 - COLLAPSE_DROP (0.10)
+    finals = {("a", 0): 0.55, ("a", 1): 0.55, ("b", 0): 0.55, ("b", 1): 0.3}
+    return [{"name": f"{loss}__lag0__seed{seed}", "loss": loss, "lag": 0, "seed": seed,
+             "rows": _rows(acc), "summary": summarize_run(_rows(acc))} for (loss, seed), acc in finals.items()]
+
+
+def test_terminal_collapse_column_uses_the_reports_wording():
+    rows = table_rows(_runs())
+    assert [r["collapsed"] for r in rows] == [0, 1]
+    markdown = {line.split("|")[1].strip(" `"): line.split("|")[8].strip() for line in markdown_table(rows).splitlines()[2:]}
+    assert markdown == {"a": "no (0)", "b": "**yes** (1)"}
+    terminal = {line.split()[0]: line[-9:].strip() for line in terminal_table(rows).splitlines()[2:]}
+    assert terminal == {"a": "no (0)", "b": "yes (1)"}  # the report's words, without the Markdown bold
+
+
+def test_terminal_summary_lists_the_written_report_and_plots(tmp_path):
+    from isreshape_verl.specs import parse_loss_specs
+
+    runs = _runs()
+    context = {"command": "isreshape-verl compare", "machine": "test", "wall_seconds": 60.0, "policy": "tiny",
+               "parameters": 1e6, "task": "t", "rl": "2 steps",
+               "warm_start": {"seconds": 1.0, "accuracy": 0.5, "steps": 10}}
+    report = write_report(str(tmp_path), runs, parse_loss_specs(["vanilla"]), context)
+    written = sorted(p.name for p in tmp_path.iterdir())
+    assert written == sorted(REPORT_FILES) and report == os.path.join(tmp_path, "report.md")
+    text = terminal_table(table_rows(runs), out_dir=str(tmp_path))
+    assert text.splitlines()[-len(REPORT_FILES) - 1:] == [f"written to {tmp_path}:"] + [
+        f"  {os.path.join(tmp_path, name)}" for name in REPORT_FILES]
+    assert "written to" not in terminal_table(table_rows(runs))  # without out_dir: the table only
