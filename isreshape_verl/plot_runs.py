@@ -1,10 +1,19 @@
 """`isreshape-verl plot-runs DIR...`: plot and tabulate several verl runs side by side.
 
-Input: what verl's ``FileLogger`` (``trainer.logger`` containing ``file``) writes, one JSON
-object per line, ``{"step": int, "data": {metric: value, ...}}``. Each DIR may be
+Input: JSON lines in either of two formats, told apart line by line, so that one command plots
+cluster runs and sandbox runs alike:
+
+* verl's ``FileLogger`` (``trainer.logger`` containing ``file``): ``{"step": int, "data": {metric: value}}``;
+* the sandbox's (``isreshape-verl compare``) ``runs/<run>/metrics.jsonl``: flat rows ``{"step": int,
+  metric: value, ...}``; its metrics are read under verl's names (SANDBOX_TO_VERL), the rest as they are.
+
+The sandbox keeps its own format rather than logging through ``verl.utils.tracking.Tracking``:
+its ``--resume`` appends to metrics.jsonl, while verl's FileLogger opens its file with mode "wb"
+(a resumed run would erase its history), and its report reads the flat rows. Each DIR may be
 
 * a run folder holding ``metrics.jsonl`` (what the recipes write: RUN_ROOT/EXP_NAME/metrics.jsonl),
 * a folder holding runs (each sub-folder with a ``metrics.jsonl``; e.g. a compare.sh COMPARE_DIR),
+* a ``compare --out`` folder (its runs in ``runs/*/metrics.jsonl``: each run a curve),
 * a ``.jsonl`` file (verl's default ``<project>/<experiment>.jsonl``); or a folder of those.
 
 Records that share a step are merged (later keys win). A line that is not JSON (typically the
@@ -19,6 +28,9 @@ Output in ``--out``: one PNG per metric against step, for the metrics any run ha
   ``ppo_kl.png``         ``actor/ppo_kl`` (k1 estimate of KL(behaviour || current) over the update)
   ``is_reshape_mean_g.png`` ``actor/is_reshape/weight_mean`` (mean reshaped weight g)
   ``is_reshape_ess.png`` ``actor/is_reshape/ess`` = (Σg)² / (N·Σg²)
+
+(sandbox runs: test accuracy as ``val-core/sandbox/acc/mean@1``, and g / ESS for every loss, since
+the sandbox reads each loss's weight g off verl's gradient by autograd)
 
 -- and ``summary.md``, a Markdown table with, per run: the last step, validation score at the
 first and last validation and its best (with the step), and the mean over the last ``--last``
@@ -41,6 +53,16 @@ from pathlib import Path
 from isreshape_verl.paths import ensure_writable_dir
 
 VAL_RE = re.compile(r"^val-core/(?P<source>.+)/(?P<var>acc|reward)/mean@(?P<n>\d+)$")
+
+# The sandbox's metric names (sandbox/loop.py's rows) read as the verl metric of the same meaning.
+SANDBOX_TO_VERL = {
+    "test_acc": "val-core/sandbox/acc/mean@1",  # greedy test accuracy, as verl's default (greedy) validation
+    "reward": "critic/score/mean",  # mean score of the sampled training batch
+    "entropy": "actor/entropy",  # mean token entropy
+    "ppo_kl": "actor/ppo_kl",  # verl's ppo_kl, returned by the registered loss
+    "g_mean": "actor/is_reshape/weight_mean",  # mean per-token weight g
+    "ess": "actor/is_reshape/ess",  # (Σg)² / (N·Σg²)
+}
 
 
 @dataclass(frozen=True)
@@ -112,18 +134,26 @@ def _to_float(value) -> float | None:
     return None
 
 
+def _record(line: str) -> tuple[int, dict]:
+    """(step, {metric: value}) of one line in either format (module docstring); raises on anything else."""
+    rec = json.loads(line)
+    step = int(rec["step"])
+    if "data" in rec:  # verl's FileLogger
+        if not isinstance(rec["data"], dict):
+            raise TypeError("data is not an object")
+        return step, rec["data"]
+    return step, {SANDBOX_TO_VERL.get(k, k): v for k, v in rec.items() if k != "step"}  # compare's row
+
+
 def read_run(path: Path, name: str | None = None) -> Run:
-    """Read one FileLogger JSON-lines file."""
+    """Read one JSON-lines file: verl FileLogger records or compare's metrics rows."""
     run = Run(name or (path.parent.name if path.name == "metrics.jsonl" else path.stem), path)
     with path.open(encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, start=1):
             if not line.strip():
                 continue
             try:
-                rec = json.loads(line)
-                step, data = int(rec["step"]), rec["data"]
-                if not isinstance(data, dict):
-                    raise TypeError("data is not an object")
+                step, data = _record(line)
             except (json.JSONDecodeError, KeyError, TypeError, ValueError):
                 run.bad_lines.append(lineno)
                 continue
@@ -145,9 +175,11 @@ def find_runs(paths: Sequence[str]) -> list[Run]:
         elif (p / "metrics.jsonl").is_file():
             files.append((p / "metrics.jsonl", p.name))
         elif p.is_dir():
-            found = sorted(p.glob("*/metrics.jsonl")) or sorted(p.glob("*.jsonl"))
+            found = (sorted(p.glob("*/metrics.jsonl")) or sorted(p.glob("runs/*/metrics.jsonl"))
+                     or sorted(p.glob("*.jsonl")))
             if not found:
-                raise FileNotFoundError(f"{p}: no metrics.jsonl, */metrics.jsonl or *.jsonl inside")
+                raise FileNotFoundError(f"{p}: no metrics.jsonl, */metrics.jsonl, runs/*/metrics.jsonl (a compare "
+                                        "--out folder) or *.jsonl inside")
             files.extend((f, None) for f in found)
         else:
             raise FileNotFoundError(f"{p}: no such file or folder")
@@ -177,12 +209,17 @@ def smooth(values: list[float], k: int) -> list[float]:
     return out
 
 
+LEGEND_INSIDE_MAX = 10  # more lines than this: the legend is drawn beside the axes
+
+
 def _plot(out: Path, stem: str, title: str, ylabel: str, lines: list[tuple[str, list[int], list[float]]]) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    # many runs (a compare --out folder holds dozens): the legend goes beside the axes, in columns of 25
+    columns = -(-len(lines) // 25) if len(lines) > LEGEND_INSIDE_MAX else 0
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
     for label, xs, ys in lines:
         ax.plot(xs, ys, marker="o" if len(xs) <= 30 else None, markersize=3, linewidth=1.5, label=label)
@@ -190,10 +227,14 @@ def _plot(out: Path, stem: str, title: str, ylabel: str, lines: list[tuple[str, 
     ax.set_xlabel("step")
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
     path = out / f"{stem}.png"
-    fig.savefig(path)
+    if columns:  # the figure grows to the right to hold the legend; the axes keep their size
+        ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0), ncol=columns, frameon=False)
+        fig.savefig(path, bbox_inches="tight")
+    else:
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(path)
     plt.close(fig)
     return path
 
@@ -274,11 +315,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="isreshape-verl plot-runs",
         description="Plot validation accuracy, reward, entropy, ppo_kl and (IS Reshape) mean g / ESS against "
-        "step for several verl runs (FileLogger JSON lines), and write a Markdown summary table.",
-        epilog="example: isreshape-verl plot-runs runs/gsm8k-compare-*/* --out plots",
+        "step for several verl runs (FileLogger JSON lines) or sandbox runs (compare's metrics.jsonl), and write a "
+        "Markdown summary table.",
+        epilog="examples: isreshape-verl plot-runs runs/gsm8k-compare-*/* --out plots; "
+        "isreshape-verl plot-runs COMPARE_OUT --out plots",
     )
     parser.add_argument("paths", nargs="+", metavar="DIR",
-                        help="run folder (with metrics.jsonl), folder of runs, or FileLogger .jsonl file")
+                        help="run folder (with metrics.jsonl), folder of runs, compare --out folder, or .jsonl file")
     parser.add_argument("--out", default="plots", help="output folder for the PNGs and summary.md (default: plots)")
     parser.add_argument("--smooth", type=int, default=1, metavar="K",
                         help="trailing moving average over K points for training curves (default 1: none)")
@@ -306,8 +349,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for run in runs:
         if run.bad_lines:
-            print(f"warning: {run.path}: skipped {len(run.bad_lines)} line(s) that are not FileLogger records "
-                  f"(lines {', '.join(map(str, run.bad_lines[:5]))})", file=sys.stderr)
+            print(f"warning: {run.path}: skipped {len(run.bad_lines)} line(s) that are neither FileLogger records "
+                  f"nor compare rows (lines {', '.join(map(str, run.bad_lines[:5]))})", file=sys.stderr)
     empty = [str(r.path) for r in runs if not r.steps]
     if empty:
         print(f"isreshape-verl plot-runs: error: no metrics in {', '.join(empty)}", file=sys.stderr)

@@ -123,7 +123,8 @@ def test_errors_name_the_path(tmp_path, capsys):
     assert f"{tmp_path / 'missing'}: no such file or folder" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
     assert plot_runs.main([str(tmp_path / "empty")]) == 2
-    assert "no metrics.jsonl, */metrics.jsonl or *.jsonl inside" in capsys.readouterr().err
+    expected = "no metrics.jsonl, */metrics.jsonl, runs/*/metrics.jsonl (a compare --out folder) or *.jsonl inside"
+    assert expected in capsys.readouterr().err
     (tmp_path / "blank.jsonl").write_text("\n")
     assert plot_runs.main([str(tmp_path / "blank.jsonl")]) == 2
     assert "no metrics in" in capsys.readouterr().err
@@ -154,3 +155,58 @@ def test_unwritable_out_is_a_one_line_error(experiment, tmp_path, capsys):
     blocker.write_text("x")
     assert plot_main([str(experiment), "--out", str(blocker / "plots")]) == 2
     assert "--out" in capsys.readouterr().err
+
+
+def _write_compare_out(root: Path, names: list[str]) -> Path:
+    """A `compare --out` folder as the sandbox writes it: report files beside runs/<name>/metrics.jsonl, flat rows
+    {"step", metric: value} with null where a metric had no value (every advantage 0) and a list-valued histogram."""
+    import json
+
+    for k, name in enumerate(names):
+        run_dir = root / "runs" / name
+        run_dir.mkdir(parents=True)
+        rows = [{"step": 0, "test_acc": 0.4, "time_eval": 1.0}]
+        for step in (1, 2, 3, 4):
+            row = {"step": step, "loss": -0.1, "ppo_kl": 0.01 * step, "entropy": 0.5 + k,
+                   "g_mean": None if step == 2 else 1.0 - 0.01 * step, "ess": None if step == 2 else 0.9,
+                   "ratio_p99": 1.2, "log_ratio_hist": [1, 2, 3], "reward": 0.1 * step, "lag": 0}
+            if step % 2 == 0:
+                row["test_acc"] = 0.4 + 0.05 * step / 2  # 0.45 at step 2, 0.5 at step 4
+            rows.append(row)
+        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r, allow_nan=False) + "\n" for r in rows))
+    (root / "report.md").write_text("# isreshape-verl compare\n")
+    (root / "summary.json").write_text("{}")
+    return root
+
+
+def test_compare_out_folder_each_run_a_curve(tmp_path, capsys):
+    out_dir = _write_compare_out(tmp_path / "cmp", ["vanilla__lag0__seed0", "sapo__lag0__seed0"])
+    plots = tmp_path / "plots"
+    assert plot_runs.main([str(out_dir), "--out", str(plots), "--last", "2"]) == 0
+    assert capsys.readouterr().err == ""  # every line read: none skipped
+    assert sorted(p.name for p in plots.glob("*.png")) == [
+        "entropy.png", "is_reshape_ess.png", "is_reshape_mean_g.png", "ppo_kl.png", "reward.png", "val_accuracy.png"]
+    for png in plots.glob("*.png"):
+        assert png.read_bytes()[:8] == PNG_MAGIC and png.stat().st_size > 5_000
+    table = (plots / "summary.md").read_text()
+    # val (test_acc) 0.4 at step 0, 0.45 at 2, 0.5 at 4; mean of the last 2 points: reward (0.3 + 0.4)/2 = 0.35,
+    # ppo_kl (0.03 + 0.04)/2 = 0.035, g (steps 3, 4; step 2 is null) (0.97 + 0.96)/2 = 0.965, ESS 0.9
+    assert "| vanilla__lag0__seed0 | 4 | 0.4 | 0.5 | 0.5 (4) | 0.35 | 0.5 | 0.035 | 0.965 | 0.9 |" in table
+    assert "| sapo__lag0__seed0 | 4 | 0.4 | 0.5 | 0.5 (4) | 0.35 | 1.5 | 0.035 | 0.965 | 0.9 |" in table
+    run = next(r for r in plot_runs.find_runs([str(out_dir)]) if r.name == "sapo__lag0__seed0")
+    assert run.steps[2]["val-core/sandbox/acc/mean@1"] == pytest.approx(0.45)  # read under verl's names
+    assert run.steps[3]["ratio_p99"] == 1.2 and "actor/is_reshape/ess" not in run.steps[2]  # null: no value
+
+
+def test_sandbox_and_verl_runs_in_one_command(experiment, tmp_path):
+    out_dir = _write_compare_out(tmp_path / "cmp", ["vanilla__lag0__seed0"])
+    runs = plot_runs.find_runs([str(out_dir / "runs" / "vanilla__lag0__seed0"), str(experiment / "grpo")])
+    assert [r.name for r in runs] == ["vanilla__lag0__seed0", "grpo"]
+    written = plot_runs.plot_runs(runs, tmp_path / "plots")
+    assert (tmp_path / "plots" / "reward.png") in written
+    # many runs: the legend moves beside the axes and the figure grows to the right; the axes keep 7 x 4.2 in
+    many = _write_compare_out(tmp_path / "many", [f"loss{i}__lag0__seed0" for i in range(12)])
+    plot_runs.plot_runs(plot_runs.find_runs([str(many)]), tmp_path / "many_plots")
+    import matplotlib.image as mpimg
+
+    assert mpimg.imread(tmp_path / "many_plots" / "reward.png").shape[1] > 840
