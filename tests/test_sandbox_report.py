@@ -29,7 +29,8 @@ def _runs() -> list[dict]:
 def test_terminal_collapse_column_uses_the_reports_wording():
     rows = table_rows(_runs())
     assert [r["collapsed"] for r in rows] == [0, 1]
-    markdown = {line.split("|")[1].strip(" `"): line.split("|")[8].strip() for line in markdown_table(rows).splitlines()[2:]}
+    cells = [line.split("|") for line in markdown_table(rows).splitlines()[2:]]
+    markdown = {cell[1].strip(" `"): cell[8].strip() for cell in cells}  # column 8: collapsed
     assert markdown == {"a": "no (0)", "b": "**yes** (1)"}
     terminal = {line.split()[0]: line[-9:].strip() for line in terminal_table(rows).splitlines()[2:]}
     assert terminal == {"a": "no (0)", "b": "yes (1)"}  # the report's words, without the Markdown bold

@@ -131,7 +131,8 @@ def test_over_long_prompts_are_dropped_with_the_reason_and_refused_when_none_is_
     assert logged == [f"t: dropped 2 of 3 train and 1 of 2 test problems: prompt + max_new_tokens (28) must fit the "
                       f"model's {limit} positions, so a prompt may have at most {budget} tokens (the longest prompt "
                       "has 301)"]
-    with pytest.raises(ValueError, match=rf"t: no test problem fits: .* all 1 are longer \(the shortest has {budget + 1}\)"):
+    refused = rf"t: no test problem fits: .* all 1 are longer \(the shortest has {budget + 1}\)"
+    with pytest.raises(ValueError, match=refused):
         fit_task(TaskData([fits], [too_long], "t"), tiny_policy, 28)
     with pytest.raises(ValueError, match=f"no train problem fits: prompt \\+ max_new_tokens \\({limit}\\)"):
         fit_task(task, tiny_policy, limit)  # no room left for any prompt

@@ -391,7 +391,8 @@ def write_report(out_dir: str, runs: list[dict], specs, context: dict) -> str:
             f"| {s['train_tokens_per_s']:.0f} | {s['time_gen']:.2f} + {s['time_logprob']:.2f} + {s['time_train']:.2f} "
             f"| {s['seconds']:.0f} |"
         )
-    lines += ["", "Per-run metrics are in `runs/*/metrics.jsonl`, settings in `runs/*/config.json`.", ""]
+    lines += ["", "Per-run metrics are in `runs/*/metrics.jsonl`, settings in `runs/*/config.json`; "
+              f"`isreshape-verl plot-runs {out_dir}` plots every run as a curve, beside cluster runs if given.", ""]
     path = os.path.join(out_dir, REPORT_MD)
     with open(path, "w") as f:
         f.write("\n".join(lines))
