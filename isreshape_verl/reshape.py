@@ -183,16 +183,18 @@ def mixing_gamma(params: ISReshapeParams, log_ratio: torch.Tensor, advantages: t
 
 
 def reshape_terms(params: ISReshapeParams, log_ratio: torch.Tensor, advantages: torch.Tensor,
-                  width_scale: torch.Tensor | float = 1.0) -> ReshapeTerms:
+                  width_scale: torch.Tensor | float = 1.0, ratio: torch.Tensor | None = None) -> ReshapeTerms:
     """All IS Reshape quantities from an (already clamped) log ratio; differentiable in `log_ratio`.
 
     The kernel widths are width_scale·width (A > 0) and width_scale·width_neg (A ≤ 0); `width_scale` is
-    the factor s chosen by width_mode=adaptive (a 0-dim tensor) and 1 otherwise.
+    the factor s chosen by width_mode=adaptive (a 0-dim tensor) and 1 otherwise. `ratio` = exp(log_ratio)
+    when the caller holds r exactly (a table at chosen ratios: r − 1 is then not rounded through log and
+    exp, which can move a box kernel's edge); None computes it.
 
     One-sided kernels act on x_eff, which equals x = r − 1 on the side the update pushes away from μ
     and 0 on the other side, so K(x_eff) = 1 there and F = F_K(x_eff) + (x − x_eff) (∫ 1 dt).
     """
-    ratio = torch.exp(log_ratio)
+    ratio = torch.exp(log_ratio) if ratio is None else ratio
     x = ratio - 1.0
     positive = advantages > 0
     width = params.width * width_scale

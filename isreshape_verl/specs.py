@@ -163,6 +163,19 @@ class LossSpec:
     def loss_agg_mode(self) -> str:
         return dict(self.overrides).get("loss_agg_mode", "token-mean")
 
+    def reshape_params(self) -> ISReshapeParams:
+        """The ISReshapeParams of an is_reshape spec: its settings over the package defaults."""
+        if self.mode != "is_reshape":
+            raise ValueError(f"loss {self.mode!r} has no IS Reshape parameters")
+        return ISReshapeParams(**{k: v for k, v in self.overrides if k != "loss_agg_mode"})
+
+    @property
+    def is_package_default(self) -> bool:
+        """True for is_reshape with every setting at the package default, however many the spec spells out
+        (`is_reshape` and `is_reshape:kernel=laplace,...` with the default values alike)."""
+        return (self.mode == "is_reshape" and self.reshape_params() == ISReshapeParams()
+                and self.loss_agg_mode == LossSpec(self.mode).loss_agg_mode)
+
     def drawn_at_fixed_width(self) -> "LossSpec":
         """This loss with `width_mode=adaptive` replaced by its widest fixed width (the one an on-policy
         batch gets), for plots of g(r): an adaptive width depends on the whole batch, so a curve read off
@@ -170,7 +183,7 @@ class LossSpec:
         if self.mode != "is_reshape":
             return self
         settings = dict(self.overrides)
-        params = ISReshapeParams(**{k: v for k, v in settings.items() if k != "loss_agg_mode"})
+        params = self.reshape_params()
         if params.width_mode != "adaptive":
             return self
         scale = params.widest / params.width

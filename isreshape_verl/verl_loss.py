@@ -36,6 +36,7 @@ from typing import Any, Optional
 import torch
 from verl.trainer.ppo.core_algos import agg_loss, register_policy_loss
 
+from isreshape_verl.diagnostics import ess_from_sums, quantiles
 from isreshape_verl.reshape import ISReshapeParams, is_reshape_token_loss
 from isreshape_verl.specs import LOSS_AGG_MODES
 
@@ -138,8 +139,7 @@ class _MetricSums:
             sample = torch.cat(self.samples)
             if sample.numel() == 0:  # no valid token in the sampled rows
                 sample = extremes[:, 0]
-            p01, p50, p99 = torch.quantile(sample, torch.tensor([0.01, 0.5, 0.99], dtype=sample.dtype,
-                                                                device=sample.device)).exp().unbind()
+            p01, p50, p99 = quantiles(sample).exp().unbind()  # of log r: exp is monotone
             p = self.params
             width_neg = p.width if p.width_neg is None else p.width_neg
             metrics = {
@@ -147,7 +147,7 @@ class _MetricSums:
                 "actor/pg_clipfrac": s["soft_clipped"] / n_safe,
                 "actor/is_reshape/weight_mean": s["g_sum"] / n_safe,
                 "actor/is_reshape/gamma_mean": s["gamma"] / n_safe,
-                "actor/is_reshape/ess": s["g_sum"] ** 2 / (n_safe * s["g_sq"]).clamp(min=torch.finfo(s["g_sq"].dtype).tiny),
+                "actor/is_reshape/ess": ess_from_sums(s["g_sum"], s["g_sq"], n_safe),
                 "actor/is_reshape/ratio_min": extremes[:, 0].min().exp(),
                 "actor/is_reshape/ratio_p01": p01,
                 "actor/is_reshape/ratio_p50": p50,

@@ -16,10 +16,12 @@ import torch
 from isreshape_verl.lab import cli
 from isreshape_verl.lab.behaviour import kl_behaviour, lagged_behaviour, train_trajectory
 from isreshape_verl.lab.estimators import (
+    Estimator,
     advantages,
     build_estimators,
     conditional_reward_variance,
     estimate,
+    estimator_from_label,
     kish_ess,
     summarise,
     weight_curve,
@@ -258,6 +260,40 @@ def test_read_off_weights_match_the_formulas():
 def test_losses_use_the_shared_spec_parser():
     (est,) = build_estimators(["is_reshape:kernel=cauchy,width=2"], [])
     assert est.spec == parse_loss_spec("is_reshape:kernel=cauchy,width=2") and est.label == "is_reshape:kernel=cauchy,width=2"
+
+
+def test_plot_style_follows_the_spec_not_the_label_text():
+    """The package default is drawn as the default's line however its spec is spelled (the lab's own list
+    spells every setting out); a baseline gets its own colour; other variants are grey."""
+    from dataclasses import asdict
+
+    from isreshape_verl.lab import report
+    from isreshape_verl.lab.experiment import DEFAULT_LOSSES
+    from isreshape_verl.specs import _format_value
+
+    default = report._style("is_reshape", [])
+    spelled = "is_reshape:" + ",".join(f"{k}={_format_value(v)}" for k, v in asdict(ISReshapeParams()).items())
+    in_lab_list = [text for text in DEFAULT_LOSSES if parse_loss_spec(text).is_package_default]
+    assert len(in_lab_list) == 1  # the lab compares the package default, once
+    for text in (spelled, in_lab_list[0]):
+        assert report.highlighted_line(str(parse_loss_spec(text))) == report.DEFAULT_LINE
+        assert report._style(str(parse_loss_spec(text)), []) == default
+    assert default["color"] != "grey"
+    vanilla, sapo = report._style("vanilla", []), report._style("sapo", [])
+    assert vanilla["color"] not in ("grey", default["color"], sapo["color"])
+    for variant in ("is_reshape:kernel=cauchy,width=2", "is_reshape:gamma_mode=fixed", "vanilla:clip_ratio=0.1",
+                    "ref:oracle:lambda=4"):
+        assert report._style(variant, [])["color"] == "grey"
+
+
+def test_references_behave_by_their_typed_field():
+    assert [e.reference for e in build_estimators([], ["ref:is_seq", "ref:oracle"])] == ["ref:is_seq"] + ["ref:oracle"] * 4
+    r = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)
+    renamed = Estimator("any name", reference="ref:is_token")
+    torch.testing.assert_close(weight_curve(renamed, r, 1.0), r, rtol=1e-14, atol=0)  # token IS: g = r
+    with pytest.raises(ValueError, match="exactly one"):
+        Estimator("ref:is_token")  # no spec and no reference: nothing to compute
+    assert estimator_from_label("ref:oracle:lambda=4").oracle_lambda == 4.0
 
 
 # ---------------------------------------------------------------- experiment and CLI

@@ -37,8 +37,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from isreshape_verl.diagnostics import kish_ess, weights_from_gradients  # noqa: F401  (kish_ess: the lab's ESS)
 from isreshape_verl.lab.policy import SequenceSpace
-from isreshape_verl.specs import LossSpec, parse_loss_specs
+from isreshape_verl.specs import LossSpec, parse_loss_spec, parse_loss_specs
 
 ADVANTAGE_MODES = ("baseline", "grpo")
 REFERENCES = ("ref:is_seq", "ref:is_token", "ref:oracle")
@@ -93,7 +94,18 @@ class Estimator:
     """The parsed loss spec (None for references)."""
     oracle_lambda: float | None = None
     """λ of `ref:oracle` (in units of 1/Var_μ(R))."""
+    reference: str | None = None
+    """Which reference (one of REFERENCES) for a reference, None for a verl loss: behaviour follows this
+    field and `spec`, never the label."""
     _config: object = field(default=None, repr=False)
+
+    def __post_init__(self):
+        if (self.spec is None) == (self.reference is None):
+            raise ValueError(f"estimator {self.label!r} needs exactly one of a loss spec and a reference")
+        if self.reference is not None and self.reference not in REFERENCES:
+            raise ValueError(f"unknown reference {self.reference!r}; allowed: {', '.join(REFERENCES)}")
+        if self.reference == "ref:oracle" and self.oracle_lambda is None:
+            raise ValueError(f"estimator {self.label!r}: ref:oracle needs oracle_lambda")
 
     @property
     def agg_mode(self) -> str:
@@ -114,14 +126,12 @@ class Estimator:
 
         with torch.no_grad():
             log_ratio = (log_prob - old_log_prob).clamp(-20.0, 20.0)
-            if self.label == "ref:is_seq":
+            if self.reference == "ref:is_seq":
                 weight = log_ratio.sum(-1, keepdim=True).exp().expand_as(log_ratio)
-            elif self.label == "ref:is_token":
+            elif self.reference == "ref:is_token":
                 weight = log_ratio.exp()
-            elif self.label.startswith("ref:oracle"):
+            else:  # ref:oracle
                 weight = log_ratio.exp() / (1.0 + self.oracle_lambda * cond_var / max(reward_var, 1e-300))
-            else:
-                raise ValueError(f"unknown reference {self.label!r}")
         return agg_loss(loss_mat=-adv * weight * log_prob, loss_mask=mask, loss_agg_mode="token-mean")
 
 
@@ -132,10 +142,22 @@ def build_estimators(loss_texts: list[str], references: list[str]) -> list[Estim
         if ref not in REFERENCES:
             raise ValueError(f"unknown reference {ref!r}; allowed: {', '.join(REFERENCES)}")
         if ref == "ref:oracle":
-            out += [Estimator(f"ref:oracle:lambda={lam:g}", oracle_lambda=lam) for lam in ORACLE_LAMBDAS]
+            out += [Estimator(f"{ref}:lambda={lam:g}", oracle_lambda=lam, reference=ref) for lam in ORACLE_LAMBDAS]
         else:
-            out.append(Estimator(ref))
+            out.append(Estimator(ref, reference=ref))
     return out
+
+
+def estimator_from_label(label: str) -> Estimator:
+    """The estimator a table row names: the inverse of `build_estimators` (a row's label is the canonical
+    spec text, a reference, or `ref:oracle:lambda=λ`). Raises ValueError for anything else."""
+    if label in REFERENCES and label != "ref:oracle":
+        return Estimator(label, reference=label)
+    head, sep, lam = label.partition(":lambda=")
+    if head == "ref:oracle" and sep:
+        return Estimator(label, oracle_lambda=float(lam), reference=head)
+    spec = parse_loss_spec(label)
+    return Estimator(spec.label, spec)
 
 
 @dataclass
@@ -180,19 +202,9 @@ def estimate(estimator: Estimator, space: SequenceSpace, pi_logits: torch.Tensor
     a = agg_weight(estimator.agg_mode, r * b, length)
     grads = -grad_theta.reshape(r, p * v) / (a * b) * scale
     with torch.no_grad():
-        weights = grad_lp / (-adv_tok * a)
-        weights = torch.where(adv_tok != 0, weights, torch.full_like(weights, float("nan")))
+        weights = weights_from_gradients(grad_lp, -adv_tok * a, adv_tok != 0, fill=float("nan"))
         ratios = (log_prob - old_log_prob).clamp(-20, 20).exp()
     return Estimates(grads.detach(), weights.reshape(r, b * length), ratios.detach().reshape(r, b * length))
-
-
-def kish_ess(weights: torch.Tensor) -> torch.Tensor:
-    """ESS fraction (Σw)² / (n·Σw²) ∈ (0, 1] along the last dim, ignoring NaN; 1 when all w are equal."""
-    valid = ~torch.isnan(weights)
-    w = torch.where(valid, weights, torch.zeros_like(weights))
-    n = valid.sum(-1)
-    ess = w.sum(-1) ** 2 / (n * (w * w).sum(-1)).clamp(min=1e-300)
-    return torch.where(n > 0, ess, torch.full_like(ess, float("nan")))  # no token with A ≠ 0: undefined
 
 
 def squared_errors(est: Estimates, true_grad: torch.Tensor) -> torch.Tensor:
@@ -261,4 +273,5 @@ def weight_curve(estimator: Estimator, ratios: torch.Tensor, sign: float) -> tor
     cond_var = torch.zeros(n, 1, dtype=torch.float64)
     loss = estimator.loss(old, log_prob, adv, mask, cond_var=cond_var, reward_var=1.0)
     (grad,) = torch.autograd.grad(loss, log_prob)
-    return (grad / (-adv * agg_weight(estimator.agg_mode, n, 1))).reshape(-1).detach()
+    g = weights_from_gradients(grad, -adv * agg_weight(estimator.agg_mode, n, 1), adv != 0, fill=float("nan"))
+    return g.reshape(-1).detach()

@@ -11,22 +11,27 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 
 import pandas as pd
 
+from isreshape_verl.reshape import ISReshapeParams
+
 SUMMARY_COLUMNS = ["rel_mse", "rel_mse_best", "rel_bias2", "rel_var", "cosine", "ess", "zero_share", "cut_share"]
 CELL = ["reward", "behaviour", "distance", "advantage"]
 ORACLE = "ref:oracle*"
-HIGHLIGHT = ["vanilla", "sapo", "cispo", "gpg", "is_reshape", "ref:is_seq", "ref:is_token", ORACLE]
+DEFAULT_LINE = "is_reshape (default)"  # the line of the package default, however its spec is spelled
+BASELINES = ("vanilla", "sapo", "cispo", "gpg")  # drawn as their own line at verl's defaults (no overrides)
+HIGHLIGHT = [*BASELINES, DEFAULT_LINE, "ref:is_seq", "ref:is_token", ORACLE]  # the highlighted lines, in colour order
 CSV_NAME, MD_NAME = "lab.csv", "lab.md"
 PNG_MSE, PNG_BV, PNG_WEIGHTS = "lab_mse_vs_kl.png", "lab_bias_variance.png", "lab_weights.png"
 
 
 def best_oracle(df: pd.DataFrame) -> pd.DataFrame:
     """Replace the `ref:oracle:lambda=…` rows by the one with the lowest rel_mse per cell, named ref:oracle*."""
-    is_oracle = df["loss"].str.startswith("ref:oracle")
+    is_oracle = df["loss"].map(lambda loss: getattr(_estimator(loss), "reference", None) == "ref:oracle").astype(bool)
     if not is_oracle.any():
         return df
     oracle = df[is_oracle]
@@ -140,9 +145,49 @@ def write_markdown(df: pd.DataFrame, path: Path, command: str, wall_s: float, se
 _COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#000000", "#bcbd22", "#17becf", "#e377c2", "#8c564b"]
 
 
+@functools.lru_cache(maxsize=None)
+def _estimator(loss: str):
+    """The estimator (typed: spec or reference) a row's label names; None for a label that no longer parses."""
+    from isreshape_verl.lab.estimators import estimator_from_label
+
+    try:
+        return estimator_from_label(loss)
+    except ValueError:
+        return None
+
+
+@functools.lru_cache(maxsize=None)
+def highlighted_line(loss: str) -> str | None:
+    """The highlighted line (an entry of HIGHLIGHT) that a row's loss is drawn as, decided from the parsed
+    estimator's typed fields, never from the label's text: DEFAULT_LINE for is_reshape at the package default
+    (LossSpec.is_package_default), the mode for a baseline at verl's defaults, the reference for ref:is_seq,
+    ref:is_token and the best-λ oracle; None (an "other variant") for the rest and for labels that no longer
+    parse (a CSV from an older version)."""
+    if loss == ORACLE:  # the report's own name for the best-λ rows (best_oracle)
+        return ORACLE
+    est = _estimator(loss)
+    if est is None:
+        return None
+    if est.reference is not None:
+        return est.reference if est.reference in HIGHLIGHT else None
+    if est.spec.mode == "is_reshape":
+        return DEFAULT_LINE if est.spec.is_package_default else None
+    return est.spec.mode if est.spec.mode in BASELINES and not est.spec.overrides else None
+
+
+def _kernel_family(est) -> bool:
+    """An is_reshape variant, not highlighted, with two-sided kernels at the package's default width: the design
+    notes' comparison of kernels (and of γ) at one width, drawn dotted in lab_weights.png; other widths are grey."""
+    if est.spec is None or est.spec.mode != "is_reshape" or highlighted_line(est.label) is not None:
+        return False
+    params = est.spec.reshape_params()
+    return not params.one_sided and params.width == ISReshapeParams().width
+
+
 def _style(loss: str, extras: list[str]):
-    if loss in HIGHLIGHT:
-        return dict(lw=2.0, alpha=0.95, zorder=3, color=_COLORS[HIGHLIGHT.index(loss)])
+    line = highlighted_line(loss)
+    if line is not None:
+        return dict(lw=2.0, alpha=0.95, zorder=3, color=_COLORS[HIGHLIGHT.index(line)])
     if loss in extras:
         return dict(lw=2.0, alpha=0.95, zorder=3, ls="--", color=_COLORS[len(HIGHLIGHT) + extras.index(loss) % 2])
     return dict(lw=0.7, alpha=0.35, color="grey", zorder=1)
@@ -150,7 +195,7 @@ def _style(loss: str, extras: list[str]):
 
 def _best_variants(df: pd.DataFrame, k: int = 2) -> list[str]:
     table = summary_table(df)
-    return [loss for loss in table.index if loss not in HIGHLIGHT][:k]
+    return [loss for loss in table.index if highlighted_line(loss) is None][:k]
 
 
 def plot_mse_vs_kl(df: pd.DataFrame, path: Path, advantage: str = "grpo") -> None:
@@ -183,7 +228,7 @@ def plot_mse_vs_kl(df: pd.DataFrame, path: Path, advantage: str = "grpo") -> Non
     handles, labels = [], []
     for ax in axes.flat:
         for h, lab in zip(*ax.get_legend_handles_labels()):
-            if lab not in labels and (lab in HIGHLIGHT or lab in extras):
+            if lab not in labels and (highlighted_line(lab) is not None or lab in extras):
                 handles.append(h)
                 labels.append(lab)
     handles.append(plt.Line2D([], [], color="grey", lw=0.7))
@@ -213,7 +258,7 @@ def plot_bias_variance(df: pd.DataFrame, path: Path, advantage: str = "grpo") ->
             rows = rows.sort_values("distance")
             style = _style(loss, extras)
             ax.plot(rows["rel_var"], rows["rel_bias2"].clip(lower=1e-4), marker="o", ms=3, label=loss, **style)
-            if loss in HIGHLIGHT or loss in extras:
+            if highlighted_line(loss) is not None or loss in extras:
                 ax.annotate(loss, (rows["rel_var"].iloc[-1], max(rows["rel_bias2"].iloc[-1], 1e-4)), fontsize=6)
         ax.set_xscale("log")
         ax.set_yscale("log")
@@ -239,12 +284,13 @@ def plot_weights(estimators, path: Path) -> None:
     from isreshape_verl.lab.estimators import weight_curve
 
     ratios = torch.logspace(math.log10(0.05), math.log10(8.0), 400, dtype=torch.float64)
-    shown = [e for e in estimators if e.label != "ref:is_seq" and not e.label.startswith("ref:oracle")]
+    # sequence-level IS and the oracle's weights are not functions of r alone
+    shown = [e for e in estimators if e.reference not in ("ref:is_seq", "ref:oracle")]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
     for ax, sign in zip(axes, (1.0, -1.0)):
         for est in shown:
             style = _style(est.label, [])
-            if "kernel=" in est.label and "one_sided" not in est.label and "width=1" in est.label:
+            if _kernel_family(est):
                 style = dict(lw=1.4, alpha=0.9, ls=":", zorder=2)
             ax.plot(ratios, weight_curve(est, ratios, sign), label=est.label, **style)
         ax.set_xscale("log")
@@ -255,7 +301,9 @@ def plot_weights(estimators, path: Path) -> None:
         ax.axvline(1.0, color="black", lw=0.5)
         ax.grid(alpha=0.3, which="both")
     handles, labels = axes[0].get_legend_handles_labels()
-    keep = [(h, lab) for h, lab in zip(handles, labels) if lab in HIGHLIGHT or ("width=1" in lab and "kernel=" in lab)]
+    by_label = {est.label: est for est in shown}
+    keep = [(h, lab) for h, lab in zip(handles, labels)
+            if highlighted_line(lab) is not None or _kernel_family(by_label[lab])]
     fig.legend(*zip(*keep), loc="center right", fontsize=7, frameon=False)
     fig.suptitle("Per-token gradient weight of each loss (read off verl's loss by autograd; grey: other widths)", fontsize=11)
     fig.tight_layout(rect=(0, 0, 0.78, 1))
