@@ -30,7 +30,8 @@ RATIOS = torch.tensor([0.5, 0.79, 0.9, 1.0, 1.1, 1.19, 1.5, 2.5], dtype=F64)  # 
 
 
 def test_ess_is_one_for_equal_weights_and_one_over_k_for_one_nonzero_weight():
-    assert float(kish_ess(torch.full((7,), 0.3, dtype=F64))) == pytest.approx(1.0, rel=1e-15)  # (7·0.3)² / (7·7·0.09)
+    # (7·0.3)² / (7·7·0.09) = 1
+    assert float(kish_ess(torch.full((7,), 0.3, dtype=F64))) == pytest.approx(1.0, rel=1e-15)
     for k in (1, 2, 5, 8):
         g = torch.zeros(k, dtype=F64)
         g[k // 2] = 3.0
@@ -52,7 +53,8 @@ def test_ess_from_masked_sums_equals_ess_of_the_masked_tokens():
     from_sums = ess_from_sums((g * m).sum(), (g * g * m).sum(), m.sum())
     direct = g[m.bool()].sum() ** 2 / (m.sum() * (g[m.bool()] ** 2).sum())
     assert from_sums.item() == pytest.approx(direct.item(), rel=1e-14)
-    assert from_sums.item() == pytest.approx(kish_ess(torch.where(m.bool(), g, float("nan")).reshape(-1)).item(), rel=1e-14)
+    masked = torch.where(m.bool(), g, float("nan")).reshape(-1)
+    assert from_sums.item() == pytest.approx(kish_ess(masked).item(), rel=1e-14)
     zero = torch.zeros((), dtype=F64)
     assert ess_from_sums(zero, zero, zero).item() == 0.0  # N = 0 stays finite (verl averages its metrics)
 
