@@ -9,8 +9,8 @@ command with verl's own ``ppo_trainer`` config (exactly as ``main_ppo`` would), 
 2. runs ``verl.utils.config.validate_config`` as ``main_ppo`` does;
 3. re-states the start-up assertions of verl's v1 trainers and workers that ``validate_config``
    does not cover (each one cites where verl asserts it), and
-4. the invariants of this project's comparison recipes (``policy=True``): the importance ratio
-   r = π_θ/μ is taken against the behaviour policy μ, i.e. ``bypass_mode=True``, rollout
+4. the invariants of this project's comparison recipes (``comparison_invariants=True``): the
+   importance ratio r = π_θ/μ is taken against the behaviour policy μ, i.e. ``bypass_mode=True``, rollout
    log-probs on, ``top_p = 1`` and ``top_k = -1`` (vLLM's processed log-probs would otherwise
    be those of a truncated, renormalised distribution that the trainer never recomputes).
 
@@ -27,13 +27,13 @@ import contextlib
 import io
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 TRAINER_MODES = ("sync", "colocate_async", "separate_async")
-ASYNC_TO_MODE = {"sync": "sync", "colocate": "colocate_async", "separate": "separate_async"}
 
 
 class RecipeCheckError(ValueError):
@@ -81,177 +81,354 @@ def _try(problems: list[str], what: str, fn) -> Any:
         return None
 
 
+@dataclass
+class Launch:
+    """A composed config, the dataclasses verl built from it, and the numbers the checks compare.
+
+    Each number is read from the config here, once; a check reads it by name."""
+
+    cfg: Any
+    actor: Any = None  # verl's ActorConfig, None when it did not build
+    rollout: Any = None  # verl's RolloutConfig, None when it did not build
+    comparison_invariants: bool = True
+
+    def get(self, key: str, default=None):
+        from omegaconf import OmegaConf
+
+        return OmegaConf.select(self.cfg, key, default=default)
+
+    @cached_property
+    def mode(self) -> str | None:
+        return self.get("trainer.v1.trainer_mode")
+
+    @property
+    def separate(self) -> bool:
+        return self.mode == "separate_async"
+
+    @cached_property
+    def train_batch(self) -> int:
+        return int(self.get("data.train_batch_size"))
+
+    @cached_property
+    def mini_batch(self) -> int:
+        return int(self.get("actor_rollout_ref.actor.ppo_mini_batch_size"))
+
+    @cached_property
+    def n(self) -> int:
+        return int(self.get("actor_rollout_ref.rollout.n"))
+
+    @cached_property
+    def parameter_sync_step(self) -> int:
+        if self.mode not in TRAINER_MODES:
+            return 1
+        return int(self.get(f"trainer.v1.{self.mode}.parameter_sync_step", 1) or 1)
+
+    @cached_property
+    def hybrid(self) -> bool:
+        return bool(self.get("actor_rollout_ref.hybrid_engine", True))
+
+    @cached_property
+    def trainer_nodes(self) -> int:
+        return int(self.get("trainer.nnodes"))
+
+    @cached_property
+    def trainer_gpus_per_node(self) -> int:
+        return int(self.get("trainer.n_gpus_per_node"))
+
+    @property
+    def trainer_gpus(self) -> int:
+        return self.trainer_nodes * self.trainer_gpus_per_node
+
+    @cached_property
+    def rollout_nodes(self) -> int:
+        return int(self.get("actor_rollout_ref.rollout.nnodes", 0) or 0)
+
+    @cached_property
+    def rollout_gpus_per_node(self) -> int:
+        return int(self.get("actor_rollout_ref.rollout.n_gpus_per_node", 0) or 0)
+
+    @cached_property
+    def rollout_parallel(self) -> tuple[int, int, int]:
+        """The rollout's (tensor, data, pipeline) parallel sizes."""
+        return tuple(
+            int(self.get(f"actor_rollout_ref.rollout.{kind}_parallel_size", 1))
+            for kind in ("tensor_model", "data", "pipeline_model")
+        )
+
+    @cached_property
+    def bypass(self) -> bool:
+        return bool(self.get("algorithm.rollout_correction.bypass_mode", False))
+
+
+# ---- the start-up assertions of verl's v1 trainers and workers that validate_config does not make ----
+def loss_is_registered(c: Launch) -> Iterator[str]:
+    """core_algos.get_policy_loss_fn: the loss mode is in verl's registry (plugins loaded)."""
+    from verl.trainer.ppo.core_algos import get_policy_loss_fn
+
+    problems: list[str] = []
+    loss_mode = c.get("actor_rollout_ref.actor.policy_loss.loss_mode")
+    _try(problems, f"policy loss {loss_mode!r} (core_algos.get_policy_loss_fn)", lambda: get_policy_loss_fn(loss_mode))
+    yield from problems
+
+
+def is_reshape_knobs_reach_the_loss(c: Launch) -> Iterator[str]:
+    """loss_mode=is_reshape with verl's own PolicyLossConfig would silently drop every IS Reshape knob."""
+    if c.actor is None or c.get("actor_rollout_ref.actor.policy_loss.loss_mode") != "is_reshape":
+        return
+    if type(c.actor.policy_loss).__name__ != "ISReshapeLossConfig":
+        target = c.get("actor_rollout_ref.actor.policy_loss._target_")
+        yield (
+            f"loss_mode=is_reshape needs actor_rollout_ref.actor.policy_loss._target_="
+            f"isreshape_verl.config.ISReshapeLossConfig (got {target!r}); its knobs would be ignored"
+        )
+
+
+def v1_trainer(c: Launch) -> Iterator[str]:
+    """trainer_base.get_trainer_cls: the v1 trainers and their three modes."""
+    if not bool(c.get("trainer.use_v1", True)):
+        yield "trainer.use_v1=False selects the deprecated v0 trainer; the recipes need the v1 trainers"
+    if c.mode not in TRAINER_MODES:
+        yield f"trainer.v1.trainer_mode={c.mode!r} is not one of {', '.join(TRAINER_MODES)}"
+
+
+def batch_divides_by_sync_step(c: Launch) -> Iterator[str]:
+    """trainer_base.PPOTrainer.step."""
+    if c.train_batch % c.parameter_sync_step:
+        yield (f"data.train_batch_size ({c.train_batch}) must be divisible by "
+               f"parameter_sync_step ({c.parameter_sync_step})")
+
+
+def off_policy_threshold(c: Launch) -> Iterator[str]:
+    """replay_buffer.ReplayBuffer.__init__."""
+    threshold = c.get("trainer.v1.sampler.max_off_policy_threshold")
+    if threshold is not None and (not isinstance(threshold, int) or isinstance(threshold, bool) or threshold <= 0):
+        yield f"trainer.v1.sampler.max_off_policy_threshold={threshold!r} must be a positive int or null"
+
+
+def off_policy_strategy(c: Launch) -> Iterator[str]:
+    strategy = c.get("trainer.v1.sampler.max_off_policy_strategy")
+    if strategy not in ("drop", "wait"):
+        yield f"trainer.v1.sampler.max_off_policy_strategy={strategy!r} must be 'drop' or 'wait'"
+
+
+def hybrid_engine_mode(c: Launch) -> Iterator[str]:
+    """ppo_trainer.yaml: hybrid_engine=False only with separate_async."""
+    if not c.hybrid and not c.separate:
+        yield f"actor_rollout_ref.hybrid_engine=False is only supported by separate_async, not {c.mode!r}"
+
+
+def separate_async_batch(c: Launch) -> Iterator[str]:
+    """trainer_separate_async.PPOTrainerSeparateAsync.__init__ (and the three checks below)."""
+    if c.separate and c.train_batch != c.parameter_sync_step * c.mini_batch:
+        yield (
+            f"separate_async needs data.train_batch_size == trainer.v1.separate_async.parameter_sync_step "
+            f"x actor.ppo_mini_batch_size, got {c.train_batch} != {c.parameter_sync_step} x {c.mini_batch}"
+        )
+
+
+def separate_async_rollout_gpus(c: Launch) -> Iterator[str]:
+    if c.separate and (c.rollout_nodes <= 0 or c.rollout_gpus_per_node <= 0):
+        yield (
+            "separate_async needs standalone rollout GPUs: actor_rollout_ref.rollout.nnodes > 0 and "
+            f"actor_rollout_ref.rollout.n_gpus_per_node > 0 (got {c.rollout_nodes} x {c.rollout_gpus_per_node})"
+        )
+
+
+def separate_async_weight_sync(c: Launch) -> Iterator[str]:
+    if c.separate and c.get("actor_rollout_ref.rollout.checkpoint_engine.backend") == "naive":
+        yield (
+            "separate_async needs actor_rollout_ref.rollout.checkpoint_engine.backend other than 'naive' "
+            "(nccl, nixl, mooncake, ...) to sync weights to the standalone rollout"
+        )
+
+
+def separate_async_reward_pool(c: Launch) -> Iterator[str]:
+    if not c.separate:
+        return
+    from verl.trainer.ppo.utils import need_reward_model
+
+    if need_reward_model(c.cfg) and not c.get("reward.reward_model.enable_resource_pool"):
+        yield "separate_async with a reward model needs reward.reward_model.enable_resource_pool=True"
+
+
+def rollout_parallel_divides_gpus(c: Launch) -> Iterator[str]:
+    """engine_workers.ActorRolloutRefWorker: rollout world size divisible by the inference parallel size."""
+    tp, dp, pp = c.rollout_parallel
+    world = tp * dp * pp
+    if c.hybrid and c.trainer_gpus % world:
+        yield (
+            f"trainer GPUs ({c.trainer_nodes} x {c.trainer_gpus_per_node} = {c.trainer_gpus}) not divisible by "
+            f"the rollout's tensor x data x pipeline parallel size ({tp} x {dp} x {pp})"
+        )
+    if c.separate and c.rollout_nodes * c.rollout_gpus_per_node % world:
+        yield (
+            f"standalone rollout GPUs ({c.rollout_nodes} x {c.rollout_gpus_per_node}) not divisible by the "
+            f"rollout's tensor x data x pipeline parallel size ({tp} x {dp} x {pp})"
+        )
+
+
+def dynamic_batch_flags_match(c: Launch) -> Iterator[str]:
+    """engine_workers: the actor's dynamic-batch flag must match the rollout log-prob one."""
+    if bool(c.get("actor_rollout_ref.actor.use_dynamic_bsz")) != bool(
+        c.get("actor_rollout_ref.rollout.log_prob_use_dynamic_bsz")
+    ):
+        yield "actor.use_dynamic_bsz must equal rollout.log_prob_use_dynamic_bsz"
+
+
+def mini_batch_splits_over_data_parallel(c: Launch) -> Iterator[str]:
+    """engine_workers.TrainingWorker.train_batch: the global mini-batch splits evenly over data-parallel ranks."""
+    sp = int(c.get("actor_rollout_ref.actor.ulysses_sequence_parallel_size", 1) or 1)
+    actor_dp = max(c.trainer_gpus // sp, 1)
+    sequences = c.mini_batch * c.n
+    if sequences % actor_dp:
+        yield (
+            f"actor mini-batch ppo_mini_batch_size x rollout.n = {c.mini_batch} x {c.n} = {sequences} sequences "
+            f"must be divisible by the actor's data-parallel size ({actor_dp})"
+        )
+
+
+def train_batch_is_whole_mini_batches(c: Launch) -> Iterator[str]:
+    """Recipe rule (not a verl assertion)."""
+    if c.train_batch % c.mini_batch:
+        yield (
+            f"data.train_batch_size ({c.train_batch}) must be a multiple of ppo_mini_batch_size ({c.mini_batch}) "
+            "(recipe rule: otherwise every step ends with a short PPO mini-batch)"
+        )
+
+
+def rollout_log_probs_recorded(c: Launch) -> Iterator[str]:
+    """Bypass mode reads rollout_log_probs (trainer_base._compute_old_log_prob, rollout_corr_helper);
+    the comparison invariants need bypass mode, hence the log-probs too."""
+    if (c.bypass or c.comparison_invariants) and not c.get("actor_rollout_ref.rollout.calculate_log_probs"):
+        who = "algorithm.rollout_correction.bypass_mode=True needs" if c.bypass else "comparison recipes need"
+        yield f"{who} actor_rollout_ref.rollout.calculate_log_probs=True"
+
+
+def grpo_has_groups(c: Launch) -> Iterator[str]:
+    if c.get("algorithm.adv_estimator") == "grpo" and c.n < 2:
+        yield f"GRPO needs rollout.n >= 2 answers per prompt for a group baseline (got {c.n})"
+
+
+def rollout_engine_named(c: Launch) -> Iterator[str]:
+    if c.rollout is not None and getattr(c.rollout, "name", None) in (None, "???"):
+        yield "actor_rollout_ref.rollout.name must be set (vllm or sglang)"
+
+
+STARTUP_CHECKS: tuple[Callable[[Launch], Iterator[str]], ...] = (
+    loss_is_registered,
+    is_reshape_knobs_reach_the_loss,
+    v1_trainer,
+    batch_divides_by_sync_step,
+    off_policy_threshold,
+    off_policy_strategy,
+    hybrid_engine_mode,
+    separate_async_batch,
+    separate_async_rollout_gpus,
+    separate_async_weight_sync,
+    separate_async_reward_pool,
+    rollout_parallel_divides_gpus,
+    dynamic_batch_flags_match,
+    mini_batch_splits_over_data_parallel,
+    train_batch_is_whole_mini_batches,
+    rollout_log_probs_recorded,
+    grpo_has_groups,
+    rollout_engine_named,
+)
+
+
+# ---- resources ----
+def fits_cluster(c: Launch, cluster_nodes: int, gpus_per_node: int) -> Iterator[str]:
+    """The trainer GPUs (and, in separate_async, the standalone rollout's) fit in the cluster."""
+    rollout_gpus = c.rollout_nodes * c.rollout_gpus_per_node if c.separate else 0
+    need = c.trainer_gpus + rollout_gpus
+    have = cluster_nodes * gpus_per_node
+    if need > have:
+        yield f"the run needs {need} GPUs but the cluster has {cluster_nodes} x {gpus_per_node} = {have}"
+    if c.trainer_gpus_per_node > gpus_per_node or (c.separate and c.rollout_gpus_per_node > gpus_per_node):
+        yield f"more GPUs per node requested than the {gpus_per_node} a node has"
+
+
+# ---- this project's comparison invariants (r against the behaviour policy μ, untruncated sampling) ----
+def bypass_mode_on(c: Launch) -> Iterator[str]:
+    if not c.bypass:
+        yield "comparison recipes need algorithm.rollout_correction.bypass_mode=True (r against the behaviour policy)"
+
+
+def untruncated_sampling(c: Launch) -> Iterator[str]:
+    top_p, top_k = c.get("actor_rollout_ref.rollout.top_p"), c.get("actor_rollout_ref.rollout.top_k")
+    if float(top_p) != 1.0 or int(top_k) != -1:
+        yield (
+            f"comparison recipes need top_p=1 and top_k=-1 (got top_p={top_p}, top_k={top_k}): "
+            "truncated sampling makes the rollout log-probs those of another distribution and biases r"
+        )
+
+
+def positive_temperature(c: Launch) -> Iterator[str]:
+    if float(c.get("actor_rollout_ref.rollout.temperature")) <= 0:
+        yield "rollout temperature must be > 0 for on-policy sampling"
+
+
+COMPARISON_CHECKS: tuple[Callable[[Launch], Iterator[str]], ...] = (
+    bypass_mode_on,
+    untruncated_sampling,
+    positive_temperature,
+)
+
+
+def build_dataclasses(c: Launch, problems: list[str]) -> None:
+    """Build the dataclasses verl builds at start-up (the IS Reshape knobs are range-checked here)."""
+    from verl.utils.config import omega_conf_to_dataclass
+
+    c.actor = _try(problems, "actor_rollout_ref.actor -> dataclass",
+                   lambda: omega_conf_to_dataclass(c.cfg.actor_rollout_ref.actor))
+    c.rollout = _try(problems, "actor_rollout_ref.rollout -> dataclass",
+                     lambda: omega_conf_to_dataclass(c.cfg.actor_rollout_ref.rollout))
+    _try(problems, "algorithm -> dataclass", lambda: omega_conf_to_dataclass(c.cfg.algorithm))
+
+
+def run_verl_validation(c: Launch, problems: list[str]) -> None:
+    """verl.utils.config.validate_config, as main_ppo calls it."""
+    from verl.trainer.ppo.utils import need_critic, need_reference_policy
+    from verl.utils.config import validate_config
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        use_critic = need_critic(c.cfg)
+    with contextlib.redirect_stdout(io.StringIO()):  # verl prints its own "checks passed" line
+        _try(problems, "verl.utils.config.validate_config",
+             lambda: validate_config(c.cfg, use_reference_policy=need_reference_policy(c.cfg), use_critic=use_critic))
+
+
 def check_config(
     cfg,
     *,
-    policy: bool = True,
+    comparison_invariants: bool = True,
     cluster_nodes: int | None = None,
     gpus_per_node: int | None = None,
 ) -> CheckResult:
     """Check a composed verl config; raise :class:`RecipeCheckError` listing every problem.
 
-    ``policy``: also enforce this project's comparison invariants (see module docstring).
+    ``comparison_invariants``: also enforce this project's comparison invariants (see module docstring).
     ``cluster_nodes`` / ``gpus_per_node``: when given, the trainer (and, in separate_async,
     the standalone rollout) GPUs must fit in that cluster.
     """
-    from omegaconf import OmegaConf
-
-    from verl.trainer.ppo.core_algos import get_policy_loss_fn
-    from verl.trainer.ppo.utils import need_critic, need_reference_policy, need_reward_model
-    from verl.utils.config import omega_conf_to_dataclass, validate_config
-
     problems: list[str] = []
     result = CheckResult(cfg)
-    sel = lambda key, default=None: OmegaConf.select(cfg, key, default=default)  # noqa: E731
+    launch = Launch(cfg, comparison_invariants=comparison_invariants)
 
-    # 1. the dataclasses verl builds at start-up
-    actor = _try(problems, "actor_rollout_ref.actor -> dataclass",
-                 lambda: omega_conf_to_dataclass(cfg.actor_rollout_ref.actor))
-    rollout = _try(problems, "actor_rollout_ref.rollout -> dataclass",
-                   lambda: omega_conf_to_dataclass(cfg.actor_rollout_ref.rollout))
-    _try(problems, "algorithm -> dataclass", lambda: omega_conf_to_dataclass(cfg.algorithm))
+    build_dataclasses(launch, problems)
     result.checked.append("omega_conf_to_dataclass(actor, rollout, algorithm)")
-
-    # 2. verl's own validation, as main_ppo calls it
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        use_critic = need_critic(cfg)
-    with contextlib.redirect_stdout(io.StringIO()):  # verl prints its own "checks passed" line
-        _try(problems, "verl.utils.config.validate_config",
-             lambda: validate_config(cfg, use_reference_policy=need_reference_policy(cfg), use_critic=use_critic))
+    run_verl_validation(launch, problems)
     result.checked.append("validate_config")
-
-    # 3. start-up assertions of the v1 trainers and workers that validate_config does not make
-    loss_mode = sel("actor_rollout_ref.actor.policy_loss.loss_mode")
-    _try(problems, f"policy loss {loss_mode!r} (core_algos.get_policy_loss_fn)", lambda: get_policy_loss_fn(loss_mode))
-    if actor is not None and loss_mode == "is_reshape":
-        target = sel("actor_rollout_ref.actor.policy_loss._target_")
-        if type(actor.policy_loss).__name__ != "ISReshapeLossConfig":
-            problems.append(
-                f"loss_mode=is_reshape needs actor_rollout_ref.actor.policy_loss._target_="
-                f"isreshape_verl.config.ISReshapeLossConfig (got {target!r}); its knobs would be ignored"
-            )
-
-    use_v1 = bool(sel("trainer.use_v1", True))
-    mode = sel("trainer.v1.trainer_mode")
-    if not use_v1:
-        problems.append("trainer.use_v1=False selects the deprecated v0 trainer; the recipes need the v1 trainers")
-    if mode not in TRAINER_MODES:  # trainer_base.get_trainer_cls
-        problems.append(f"trainer.v1.trainer_mode={mode!r} is not one of {', '.join(TRAINER_MODES)}")
-
-    train_bs = int(sel("data.train_batch_size"))
-    mini_bs = int(sel("actor_rollout_ref.actor.ppo_mini_batch_size"))
-    n = int(sel("actor_rollout_ref.rollout.n"))
-    trainer_nodes = int(sel("trainer.nnodes"))
-    trainer_gpn = int(sel("trainer.n_gpus_per_node"))
-    trainer_gpus = trainer_nodes * trainer_gpn
-    hybrid = bool(sel("actor_rollout_ref.hybrid_engine", True))
-    pss = int(sel(f"trainer.v1.{mode}.parameter_sync_step", 1) or 1) if mode in TRAINER_MODES else 1
-
-    # trainer_base.PPOTrainer.step
-    if train_bs % pss:
-        problems.append(f"data.train_batch_size ({train_bs}) must be divisible by parameter_sync_step ({pss})")
-    threshold = sel("trainer.v1.sampler.max_off_policy_threshold")
-    if threshold is not None and (not isinstance(threshold, int) or isinstance(threshold, bool) or threshold <= 0):
-        # replay_buffer.ReplayBuffer.__init__
-        problems.append(f"trainer.v1.sampler.max_off_policy_threshold={threshold!r} must be a positive int or null")
-    if sel("trainer.v1.sampler.max_off_policy_strategy") not in ("drop", "wait"):
-        problems.append(
-            f"trainer.v1.sampler.max_off_policy_strategy={sel('trainer.v1.sampler.max_off_policy_strategy')!r} "
-            "must be 'drop' or 'wait'"
-        )
-    # ppo_trainer.yaml: hybrid_engine=False only with separate_async
-    if not hybrid and mode != "separate_async":
-        problems.append(f"actor_rollout_ref.hybrid_engine=False is only supported by separate_async, not {mode!r}")
-
-    rollout_nodes = int(sel("actor_rollout_ref.rollout.nnodes", 0) or 0)
-    rollout_gpn = int(sel("actor_rollout_ref.rollout.n_gpus_per_node", 0) or 0)
-    if mode == "separate_async":  # trainer_separate_async.PPOTrainerSeparateAsync.__init__
-        if train_bs != pss * mini_bs:
-            problems.append(
-                f"separate_async needs data.train_batch_size == trainer.v1.separate_async.parameter_sync_step "
-                f"x actor.ppo_mini_batch_size, got {train_bs} != {pss} x {mini_bs}"
-            )
-        if rollout_nodes <= 0 or rollout_gpn <= 0:
-            problems.append(
-                "separate_async needs standalone rollout GPUs: actor_rollout_ref.rollout.nnodes > 0 and "
-                f"actor_rollout_ref.rollout.n_gpus_per_node > 0 (got {rollout_nodes} x {rollout_gpn})"
-            )
-        backend = sel("actor_rollout_ref.rollout.checkpoint_engine.backend")
-        if backend == "naive":
-            problems.append(
-                "separate_async needs actor_rollout_ref.rollout.checkpoint_engine.backend other than 'naive' "
-                "(nccl, nixl, mooncake, ...) to sync weights to the standalone rollout"
-            )
-        if need_reward_model(cfg) and not sel("reward.reward_model.enable_resource_pool"):
-            problems.append("separate_async with a reward model needs reward.reward_model.enable_resource_pool=True")
-
-    # engine_workers.ActorRolloutRefWorker: rollout world size divisible by the inference parallel size
-    tp = int(sel("actor_rollout_ref.rollout.tensor_model_parallel_size", 1))
-    dp = int(sel("actor_rollout_ref.rollout.data_parallel_size", 1))
-    pp = int(sel("actor_rollout_ref.rollout.pipeline_model_parallel_size", 1))
-    infer_world = tp * dp * pp
-    if hybrid and trainer_gpus % infer_world:
-        problems.append(
-            f"trainer GPUs ({trainer_nodes} x {trainer_gpn} = {trainer_gpus}) not divisible by the rollout's "
-            f"tensor x data x pipeline parallel size ({tp} x {dp} x {pp})"
-        )
-    if mode == "separate_async" and rollout_nodes * rollout_gpn % infer_world:
-        problems.append(
-            f"standalone rollout GPUs ({rollout_nodes} x {rollout_gpn}) not divisible by the rollout's "
-            f"tensor x data x pipeline parallel size ({tp} x {dp} x {pp})"
-        )
-    # engine_workers: the actor's dynamic-batch flag must match the rollout log-prob one
-    use_dyn = bool(sel("actor_rollout_ref.actor.use_dynamic_bsz"))
-    if use_dyn != bool(sel("actor_rollout_ref.rollout.log_prob_use_dynamic_bsz")):
-        problems.append("actor.use_dynamic_bsz must equal rollout.log_prob_use_dynamic_bsz")
-    # engine_workers.TrainingWorker.train_batch: the global mini-batch splits evenly over data-parallel ranks
-    sp = int(sel("actor_rollout_ref.actor.ulysses_sequence_parallel_size", 1) or 1)
-    actor_dp = max(trainer_gpus // sp, 1)
-    if (mini_bs * n) % actor_dp:
-        problems.append(
-            f"actor mini-batch ppo_mini_batch_size x rollout.n = {mini_bs} x {n} = {mini_bs * n} sequences "
-            f"must be divisible by the actor's data-parallel size ({actor_dp})"
-        )
-    if train_bs % mini_bs:
-        problems.append(
-            f"data.train_batch_size ({train_bs}) must be a multiple of ppo_mini_batch_size ({mini_bs}) "
-            "(recipe rule: otherwise every step ends with a short PPO mini-batch)"
-        )
-    # bypass mode reads rollout_log_probs (trainer_base._compute_old_log_prob, rollout_corr_helper)
-    bypass = bool(sel("algorithm.rollout_correction.bypass_mode", False))
-    if bypass and not sel("actor_rollout_ref.rollout.calculate_log_probs"):
-        problems.append("algorithm.rollout_correction.bypass_mode=True needs actor_rollout_ref.rollout.calculate_log_probs=True")
-    if sel("algorithm.adv_estimator") == "grpo" and n < 2:
-        problems.append(f"GRPO needs rollout.n >= 2 answers per prompt for a group baseline (got {n})")
-    if rollout is not None and getattr(rollout, "name", None) in (None, "???"):
-        problems.append("actor_rollout_ref.rollout.name must be set (vllm or sglang)")
+    for check in STARTUP_CHECKS:
+        problems.extend(check(launch))
     result.checked.append("v1 trainer / worker start-up assertions")
-
-    # resources
     if cluster_nodes is not None and gpus_per_node is not None:
-        need = trainer_gpus + (rollout_nodes * rollout_gpn if mode == "separate_async" else 0)
-        have = cluster_nodes * gpus_per_node
-        if need > have:
-            problems.append(f"the run needs {need} GPUs but the cluster has {cluster_nodes} x {gpus_per_node} = {have}")
-        if trainer_gpn > gpus_per_node or (mode == "separate_async" and rollout_gpn > gpus_per_node):
-            problems.append(f"more GPUs per node requested than the {gpus_per_node} a node has")
+        problems.extend(fits_cluster(launch, cluster_nodes, gpus_per_node))
         result.checked.append(f"fits {cluster_nodes} x {gpus_per_node} GPUs")
-
-    # 4. this project's comparison invariants
-    if policy:
-        if not bypass:
-            problems.append("comparison recipes need algorithm.rollout_correction.bypass_mode=True (r against the behaviour policy)")
-        if not sel("actor_rollout_ref.rollout.calculate_log_probs"):
-            problems.append("comparison recipes need actor_rollout_ref.rollout.calculate_log_probs=True")
-        top_p, top_k = sel("actor_rollout_ref.rollout.top_p"), sel("actor_rollout_ref.rollout.top_k")
-        if float(top_p) != 1.0 or int(top_k) != -1:
-            problems.append(
-                f"comparison recipes need top_p=1 and top_k=-1 (got top_p={top_p}, top_k={top_k}): "
-                "truncated sampling makes the rollout log-probs those of another distribution and biases r"
-            )
-        if float(sel("actor_rollout_ref.rollout.temperature")) <= 0:
-            problems.append("rollout temperature must be > 0 for on-policy sampling")
+    if comparison_invariants:
+        for check in COMPARISON_CHECKS:
+            problems.extend(check(launch))
         result.checked.append("comparison invariants (bypass_mode, rollout log-probs, top_p=1, top_k=-1)")
 
     if problems:
@@ -262,7 +439,7 @@ def check_config(
 def check_overrides(
     overrides: Sequence[str],
     *,
-    policy: bool = True,
+    comparison_invariants: bool = True,
     cluster_nodes: int | None = None,
     gpus_per_node: int | None = None,
 ) -> CheckResult:
@@ -272,7 +449,9 @@ def check_overrides(
         cfg = compose(overrides)
     except Exception as exc:  # noqa: BLE001
         raise RecipeCheckError([f"Hydra could not compose the overrides: {type(exc).__name__}: {exc}"]) from exc
-    return check_config(cfg, policy=policy, cluster_nodes=cluster_nodes, gpus_per_node=gpus_per_node)
+    return check_config(
+        cfg, comparison_invariants=comparison_invariants, cluster_nodes=cluster_nodes, gpus_per_node=gpus_per_node
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -284,7 +463,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cluster-nodes", type=int, default=None, help="nodes available (checks the GPUs fit)")
     parser.add_argument("--gpus-per-node", type=int, default=None, help="GPUs per node available")
     parser.add_argument(
-        "--no-policy", action="store_true", help="skip this project's comparison invariants (bypass_mode, top_p, top_k)"
+        "--no-comparison-invariants",
+        action="store_true",
+        help="skip this project's comparison invariants (bypass_mode, rollout log-probs, top_p, top_k)",
     )
     parser.add_argument("--quiet", action="store_true", help="print nothing on success")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides as passed to verl.trainer.main_ppo")
@@ -295,7 +476,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         result = check_overrides(
-            args.overrides, policy=not args.no_policy, cluster_nodes=args.cluster_nodes, gpus_per_node=args.gpus_per_node
+            args.overrides,
+            comparison_invariants=not args.no_comparison_invariants,
+            cluster_nodes=args.cluster_nodes,
+            gpus_per_node=args.gpus_per_node,
         )
     except RecipeCheckError as exc:
         print(exc, file=sys.stderr)

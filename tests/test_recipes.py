@@ -185,6 +185,13 @@ def test_check_catches_what_would_fail_on_the_cluster(recipe_check):
     # the comparison invariants
     msg = _problems(recipe_check, [*base, "actor_rollout_ref.rollout.top_p=0.9", "algorithm.rollout_correction.bypass_mode=False"])
     assert "top_p=1 and top_k=-1 (got top_p=0.9" in msg and "bypass_mode=True" in msg
+    assert recipe_check.check_overrides([*base, "actor_rollout_ref.rollout.top_p=0.9",
+                                         "algorithm.rollout_correction.bypass_mode=False"], comparison_invariants=False)
+    # rollout log-probs off: one problem, not one per check that needs them
+    problems = _problems(recipe_check, [*base, "actor_rollout_ref.rollout.calculate_log_probs=False"]).splitlines()
+    assert [p for p in problems if "calculate_log_probs" in p] == [
+        "algorithm.rollout_correction.bypass_mode=True needs actor_rollout_ref.rollout.calculate_log_probs=True"
+    ]
     # resources: more GPUs than the cluster has
     msg = _problems(recipe_check, base, cluster_nodes=1, gpus_per_node=8)
     assert "needs 16 GPUs but the cluster has 1 x 8 = 8" in msg
@@ -225,6 +232,9 @@ def test_dry_run_runs_the_check_and_fails_on_a_bad_config(tmp_path):
 
     assert main(["--quiet", *_overrides(_bash("recipes/math/isreshape.sh").stdout)]) == 0
     assert main(["--quiet", "actor_rollout_ref.rollout.name=vllm", "trainer.v1.trainer_mode=separate_async"]) == 1
+    grpo_top_p = [*_overrides(_bash("recipes/gsm8k/grpo.sh").stdout), "actor_rollout_ref.rollout.top_p=0.9"]
+    assert main(["--quiet", *grpo_top_p]) == 1
+    assert main(["--quiet", "--no-comparison-invariants", *grpo_top_p]) == 0
 
 
 def test_bad_knobs_are_named(tmp_path):
