@@ -13,18 +13,11 @@ ground truth = the number after the last ``####`` of the worked answer, commas r
 
 from __future__ import annotations
 
+import argparse
 import sys
-from os import path as _osp
+from pathlib import Path
 
-# Make the sibling module verl_format importable (this folder is not a package) without
-# putting data_prep/ ahead of the standard library: data_prep/math.py would shadow `math`.
-_HERE = _osp.dirname(_osp.abspath(__file__))
-sys.path[:] = [p for p in sys.path if _osp.abspath(p or ".") != _HERE] + [_HERE]
-
-import argparse  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import verl_format as vf  # noqa: E402
+import verl_format as vf  # the sibling module: `python data_prep/gsm8k.py` puts data_prep/ on sys.path
 
 SPLITS = ("train", "test")
 

@@ -1,4 +1,4 @@
-"""Shared code of ``data_prep/gsm8k.py`` and ``data_prep/math.py``: read, check, convert, write.
+"""Shared code of ``data_prep/gsm8k.py`` and ``data_prep/math_dataset.py``: read, check, convert, write.
 
 Each source row becomes one row of verl's RL parquet format::
 

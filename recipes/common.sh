@@ -104,12 +104,14 @@ dataset_defaults() {
             : "${MAX_PROMPT_LEN:=512}"
             : "${MAX_RESPONSE_LEN:=1024}"
             : "${EPOCHS:=15}"
+            DATA_PREP_SCRIPT=data_prep/gsm8k.py
             ;;
         math)
             : "${MODEL:=Qwen/Qwen2.5-1.5B-Instruct}"
             : "${MAX_PROMPT_LEN:=1024}"
             : "${MAX_RESPONSE_LEN:=3072}"
             : "${EPOCHS:=10}"
+            DATA_PREP_SCRIPT=data_prep/math_dataset.py
             ;;
         *) die "unknown dataset '$1' (allowed: gsm8k, math)" ;;
     esac
@@ -312,7 +314,7 @@ run_recipe() {
     local split
     for split in train test; do
         [[ -f $DATA_DIR/$split.parquet ]] ||
-            die "$DATA_DIR/$split.parquet not found: run python data_prep/$dataset.py (or set DATA_DIR)"
+            die "$DATA_DIR/$split.parquet not found: run python $DATA_PREP_SCRIPT (or set DATA_DIR)"
     done
     if [[ $RECIPE_CHECK == 1 ]]; then
         "$PYTHON" -m isreshape_verl.recipe_check "${check_args[@]}" "${hydra_args[@]}" ||

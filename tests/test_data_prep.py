@@ -1,8 +1,7 @@
-"""data_prep/gsm8k.py and data_prep/math.py on the real data in ../shared/data.
+"""data_prep/gsm8k.py and data_prep/math_dataset.py on the real data in ../shared/data.
 
-The scripts are run as subprocesses exactly as the README says (``python data_prep/math.py``
-must work although its name shadows the stdlib ``math``); bad-row handling is tested
-in-process on small hand-written files.
+The scripts are run as subprocesses exactly as the README says (``python data_prep/math_dataset.py``);
+bad-row handling is tested in-process on small hand-written files.
 """
 
 from __future__ import annotations
@@ -17,19 +16,26 @@ import pandas as pd
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+DATA_PREP = REPO / "data_prep"
 DATA = REPO.parent / "shared" / "data"
+DATA_FILES = ("gsm8k/train.jsonl", "gsm8k/test.jsonl", "math/train.jsonl", "math/test.jsonl", "math500/test.jsonl")
+_missing = [name for name in DATA_FILES if not (DATA / name).is_file()]
 needs_data = pytest.mark.skipif(
-    not (DATA / "gsm8k" / "train.jsonl").is_file(),
-    reason=f"real data not found at {DATA} (CI copies shared/ beside the repo)",
+    bool(_missing),
+    reason=f"needs the folder ../shared/data ({DATA}) beside the repo, which holds the real GSM8K, MATH and "
+    f"MATH-500 JSON lines; missing: {', '.join(_missing)}",
 )
 
 
 def _load(name: str):
-    """Import a data_prep script as a module (the folder is not a package)."""
+    """Import a data_prep script as a module (the folder is not a package; `python data_prep/X.py`
+    puts it on sys.path, which is how the scripts find their sibling verl_format)."""
     key = f"_dp_{name}"
     if key in sys.modules:
         return sys.modules[key]
-    spec = importlib.util.spec_from_file_location(key, REPO / "data_prep" / f"{name}.py")
+    if str(DATA_PREP) not in sys.path:
+        sys.path.append(str(DATA_PREP))
+    spec = importlib.util.spec_from_file_location(key, DATA_PREP / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     sys.modules[key] = mod  # dataclasses need their module registered
     spec.loader.exec_module(mod)
@@ -51,7 +57,7 @@ def gsm8k_out(tmp_path_factory):
 @pytest.fixture(scope="module")
 def math_out(tmp_path_factory):
     out = tmp_path_factory.mktemp("math")
-    proc = _run(["data_prep/math.py", "--local-dir", "../shared/data/math", "--output-dir", str(out), "--quiet"])
+    proc = _run(["data_prep/math_dataset.py", "--local-dir", "../shared/data/math", "--output-dir", str(out), "--quiet"])
     assert proc.returncode == 0, proc.stderr
     return out, proc.stdout
 
@@ -105,7 +111,7 @@ def test_math_row_counts_default_and_full(math_out, tmp_path):
     assert not set(test.extra_info.map(lambda e: e["unique_id"])) & set(train.extra_info.map(lambda e: e["unique_id"]))
 
     full = tmp_path / "full"
-    proc = _run(["data_prep/math.py", "--local-dir", "../shared/data/math", "--test-set", "full",
+    proc = _run(["data_prep/math_dataset.py", "--local-dir", "../shared/data/math", "--test-set", "full",
                  "--output-dir", str(full), "--quiet"])
     assert proc.returncode == 0, proc.stderr
     assert "math test (full): wrote 5000 rows" in proc.stdout
@@ -217,7 +223,7 @@ def test_no_file_is_written_until_every_input_is_good(tmp_path, capsys):
 def test_bad_row_reasons_name_the_problem(tmp_path):
     vf = _load("gsm8k").vf  # the very module the scripts use
     gsm8k = _load("gsm8k")
-    math_mod = _load("math")
+    math_mod = _load("math_dataset")
     row = vf.SourceRow("f.jsonl", 7, {"question": "q"})
     with pytest.raises(vf.BadRowError, match=r"f\.jsonl:7: missing field 'answer'"):
         gsm8k.convert(row, "train", 0)
@@ -241,24 +247,30 @@ def test_bad_row_reasons_name_the_problem(tmp_path):
     assert vf.gsm8k_ground_truth("x\n#### -3.5") == "-3.5"
 
 
-def test_math_script_runs_as_documented_despite_stdlib_shadowing(tmp_path):
-    """`python data_prep/math.py` puts data_prep/ on sys.path[0]; the script must still get the
-    stdlib math (pyarrow, numpy and verl import it) and write parquet."""
+def test_no_data_prep_script_shadows_a_stdlib_module():
+    """`python data_prep/X.py` puts data_prep/ first on sys.path: a script named like a stdlib module
+    (math.py) would replace it for numpy, pyarrow and verl."""
+    names = {path.stem for path in DATA_PREP.glob("*.py")}
+    assert names & set(sys.stdlib_module_names) == set()
+
+
+def test_math_script_runs_as_documented(tmp_path):
+    """`python data_prep/math_dataset.py` converts local JSON lines and writes parquet."""
     src = tmp_path / "m"
     row = {"problem": "What is $\\sqrt{16}$?", "solution": "It is $\\boxed{4}$.", "level": "Level 1", "type": "Algebra"}
     _write(src / "train.jsonl", [json.dumps(row)])
     _write(src / "test.jsonl", [json.dumps(row)])
     out = tmp_path / "out"
-    proc = _run(["data_prep/math.py", "--local-dir", str(src), "--test-set", "full", "--output-dir", str(out)])
+    proc = _run(["data_prep/math_dataset.py", "--local-dir", str(src), "--test-set", "full", "--output-dir", str(out)])
     assert proc.returncode == 0, proc.stderr
     assert "math train: wrote 1 rows" in proc.stdout and "math test (full): wrote 1 rows" in proc.stdout
     assert pd.read_parquet(out / "test.parquet").iloc[0].reward_model["ground_truth"] == "4"
-    # and the help works from anywhere (cwd = data_prep itself puts the folder first too)
-    proc = subprocess.run([sys.executable, "math.py", "--help"], cwd=REPO / "data_prep",
+    # and from inside data_prep/ itself
+    proc = subprocess.run([sys.executable, "math_dataset.py", "--help"], cwd=DATA_PREP,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "--test-set {math500,full}" in proc.stdout, proc.stderr
     # math500 with --local-dir but no math500 folder next to it: a clear error
-    proc = _run(["data_prep/math.py", "--local-dir", str(src), "--output-dir", str(out)])
+    proc = _run(["data_prep/math_dataset.py", "--local-dir", str(src), "--output-dir", str(out)])
     assert proc.returncode != 0 and "--math500-dir" in proc.stderr
 
 

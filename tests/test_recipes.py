@@ -249,7 +249,7 @@ def test_bad_knobs_are_named(tmp_path):
     proc = _bash("recipes/math/grpo.sh", env={"DRY_RUN": "0", "DATA_DIR": str(tmp_path / "none"),
                                             "RUN_ROOT": str(tmp_path / "runs")}, check=False)
     assert proc.returncode == 2
-    assert f"{tmp_path}/none/train.parquet not found: run python data_prep/math.py" in proc.stderr
+    assert f"{tmp_path}/none/train.parquet not found: run python data_prep/math_dataset.py" in proc.stderr
     assert not (tmp_path / "runs").exists()
 
 

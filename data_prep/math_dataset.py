@@ -10,29 +10,20 @@ as one user message; ``data_source`` = ``DigitalLearningGmbH/MATH-lighteval`` (t
 test) or ``HuggingFaceH4/MATH-500`` -- both route to verl's math scorer; ground truth = the
 last \\boxed{} of the solution (for MATH-500 it must agree with the ``answer`` field).
 
-    python data_prep/math.py                          # hub, test = MATH-500, to ~/data/math
-    python data_prep/math.py --test-set full          # test = the 5,000 MATH test problems
-    python data_prep/math.py --local-dir ../shared/data/math --output-dir data/math
+    python data_prep/math_dataset.py                    # hub, test = MATH-500, to ~/data/math
+    python data_prep/math_dataset.py --test-set full    # test = the 5,000 MATH test problems
+    python data_prep/math_dataset.py --local-dir ../shared/data/math --output-dir data/math
 
 Never train on MATH test when evaluating on MATH-500: every MATH-500 problem is a MATH test problem.
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
-from os import path as _osp
+from pathlib import Path
 
-# `python data_prep/math.py` puts data_prep/ first on sys.path, where this very file would
-# shadow the standard library's `math` for every later import (argparse, numpy, pyarrow,
-# verl ...). Move this folder to the END of sys.path: the stdlib wins, and the sibling
-# module verl_format stays importable.
-_HERE = _osp.dirname(_osp.abspath(__file__))
-sys.path[:] = [p for p in sys.path if _osp.abspath(p or ".") != _HERE] + [_HERE]
-
-import argparse  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import verl_format as vf  # noqa: E402
+import verl_format as vf  # the sibling module: `python data_prep/math_dataset.py` puts data_prep/ on sys.path
 
 TEST_SETS = ("math500", "full")
 
@@ -86,7 +77,7 @@ def _row(source, row, split, index, problem, solution, truth, level, subject) ->
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="data_prep/math.py",
+        prog="data_prep/math_dataset.py",
         description="Write MATH as verl RL parquet: train = MATH train (7,500); "
         "test = MATH-500 (500, default) or the full MATH test (5,000).",
     )
