@@ -10,10 +10,13 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from dataclasses import dataclass, field
 
 import torch
 
-from isreshape_verl.kernels import KERNEL_NAMES, kernel_value
+from isreshape_verl.cli_args import ArgumentParser, add_flags, build, check
+from isreshape_verl.kernels import KERNEL_NAMES
+from isreshape_verl.reshape import ISReshapeParams, reshape_terms
 
 # The design notes' table at r = 3 uses width 1 for every kernel except sech², whose row is SAPO's
 # sech²(τ(r − 1)/2) at τ = 1, i.e. width 2 here. The width-1 sech² row shows the notes' own definition.
@@ -21,55 +24,79 @@ DEFAULT_ROWS = [("gaussian", 1.0), ("sech2", 2.0), ("sech2", 1.0), ("cauchy", 1.
                 ("epanechnikov", 1.0), ("box", 1.0)]
 
 
-def _float_list(text: str, what: str, positive: bool = False) -> list[float]:
+def _comma_floats(text: str) -> list[float]:
     try:
-        values = [float(v) for v in text.split(",") if v.strip()]
+        return [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{what} must be comma-separated numbers, got {text!r}") from None
-    if not values:
-        raise argparse.ArgumentTypeError(f"{what} is empty")
-    if not all(math.isfinite(v) for v in values):
-        raise argparse.ArgumentTypeError(f"{what} must be finite numbers, got {text!r}")
-    if positive and any(v <= 0 for v in values):
-        raise argparse.ArgumentTypeError(f"{what} must all be > 0, got {text!r}")
-    return values
+        raise argparse.ArgumentTypeError(f"must be comma-separated numbers; got {text!r}") from None
 
 
-def _kernel_list(text: str) -> list[str]:
-    names = [k.strip() for k in text.split(",") if k.strip()]
-    bad = [k for k in names if k not in KERNEL_NAMES]
-    if bad or not names:
-        raise argparse.ArgumentTypeError(f"unknown kernel(s) {bad or text!r}; allowed: {', '.join(KERNEL_NAMES)}")
-    return names
+def _comma_names(text: str) -> list[str]:
+    return [k.strip() for k in text.split(",") if k.strip()]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+@dataclass
+class KernelsArgs:
+    """What `isreshape-verl kernels` prints and plots."""
+
+    r: list[float] = field(default_factory=lambda: [0.5, 1.0, 3.0], metadata={"parse": _comma_floats, "metavar": "R,..."})
+    """Comma-separated ratios r = π_θ/μ > 0."""
+    kernels: list[str] | None = field(default=None, metadata={"parse": _comma_names, "metavar": "K,..."})
+    """Comma-separated kernels among gaussian, sech2, cauchy, laplace, epanechnikov, box (None: all, or the
+    design notes' rows when --widths is not given either)."""
+    widths: list[float] | None = field(default=None, metadata={"parse": _comma_floats, "metavar": "W,..."})
+    """Comma-separated widths w > 0, each combined with each kernel (None: the design notes' rows)."""
+    gamma: float = 1.0
+    """Mixing γ in [0, 1] (1 = pure kernelized IS)."""
+    plot: str | None = field(default=None, metadata={"metavar": "FILE"})
+    """Write a PNG of g(r), r ∈ (0, 4], to FILE."""
+
+    def __post_init__(self):
+        check("r", self.r, bool(self.r) and all(math.isfinite(v) and v > 0 for v in self.r),
+              "comma-separated finite ratios > 0")
+        check("kernels", self.kernels, self.kernels is None or (bool(self.kernels) and set(self.kernels) <= set(KERNEL_NAMES)),
+              f"comma-separated kernels among {', '.join(KERNEL_NAMES)}")
+        check("widths", self.widths, self.widths is None or (bool(self.widths) and all(math.isfinite(v) and v > 0 for v in self.widths)),
+              "comma-separated finite widths > 0")
+        check("gamma", self.gamma, 0.0 <= self.gamma <= 1.0, "in [0, 1]")
+
+    def rows(self) -> list[tuple[str, float]]:
+        """(kernel, width) rows: the design notes' rows unless --kernels or --widths is given."""
+        if self.kernels is None and self.widths is None:
+            return DEFAULT_ROWS
+        return [(k, w) for k in (self.kernels or KERNEL_NAMES) for w in (self.widths or [1.0])]
+
+
+def build_parser() -> tuple[ArgumentParser, list]:
+    parser = ArgumentParser(
         prog="isreshape-verl kernels",
         description="Print K(r − 1) and g(r) = (1 − γ) + γ·r·K(r − 1) for each kernel and width at the given "
         "ratios r = π_θ/μ, and optionally plot g(r). Without --kernels/--widths, prints the rows of the design "
         "notes' table: width 1, plus sech2 at width 2 (SAPO's τ = 1, since SAPO's τ ↔ width 2/τ).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--r", type=lambda t: _float_list(t, "--r", positive=True), default=[0.5, 1.0, 3.0],
-                        help="comma-separated ratios r > 0")
-    parser.add_argument("--kernels", type=_kernel_list, default=None,
-                        help=f"comma-separated kernels among {', '.join(KERNEL_NAMES)} (default: all)")
-    parser.add_argument("--widths", type=lambda t: _float_list(t, "--widths", positive=True), default=None,
-                        help="comma-separated widths w > 0, each combined with each kernel (default: the notes' rows)")
-    parser.add_argument("--gamma", type=float, default=1.0, help="mixing γ in [0, 1] (1 = pure kernelized IS)")
-    parser.add_argument("--plot", metavar="FILE", default=None, help="write a PNG of g(r), r ∈ (0, 4], to FILE")
-    return parser
+    return parser, add_flags(parser, KernelsArgs)
+
+
+def row_params(name: str, width: float, gamma: float) -> ISReshapeParams:
+    """The IS Reshape settings whose weight this command shows: kernel `name` at `width` on both sides of
+    r = 1, fixed γ, plain SFT-like term, so g(r) = (1 − γ) + γ·r·K(r − 1) (width_min = width: any width > 0
+    passes ISReshapeParams' bound check, which only adaptive widths use)."""
+    return ISReshapeParams(kernel=name, width=width, one_sided=False, gamma_mode="fixed", gamma=gamma,
+                           localize_sft=False, width_mode="fixed", width_min=width)
+
+
+def _terms(name: str, width: float, gamma: float, r: torch.Tensor):
+    """reshape_terms at the exact ratios r (A = 1: with two-sided kernels and fixed γ the sign does not matter)."""
+    return reshape_terms(row_params(name, width, gamma), r.log(), torch.ones_like(r), ratio=r)
 
 
 def table_rows(rows, ratios, gamma):
-    """[(kernel, width, [(K, g) per r])] computed in float64."""
+    """[(kernel, width, [(K, g) per r])] computed in float64 by the package's reshape_terms."""
     r = torch.tensor(ratios, dtype=torch.float64)
     out = []
     for name, width in rows:
-        k = kernel_value(name, r - 1.0, width)
-        g = (1.0 - gamma) + gamma * r * k
-        out.append((name, width, list(zip(k.tolist(), g.tolist()))))
+        terms = _terms(name, width, gamma, r)
+        out.append((name, width, list(zip(terms.kernel.tolist(), terms.weight.tolist()))))
     return out
 
 
@@ -95,8 +122,7 @@ def plot_weights(rows, gamma, path) -> None:
     ax.plot(r, r, color="0.6", linestyle=":", label="plain IS: g = r")
     ax.axhline(1.0, color="0.6", linestyle="--", label="SFT-like: g = 1")
     for name, width in rows:
-        g = (1.0 - gamma) + gamma * r * kernel_value(name, r - 1.0, width)
-        ax.plot(r, g, label=f"{name}, w={width:g}")
+        ax.plot(r, _terms(name, width, gamma, r).weight, label=f"{name}, w={width:g}")
     ax.set(xlabel="r = π_θ / μ", ylabel="gradient weight g(r)", ylim=(0, 2.5),
            title=f"IS Reshape weights, γ = {gamma:g}")
     ax.grid(alpha=0.3)
@@ -107,14 +133,13 @@ def plot_weights(rows, gamma, path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not 0.0 <= args.gamma <= 1.0:
-        parser.error(f"--gamma {args.gamma} is not allowed; it must be in [0, 1]")
-    if args.kernels is None and args.widths is None:
-        rows = DEFAULT_ROWS
-    else:
-        rows = [(k, w) for k in (args.kernels or KERNEL_NAMES) for w in (args.widths or [1.0])]
+    parser, flags = build_parser()
+    ns = parser.parse_args(argv)
+    try:
+        args = build(KernelsArgs, vars(ns), flags)
+    except ValueError as err:
+        parser.error(str(err))
+    rows = args.rows()
     print(format_table(table_rows(rows, args.r, args.gamma), args.r, args.gamma))
     if args.plot:
         try:

@@ -43,13 +43,13 @@ def test_kernels_plot_writes_a_png(tmp_path):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--kernels", "tri"], "unknown kernel(s) ['tri']; allowed: gaussian"),
-    (["--r", "-1"], "--r must all be > 0"),
-    (["--r", "a,b"], "--r must be comma-separated numbers"),
-    (["--r", "nan"], "--r must be finite numbers"),
-    (["--r", "1,inf"], "--r must be finite numbers"),
-    (["--widths", "0"], "--widths must all be > 0"),
-    (["--gamma", "1.5"], "--gamma 1.5 is not allowed; it must be in [0, 1]"),
+    (["--kernels", "tri"], "--kernels must be comma-separated kernels among gaussian, sech2"),
+    (["--r", "-1"], "--r must be comma-separated finite ratios > 0; got -1.0"),
+    (["--r", "a,b"], "--r: must be comma-separated numbers; got 'a,b'"),
+    (["--r", "nan"], "--r must be comma-separated finite ratios > 0; got nan"),
+    (["--r", "1,inf"], "--r must be comma-separated finite ratios > 0; got 1.0 inf"),
+    (["--widths", "0"], "--widths must be comma-separated finite widths > 0; got 0.0"),
+    (["--gamma", "1.5"], "--gamma must be in [0, 1]; got 1.5"),
 ])
 def test_kernels_bad_arguments(capsys, args, message):
     with pytest.raises(SystemExit) as exit_info:

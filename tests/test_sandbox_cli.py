@@ -16,7 +16,7 @@ from isreshape_verl.sandbox.cli import main
     [
         (["--losses", "grpo"], "unknown loss 'grpo'"),
         (["--losses", "is_reshape:kernel=nope"], "allowed: gaussian"),
-        (["--lags", "0", "-1"], "--lags must be >= 0"),
+        (["--lags", "0", "-1"], "--lags must be a list of lags >= 0"),
         (["--steps", "0"], "--steps must be > 0"),
         (["--prompts-per-step", "6", "--mini-batches", "4"], "must be a multiple of --mini-batches"),
         (["--samples-per-prompt", "1"], "must be >= 2"),

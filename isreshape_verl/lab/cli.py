@@ -20,71 +20,42 @@ import argparse
 import shlex
 import sys
 import time
-from dataclasses import fields
 from pathlib import Path
 
+from isreshape_verl.cli_args import ArgumentParser, add_flags, build
 from isreshape_verl.lab.experiment import Args
 from isreshape_verl.paths import ensure_writable_dir
 
 
-def _doc(name: str) -> str:
-    """The docstring under an Args field (parsed from the source, CleanRL style)."""
-    import ast
-    import inspect
-
-    tree = ast.parse(inspect.getsource(Args))
-    body = tree.body[0].body
-    for i, node in enumerate(body):
-        if isinstance(node, ast.AnnAssign) and node.target.id == name and i + 1 < len(body):
-            nxt = body[i + 1]
-            if isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
-                return " ".join(nxt.value.value.split())
-    return ""
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def build_parser() -> tuple[ArgumentParser, list]:
+    parser = ArgumentParser(
         prog="isreshape-verl lab",
         description="Estimator lab: exact-gradient bias, variance and ESS of verl policy losses under controlled "
         "policy lag, on an enumerable toy policy (CPU, minutes).",
     )
-    defaults = Args()
-    list_types = {"losses": (str, "SPEC"), "references": (str, "REF"), "rewards": (str, "FAMILY"),
-                  "advantages": (str, "MODE"), "behaviours": (str, "KIND"), "kls": (float, "KL"), "lags": (int, "K")}
-    for f in fields(Args):
-        flag = "--" + f.name.replace("_", "-")
-        default = getattr(defaults, f.name)
-        shown = " ".join(map(str, default)) if isinstance(default, list) else default
-        help_text = (_doc(f.name) + f" (default: {shown})").replace("%", "%%")
-        if f.name in list_types:
-            nargs = "*" if f.name == "references" else "+"
-            kind, metavar = list_types[f.name]
-            parser.add_argument(flag, nargs=nargs, type=kind, default=default, help=help_text, metavar=metavar)
-        else:
-            parser.add_argument(flag, type=type(default), default=default, help=help_text)
+    flags = add_flags(parser, Args)
     parser.add_argument("--out", type=Path, required=True, help="output directory (created if missing)")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNGs")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1; tensors are tiny)")
-    return parser
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads [default: 1; tensors are tiny]")
+    return parser, flags
 
 
 def parse_args(argv: list[str]) -> tuple[Args, argparse.Namespace]:
     """Parse and validate everything (loss specs included) before any work; errors exit with code 2."""
-    parser = build_parser()
+    parser, flags = build_parser()
     ns = parser.parse_args(argv)
-    args = Args(**{f.name: getattr(ns, f.name) for f in fields(Args)})
     try:
-        args.validate()
+        args = build(Args, vars(ns), flags)
         from isreshape_verl.lab.estimators import build_estimators
 
         build_estimators(args.losses, args.references)
     except ValueError as err:
         parser.error(str(err))
     if ns.threads < 1:
-        parser.error(f"--threads: must be >= 1, got {ns.threads}")
+        parser.error(f"--threads must be >= 1; got {ns.threads}")
     if ns.out.exists() and not ns.out.is_dir():
-        parser.error(f"--out: {ns.out} exists and is not a directory")
+        parser.error(f"--out {ns.out} exists and is not a directory")
     try:  # before the experiment, not after it
         ensure_writable_dir(str(ns.out))
     except ValueError as err:

@@ -24,6 +24,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from isreshape_verl.cli_args import check
+from isreshape_verl.diagnostics import quantiles
 from isreshape_verl.lab.behaviour import BEHAVIOURS, kl_behaviour, lagged_behaviour, train_trajectory
 from isreshape_verl.lab.estimators import (
     ADVANTAGE_MODES,
@@ -77,19 +79,19 @@ DEFAULT_LOSSES = (
 class Args:
     """Everything the lab's run depends on (the CLI's flags, one to one)."""
 
-    losses: list[str] = field(default_factory=lambda: list(DEFAULT_LOSSES))
+    losses: list[str] = field(default_factory=lambda: list(DEFAULT_LOSSES), metadata={"metavar": "SPEC"})
     """Loss specs, the syntax of `isreshape-verl compare` (isreshape_verl.specs)."""
-    references: list[str] = field(default_factory=lambda: list(REFERENCES))
+    references: list[str] = field(default_factory=lambda: list(REFERENCES), metadata={"nargs": "*", "metavar": "REF"})
     """Reference estimators: ref:is_seq (sequence IS, unbiased), ref:is_token (token IS), ref:oracle."""
-    rewards: list[str] = field(default_factory=lambda: list(REWARD_FAMILIES))
+    rewards: list[str] = field(default_factory=lambda: list(REWARD_FAMILIES), metadata={"metavar": "FAMILY"})
     """Reward families: sparse (5% correct answers), dense (matches to a target), random (N(0, 1))."""
-    advantages: list[str] = field(default_factory=lambda: list(ADVANTAGE_MODES))
+    advantages: list[str] = field(default_factory=lambda: list(ADVANTAGE_MODES), metadata={"metavar": "MODE"})
     """Advantage modes: grpo (group-normalised), baseline (leave-one-out group mean subtracted)."""
-    behaviours: list[str] = field(default_factory=lambda: list(BEHAVIOURS))
+    behaviours: list[str] = field(default_factory=lambda: list(BEHAVIOURS), metadata={"metavar": "KIND"})
     """How μ is put at a distance: kl (random perturbation at a target KL), lag (K Adam steps earlier)."""
-    kls: list[float] = field(default_factory=lambda: [0.0, 0.003, 0.01, 0.03, 0.1, 0.3])
+    kls: list[float] = field(default_factory=lambda: [0.0, 0.003, 0.01, 0.03, 0.1, 0.3], metadata={"metavar": "KL"})
     """Target per-token KL(μ‖π) for behaviour 'kl'. 0 is on-policy."""
-    lags: list[int] = field(default_factory=lambda: [0, 2, 4, 8, 16, 24])
+    lags: list[int] = field(default_factory=lambda: [0, 2, 4, 8, 16, 24], metadata={"metavar": "K"})
     """Lags K (optimizer steps) for behaviour 'lag'; each must be <= train_steps."""
     vocab: int = 4
     """V, vocabulary size (N = V^L sequences are enumerated)."""
@@ -112,47 +114,33 @@ class Args:
     seed: int = 0
     """Seed of everything (rewards, θ_0, perturbation directions, batches)."""
 
-    def validate(self) -> None:
-        """Fail early, with the flag's name, on anything that cannot run."""
-        def bad(flag, msg):
-            raise ValueError(f"--{flag.replace('_', '-')}: {msg}")
-
+    def __post_init__(self):
+        """Fail early, naming the field (the CLI names its flag), on anything that cannot run."""
         for name, allowed in (("rewards", REWARD_FAMILIES), ("advantages", ADVANTAGE_MODES), ("behaviours", BEHAVIOURS)):
             values = getattr(self, name)
-            if not values:
-                bad(name, "needs at least one value")
-            for v in values:
-                if v not in allowed:
-                    bad(name, f"{v!r} is not allowed; allowed: {', '.join(allowed)}")
-        for ref in self.references:
-            if ref not in REFERENCES:
-                bad("references", f"{ref!r} is not allowed; allowed: {', '.join(REFERENCES)}")
-        if self.vocab < 2:
-            bad("vocab", f"must be >= 2, got {self.vocab}")
-        if self.length < 1:
-            bad("length", f"must be >= 1, got {self.length}")
-        if self.vocab**self.length > 200_000:
-            bad("vocab", f"V^L = {self.vocab}^{self.length} sequences is too many to enumerate (max 200000)")
-        if self.replicates < 2:
-            bad("replicates", f"must be >= 2 (variance needs two), got {self.replicates}")
-        if self.group_size < 2:
-            bad("group_size", f"must be >= 2, got {self.group_size}")
-        if self.batch_size < self.group_size or self.batch_size % self.group_size:
-            bad("batch_size", f"{self.batch_size} must be a positive multiple of --group-size {self.group_size}")
-        if any(not (math.isfinite(k) and 0 <= k <= 5) for k in self.kls):
-            bad("kls", f"per-token KL targets must be finite numbers in [0, 5], got {self.kls}")
-        if any(k < 0 or k > self.train_steps for k in self.lags):
-            bad("lags", f"lags must be in [0, --train-steps={self.train_steps}], got {self.lags}")
-        if self.train_steps < 0:
-            bad("train_steps", f"must be >= 0, got {self.train_steps}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            bad("lr", f"must be a finite number > 0, got {self.lr}")
-        if not (self.init_scale >= 0 and math.isfinite(self.init_scale)):
-            bad("init_scale", f"must be a finite number >= 0, got {self.init_scale}")
-        if not 0 < self.sparse_share <= 1:
-            bad("sparse_share", f"must be in (0, 1], got {self.sparse_share}")
-        if not self.losses and not self.references:
-            bad("losses", "nothing to measure: give --losses and/or --references")
+            check(name, values, bool(values) and all(v in allowed for v in values),
+                  f"one or more of {', '.join(allowed)}")
+        check("references", self.references, all(r in REFERENCES for r in self.references),
+              f"zero or more of {', '.join(REFERENCES)}")
+        check("vocab", self.vocab, self.vocab >= 2, ">= 2")
+        check("length", self.length, self.length >= 1, ">= 1")
+        check("vocab", self.vocab, self.vocab**self.length <= 200_000,
+              f"small enough to enumerate V^L <= 200000 sequences (V^L = {self.vocab}^{self.length} is too many)")
+        check("replicates", self.replicates, self.replicates >= 2, ">= 2 (variance needs two)")
+        check("group_size", self.group_size, self.group_size >= 2, ">= 2")
+        check("batch_size", self.batch_size, self.batch_size >= self.group_size and self.batch_size % self.group_size == 0,
+              f"a positive multiple of --group-size ({self.group_size})")
+        check("kls", self.kls, all(math.isfinite(k) and 0 <= k <= 5 for k in self.kls),
+              "per-token KL targets, finite numbers in [0, 5]")
+        check("train_steps", self.train_steps, self.train_steps >= 0, ">= 0")
+        check("lags", self.lags, all(0 <= k <= self.train_steps for k in self.lags),
+              f"lags in [0, --train-steps ({self.train_steps})]")
+        check("lr", self.lr, math.isfinite(self.lr) and self.lr > 0, "a finite number > 0")
+        check("init_scale", self.init_scale, math.isfinite(self.init_scale) and self.init_scale >= 0,
+              "a finite number >= 0")
+        check("sparse_share", self.sparse_share, 0 < self.sparse_share <= 1, "in (0, 1]")
+        check("losses", self.losses, bool(self.losses or self.references),
+              "non-empty when --references is empty (nothing to measure)")
 
 
 def _generator(seed: int, *names) -> torch.Generator:
@@ -162,7 +150,6 @@ def _generator(seed: int, *names) -> torch.Generator:
 
 def run(args: Args, progress: bool = True) -> list[dict]:
     """All rows of the lab (one dict per estimator × cell), in a fixed order."""
-    args.validate()
     estimators = build_estimators(args.losses, args.references)
     space = sequence_space(args.vocab, args.length)
     distances = {"kl": list(args.kls), "lag": list(args.lags)}
@@ -197,7 +184,7 @@ def run(args: Args, progress: bool = True) -> list[dict]:
                 seq = sample_sequences(space, mu.logits, (args.replicates, args.batch_size),
                                        _generator(args.seed, "batches", family, kind, distance))
                 log_ratio = (token_log_probs(space, pi) - mu_logp)[seq].reshape(-1)
-                q = torch.quantile(log_ratio.exp(), torch.tensor([0.01, 0.5, 0.99], dtype=torch.float64))
+                q = quantiles(log_ratio.exp())  # RATIO_QUANTILES: 1 %, 50 %, 99 %
                 cell = {
                     "reward": family, "behaviour": kind, "distance": distance, "kl_per_token": mu.kl_per_token,
                     "ratio_p01": float(q[0]), "ratio_p50": float(q[1]), "ratio_p99": float(q[2]),

@@ -15,34 +15,24 @@ import re
 import signal
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import torch
 
 from isreshape_verl.sandbox.loop import RLArgs, Trainer, read_metrics
-from isreshape_verl.sandbox.model import TinyModelArgs, build_policy
+from isreshape_verl.sandbox.model import build_policy
 from isreshape_verl.sandbox.report import summarize_run, terminal_table, table_rows, write_report
-from isreshape_verl.sandbox.task import parquet_task, procedural_task
-from isreshape_verl.sandbox.warmstart import WarmStartArgs, load_or_train
-
-
-def tiny_args(args) -> TinyModelArgs:
-    return TinyModelArgs(hidden_size=args.hidden_size, num_layers=args.num_layers, num_heads=args.num_heads,
-                         num_kv_heads=args.num_kv_heads, intermediate_size=args.intermediate_size)
+from isreshape_verl.sandbox.task import fit_task, parquet_task, procedural_task
+from isreshape_verl.sandbox.warmstart import load_or_train
 
 
 def rl_args(args, lag: int, seed: int) -> RLArgs:
-    return RLArgs(
-        steps=args.steps, prompts_per_step=args.prompts_per_step, samples_per_prompt=args.samples_per_prompt,
-        mini_batches=args.mini_batches, epochs=args.epochs, lr=args.lr, max_new_tokens=args.max_new_tokens,
-        lag=lag, async_mode=args.async_mode, max_staleness=args.max_staleness, entropy_coeff=args.entropy_coeff,
-        kl_coef=args.kl_coef, eval_every=args.eval_every, eval_problems=args.eval_problems,
-        micro_batch=args.micro_batch, ckpt_every=args.ckpt_every, seed=seed,
-    )
+    """The comparison's run settings for one (lag, seed)."""
+    return replace(args.rl, lag=lag, seed=seed)
 
 
 def build_task(args):
-    n_test = max(args.eval_problems, args.warm_eval_problems)
+    n_test = max(args.rl.eval_problems, args.warm.eval_problems)
     if args.data:
         return parquet_task(args.data, n_test, args.task_seed)
     return procedural_task(args.task_seed, args.n_train, n_test, args.difficulty, args.word_share)
@@ -58,16 +48,17 @@ def model_identity(args) -> dict:
     if args.model:
         stamp = os.path.getmtime(os.path.join(args.model, "config.json"))
         return {"model": os.path.abspath(args.model), "mtime": stamp}
-    return {"tiny": asdict(tiny_args(args)), "tokenizer": "char-v1"}
+    return {"tiny": asdict(args.tiny), "tokenizer": "char-v1"}
 
 
 def task_identity(args) -> dict:
     if args.data:
         return {"data": os.path.abspath(args.data), "mtime": os.path.getmtime(args.data), "seed": args.task_seed,
-                "n_test": max(args.eval_problems, args.warm_eval_problems)}
+                "n_test": max(args.rl.eval_problems, args.warm.eval_problems),
+                "fit": "prompt+max_new_tokens<=max_positions"}  # fit_task's filter changes the problems
     # the test split's size matters: test prompts are excluded from the train pool
     return {"difficulty": args.difficulty, "word_share": args.word_share, "n_train": args.n_train,
-            "n_test": max(args.eval_problems, args.warm_eval_problems), "seed": args.task_seed, "task": "arith-v1"}
+            "n_test": max(args.rl.eval_problems, args.warm.eval_problems), "seed": args.task_seed, "task": "arith-v1"}
 
 
 def _execute(job: dict, events=None) -> dict:
@@ -75,7 +66,7 @@ def _execute(job: dict, events=None) -> dict:
     if job.get("threads"):
         torch.set_num_threads(job["threads"])
     args = job["args"]
-    policy = build_policy(args.model, tiny_args(args), 0)
+    policy = build_policy(args.model, args.tiny, 0)
     policy.model.to(job["device"])
     warm = torch.load(job["warm_path"], map_location=job["device"], weights_only=True)
 
@@ -92,7 +83,7 @@ def _execute(job: dict, events=None) -> dict:
 
         from isreshape_verl.sandbox.async_gen import AsyncSource
 
-        build = partial(build_policy, args.model, tiny_args(args), 0)
+        build = partial(build_policy, args.model, args.tiny, 0)
         source_factory = lambda trainer: AsyncSource(trainer, build, rl.max_staleness)  # noqa: E731
     trainer = Trainer(policy, job["task"], job["spec"], rl, job["dir"], warm, source_factory, progress)
     finished = trainer.run(resume=job["resume"], stop_after=job["stop_after"])
@@ -126,7 +117,7 @@ def estimate_step_seconds(policy, task, spec, rl: RLArgs, warm_state: dict) -> f
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = Trainer(policy, task, spec, RLArgs(**{**asdict(rl), "lag": 0, "async_mode": False}), tmp, warm_state)
+        trainer = Trainer(policy, task, spec, replace(rl, lag=0, async_mode=False), tmp, warm_state)
         t0 = time.perf_counter()
         trainer.update(trainer.generate(0))
         return time.perf_counter() - t0
@@ -155,28 +146,29 @@ def _run_comparison(args, specs, command: str) -> int:
     wall0 = time.perf_counter()
     device = device_of(args)
     cores = os.cpu_count() or 1
-    lags = ["async"] if args.async_mode else list(args.lags)
+    lags = ["async"] if args.rl.async_mode else list(args.lags)
     n_runs = len(specs) * len(lags) * len(args.seeds)
     jobs = args.jobs or min(cores, n_runs)
-    if args.async_mode or device != "cpu":
+    if args.rl.async_mode or device != "cpu":
         jobs = 1
     threads = args.threads if device == "cpu" else None
     if threads:
         torch.set_num_threads(threads)
     os.makedirs(os.path.join(args.out, "runs"), exist_ok=True)
 
-    task = build_task(args)
-    policy = build_policy(args.model, tiny_args(args), 0)
+    policy = build_policy(args.model, args.tiny, 0)
     policy.model.to(device)
+    try:  # a data source verl cannot score, or no problem that fits the model: refused before any work
+        task = fit_task(build_task(args), policy, args.rl.max_new_tokens)
+    except ValueError as err:
+        print(f"isreshape-verl compare: error: {err}", file=sys.stderr)
+        return 2
     print(f"policy: {policy.description}, {policy.num_parameters / 1e6:.2f} M parameters on {device}")
     print(f"task: {task.source}: {len(task.train)} train / {len(task.test)} test problems")
-    warm_args = WarmStartArgs(batch_size=args.warm_batch_size, lr=args.warm_lr, max_steps=args.warm_max_steps,
-                              eval_every=args.warm_eval_every, eval_problems=args.warm_eval_problems,
-                              target_accuracy=args.warm_target)
     identity = {"model": model_identity(args), "task": task_identity(args)}
     if device == "cpu":  # one process trains the warm start: give it every core
         torch.set_num_threads(cores)
-    warm = load_or_train(policy, identity, task.train, task.test, warm_args, args.max_new_tokens,
+    warm = load_or_train(policy, identity, task.train, task.test, args.warm, args.rl.max_new_tokens,
                          progress=not args.no_progress)
     if threads:
         torch.set_num_threads(threads)
@@ -186,10 +178,10 @@ def _run_comparison(args, specs, command: str) -> int:
 
     plan = [(spec, lag, seed) for seed in args.seeds for lag in lags for spec in specs]
     step_s = estimate_step_seconds(policy, task, specs[0], rl_args(args, 0, args.seeds[0]), warm_state)
-    evals = args.steps // args.eval_every + 2
+    evals = args.rl.steps // args.rl.eval_every + 2
     eval_s = _time_eval(policy, task, args)
-    estimate = n_runs * (args.steps * step_s + evals * eval_s) / (jobs if device == "cpu" else 1)
-    print(f"plan: {len(specs)} loss(es) × lags {lags} × seeds {args.seeds} = {n_runs} runs of {args.steps} steps; "
+    estimate = n_runs * (args.rl.steps * step_s + evals * eval_s) / (jobs if device == "cpu" else 1)
+    print(f"plan: {len(specs)} loss(es) × lags {lags} × seeds {args.seeds} = {n_runs} runs of {args.rl.steps} steps; "
           f"{step_s:.2f} s/step measured, {jobs} job(s) × {threads or '-'} thread(s); "
           f"estimated time {estimate / 60:.1f} min")
 
@@ -198,7 +190,7 @@ def _run_comparison(args, specs, command: str) -> int:
         name = run_name(spec, lag, seed)
         run_dir = os.path.join(args.out, "runs", name)
         os.makedirs(run_dir, exist_ok=True)
-        if args.resume and _is_finished(run_dir, args.steps):
+        if args.resume and _is_finished(run_dir, args.rl.steps):
             done_names.append(name)
             continue
         rl = rl_args(args, 0 if lag == "async" else lag, seed)
@@ -215,7 +207,7 @@ def _run_comparison(args, specs, command: str) -> int:
     try:
         results = _run_all(todo, jobs, args)
     except KeyboardInterrupt:
-        print(f"\ninterrupted; finished runs and checkpoints (every {args.ckpt_every} steps) are kept. Continue with:"
+        print(f"\ninterrupted; finished runs and checkpoints (every {args.rl.ckpt_every} steps) are kept. Continue with:"
               f"\n  {command} --resume" + ("" if "--out" in command else f" --out {args.out}"), file=sys.stderr)
         return 130
     if not all(r["finished"] for r in results):
@@ -240,11 +232,11 @@ def _run_comparison(args, specs, command: str) -> int:
         "rl": (f"{rl0.steps} steps × {rl0.prompts_per_step} prompts × {rl0.samples_per_prompt} samples, "
                f"{rl0.mini_batches} mini-batch update(s) per step, AdamW lr {rl0.lr}, max {rl0.max_new_tokens} "
                f"new tokens, entropy {rl0.entropy_coeff}, KL {rl0.kl_coef}, test on {rl0.eval_problems} problems "
-               f"every {rl0.eval_every} steps" + (f", async (max staleness {args.max_staleness})" if args.async_mode else "")),
+               f"every {rl0.eval_every} steps" + (f", async (max staleness {args.rl.max_staleness})" if args.rl.async_mode else "")),
     }
     report = write_report(args.out, runs, specs, context)
     print()
-    print(terminal_table(table_rows(runs)))
+    print(terminal_table(table_rows(runs), out_dir=args.out))
     print(f"\nreport: {report} ({(time.perf_counter() - wall0) / 60:.1f} min)")
     return 0
 
@@ -253,8 +245,8 @@ def _time_eval(policy, task, args) -> float:
     from isreshape_verl.sandbox.rollout import greedy_accuracy
 
     t0 = time.perf_counter()
-    greedy_accuracy(policy, task.test[: min(64, args.eval_problems)], args.max_new_tokens)
-    return (time.perf_counter() - t0) * args.eval_problems / min(64, args.eval_problems)
+    greedy_accuracy(policy, task.test[: min(64, args.rl.eval_problems)], args.rl.max_new_tokens)
+    return (time.perf_counter() - t0) * args.rl.eval_problems / min(64, args.rl.eval_problems)
 
 
 def _ignore_interrupts() -> None:
@@ -276,7 +268,7 @@ def _run_all(todo: list[dict], jobs: int, args) -> list[dict]:
             return
         if name not in bars:
             position = len(bars) if jobs > 1 else 0
-            bars[name] = tqdm(total=args.steps, desc=name[:48], position=position, leave=True, dynamic_ncols=True)
+            bars[name] = tqdm(total=args.rl.steps, desc=name[:48], position=position, leave=True, dynamic_ncols=True)
         bar = bars[name]
         bar.n = kw.get("step", bar.n)
         post = {}
@@ -291,7 +283,7 @@ def _run_all(todo: list[dict], jobs: int, args) -> list[dict]:
             post["lag"] = kw["lag"]
         bar.set_postfix(post, refresh=False)
         bar.refresh()
-        if jobs <= 1 and bar.n >= args.steps:
+        if jobs <= 1 and bar.n >= args.rl.steps:
             bar.close()
 
     results = []

@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from isreshape_verl.cli_args import check
+
 PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
 # Every character the procedural task (and short English questions) can contain.
 CHARSET = (
@@ -28,20 +30,30 @@ CHARSET = (
 
 @dataclass
 class TinyModelArgs:
-    """Shape of the tiny Qwen2 policy (defaults ≈ 1.0 M parameters)."""
+    """Shape of the tiny Qwen2 policy (the defaults: 0.60 M parameters with the char-level vocabulary)."""
 
     hidden_size: int = 128
-    """Width of the residual stream."""
+    """Tiny Qwen2: width of the residual stream."""
     num_layers: int = 4
-    """Number of transformer blocks."""
+    """Tiny Qwen2: transformer blocks."""
     num_heads: int = 4
-    """Attention heads; head_dim = hidden_size / num_heads (32 by default, as Qwen-style kernels expect ≥ 32)."""
+    """Tiny Qwen2: attention heads; head_dim = hidden_size / num_heads must be a whole number >= 32 (as
+    Qwen-style kernels expect)."""
     num_kv_heads: int = 2
-    """Key/value heads (grouped-query attention, as in Qwen2)."""
-    intermediate_size: int = 512
-    """Width of the SwiGLU MLP."""
+    """Tiny Qwen2: key/value heads (grouped-query attention, as in Qwen2); divides num_heads."""
+    intermediate_size: int = 256
+    """Tiny Qwen2: width of the SwiGLU MLP."""
     max_positions: int = 256
-    """Longest prompt + response the model is built for."""
+    """Tiny Qwen2: longest prompt + response it is built for."""
+
+    def __post_init__(self):
+        for name in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size", "max_positions"):
+            check(name, getattr(self, name), getattr(self, name) > 0, "> 0")
+        check("num_heads", self.num_heads,
+              self.hidden_size % self.num_heads == 0 and self.hidden_size // self.num_heads >= 32,
+              f"a divisor of --hidden-size ({self.hidden_size}) that leaves head_dim >= 32")
+        check("num_kv_heads", self.num_kv_heads, self.num_heads % self.num_kv_heads == 0,
+              f"a divisor of --num-heads ({self.num_heads})")
 
 
 def build_char_tokenizer():
@@ -62,8 +74,6 @@ def build_tiny_qwen2(vocab_size: int, args: TinyModelArgs, pad_id: int, eos_id: 
     """A freshly initialised `Qwen2ForCausalLM` (transformers), from a config only."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    if args.hidden_size % args.num_heads or args.hidden_size // args.num_heads < 32:
-        raise ValueError("hidden_size must be a multiple of num_heads with head_dim = hidden_size/num_heads >= 32")
     config = Qwen2Config(
         vocab_size=vocab_size,
         hidden_size=args.hidden_size,

@@ -14,34 +14,43 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 
+from isreshape_verl.cli_args import check
 from isreshape_verl.sandbox.rollout import greedy_accuracy, left_pad, token_log_probs
 
 
 @dataclass
 class WarmStartArgs:
-    """Supervised warm start."""
+    """Supervised warm start (flags --warm-…). Every field is part of the cache key."""
 
     batch_size: int = 128
-    """Problems per supervised step."""
+    """Warm start: problems per supervised step."""
     lr: float = 3e-3
-    """AdamW learning rate (linear warm-up over the first 20 steps)."""
+    """Warm start: AdamW learning rate (linear warm-up over the first 20 steps)."""
     max_steps: int = 1500
-    """Give up after this many steps and keep the best checkpoint seen."""
+    """Warm start: step limit; when it is hit first, the best checkpoint seen is kept."""
     eval_every: int = 25
-    """Measure greedy test accuracy every this many steps (on `eval_problems` test problems)."""
+    """Warm start: measure greedy test accuracy every this many steps."""
     eval_problems: int = 256
-    """Test problems used to select the warm-start checkpoint."""
-    target_accuracy: float = 0.3
-    """Stop at the first checkpoint whose greedy accuracy reaches this (RL then has room to improve)."""
-    seed: int = 0
+    """Warm start: test problems per evaluation (they select the checkpoint)."""
+    target_accuracy: float = field(default=0.4, metadata={"flag": "warm-target"})
+    """Warm start: stop at the first checkpoint whose greedy accuracy reaches this (RL then has room to improve)."""
+    seed: int = field(default=0, metadata={"cli": False})
     """Seed of the initialisation and of the supervised batches."""
+
+    def __post_init__(self):
+        for name in ("batch_size", "eval_every", "eval_problems"):
+            check(name, getattr(self, name), getattr(self, name) > 0, "> 0")
+        check("max_steps", self.max_steps, self.max_steps >= 0, ">= 0")
+        check("lr", self.lr, math.isfinite(self.lr) and self.lr > 0, "a finite number > 0")
+        check("target_accuracy", self.target_accuracy, 0 <= self.target_accuracy <= 1, "in [0, 1]")
 
 
 def cache_root() -> str:
