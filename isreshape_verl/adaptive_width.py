@@ -59,13 +59,16 @@ def summary_size() -> int:
 def staleness_summary(log_ratio: torch.Tensor, advantages: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """(2·BINS + 1,) float64: Σ(log r)² per log-r bin for A ≤ 0, then for A > 0, then the valid-token count.
 
-    Sums of several chunks (or of several ranks) add up to the summary of the whole batch.
+    `valid` is a 0/1 mask of any dtype (bool or float, as verl's response_mask). Sums of several chunks (or of
+    several ranks) add up to the summary of the whole batch. Written as few in-place passes over the chunk
+    (this runs on every loss call): the bin index is floored before the A > 0 offset of BINS is added, since
+    adding 128.0 to a float32 such as 51.999995 would round it up into the next bin.
     """
-    scale = BINS / (2.0 * LOG_R_EDGE)
-    index = ((log_ratio.clamp(-LOG_R_EDGE, LOG_R_EDGE) + LOG_R_EDGE) * scale).long().clamp_(max=BINS - 1)
-    index += (advantages > 0).long() * BINS
-    weights = torch.where(valid, log_ratio * log_ratio, 0.0)
-    sums = torch.bincount(index.reshape(-1), weights=weights.reshape(-1).double(), minlength=2 * BINS)
+    index = torch.add(log_ratio, LOG_R_EDGE).mul_(BINS / (2.0 * LOG_R_EDGE))  # in bins from −LOG_R_EDGE
+    index.clamp_(0.0, BINS - 0.5).floor_()  # beyond the edges: the edge bins
+    index.add_(torch.sign(advantages).clamp_(min=0.0), alpha=BINS)  # A > 0 → the second half
+    weights = log_ratio.square().mul_(valid)
+    sums = torch.bincount(index.int().reshape(-1), weights=weights.reshape(-1).double(), minlength=2 * BINS)
     return torch.cat([sums, valid.sum().double()[None]])
 
 

@@ -265,8 +265,8 @@ def is_reshape_token_loss(
     `on_chunk(rows, terms, advantages[rows])` sees each chunk's detached `ReshapeTerms` (for metrics).
     Aggregate the returned (B, T) loss (mask, mean) as you like.
 
-    With width_mode=adaptive a first pass over the chunks writes log r into the loss buffer and sums
-    the staleness summary over the `valid` tokens (a (B, T) bool mask; None = every token), all-reduced
+    With width_mode=adaptive a first pass over the chunks sums the staleness summary of log r over the
+    `valid` tokens (a (B, T) 0/1 mask, bool or float; None = every token), all-reduced
     over torch.distributed's default group when it runs; the width factor is solved from it (see
     `isreshape_verl.adaptive_width`) and the second pass computes the weights as above.
     """
@@ -292,8 +292,7 @@ def is_reshape_token_loss(
             summary = torch.zeros(adaptive_width.summary_size(), dtype=torch.float64, device=log_prob.device)
             for rows in chunks:
                 log_ratio = clamped_log_ratio(rows)
-                token_loss[rows] = log_ratio  # kept for the second pass; overwritten by the loss there
-                chunk_valid = torch.ones_like(log_ratio, dtype=torch.bool) if valid is None else valid[rows].bool()
+                chunk_valid = torch.ones_like(log_ratio) if valid is None else valid[rows]
                 summary += adaptive_width.staleness_summary(log_ratio, advantages[rows], chunk_valid)
             adaptive_width.reduce_summary(summary)
             width_neg = params.width if params.width_neg is None else params.width_neg
@@ -302,7 +301,7 @@ def is_reshape_token_loss(
             width_scale = scale.to(compute_dtype)
         for rows in chunks:
             adv = advantages[rows].to(compute_dtype)
-            log_ratio = token_loss[rows].clone() if adaptive else clamped_log_ratio(rows)  # the loss overwrites the buffer
+            log_ratio = clamped_log_ratio(rows)  # recomputed: cheaper than storing it in the first pass
             terms = reshape_terms(params, log_ratio, adv, width_scale)
             torch.mul(terms.surrogate, adv, out=token_loss[rows]).neg_()
             torch.mul(terms.weight, adv, out=grad_factor[rows]).neg_()
