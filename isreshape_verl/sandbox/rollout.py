@@ -30,12 +30,6 @@ class Rollout:
     def responses(self) -> torch.Tensor:  # (B, R)
         return self.input_ids[:, self.prompt_width :]
 
-    def select(self, index: torch.Tensor) -> "Rollout":
-        return Rollout(
-            self.input_ids[index], self.attention_mask[index], self.response_mask[index],
-            self.sample_log_probs[index], self.prompt_width,
-        )
-
 
 def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(map(len, prompts))
