@@ -57,7 +57,8 @@ def gsm8k_out(tmp_path_factory):
 @pytest.fixture(scope="module")
 def math_out(tmp_path_factory):
     out = tmp_path_factory.mktemp("math")
-    proc = _run(["data_prep/math_dataset.py", "--local-dir", "../shared/data/math", "--output-dir", str(out), "--quiet"])
+    proc = _run(["data_prep/math_dataset.py", "--local-dir", "../shared/data/math", "--output-dir", str(out),
+                 "--quiet"])
     assert proc.returncode == 0, proc.stderr
     return out, proc.stdout
 
