@@ -24,8 +24,9 @@ kernel already cuts most tokens, M(s) falls as σ grows at fixed s (≈ (s·w)³
 The solve never passes over the (B, T) tensors more than once. It reads a summary of the batch: Σ(log r)²
 in `BINS` uniform bins of log r ∈ [−LOG_R_EDGE, LOG_R_EDGE] for each sign of A (tokens beyond the edge are
 counted in the edge bin, which overstates their K and so errs towards a narrower kernel), and N. K is
-evaluated at each bin's centre, on 32 log-spaced values of s with s* interpolated between two of them,
-all on the summary's device and without a host sync. With torch.distributed initialised, the summary
+evaluated at each bin's centre, on 32 log-spaced values of s (a matrix built once per loss setting, so a
+call pays one matrix-vector product) with s* interpolated between two of them, all on the summary's
+device and without a host sync. With torch.distributed initialised, the summary
 is all-reduced (one collective per call) before solving, so every data-parallel rank gets the same width,
 the one a single process would get on the concatenated batch. verl's engines keep the number of
 micro-batches equal across data-parallel ranks (`same_micro_num_in_dp=True`, also with `use_dynamic_bsz`),
@@ -80,29 +81,31 @@ def reduce_summary(summary: torch.Tensor) -> torch.Tensor:
     return summary
 
 
-_BIN_CACHE: dict = {}
+_MATRIX_CACHE: dict = {}
 
 
-def _bins(device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(r − 1 at the bin centres (BINS,), the A ≤ 0 row's pushed-away side r < 1, the A > 0 row's r > 1),
-    float64, made once per device."""
-    if device not in _BIN_CACHE:
+def _grid_and_matrix(kernel: str, width: float, width_neg: float, one_sided: bool, s_lo: float, s_hi: float,
+                     device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log s on the GRID (GRID,), the matrix (GRID, 2·BINS) with M(s_i) = matrix[i] · sums / N), float64.
+
+    Row i holds K at every bin centre for s_i — A ≤ 0 bins at width s_i·width_neg, A > 0 bins at s_i·width —
+    times 0 on the bins the kernel does not act on (one_sided: r ≥ 1 for A ≤ 0, r ≤ 1 for A > 0). It depends
+    only on the loss's settings, so it is built once per setting and device: a loss call then pays one
+    matrix-vector product for all GRID values of M, not GRID × BINS kernel evaluations.
+    """
+    key = (kernel, width, width_neg, one_sided, s_lo, s_hi, str(device))
+    if key not in _MATRIX_CACHE:
         edges = torch.linspace(-LOG_R_EDGE, LOG_R_EDGE, BINS + 1, dtype=torch.float64, device=device)
         centres = 0.5 * (edges[1:] + edges[:-1])  # in log r; none is 0 (BINS is even)
-        _BIN_CACHE[device] = (torch.expm1(centres), (centres < 0).double(), (centres > 0).double())
-    return _BIN_CACHE[device]
-
-
-def second_moment(summary: torch.Tensor, scales: torch.Tensor, kernel: str, width: float, width_neg: float,
-                  one_sided: bool) -> torch.Tensor:
-    """M(s) for each s in `scales` (S,), from a summary; (S,) float64."""
-    x, below, above = _bins(summary.device)
-    sums_neg, sums_pos = summary[:BINS], summary[BINS: 2 * BINS]  # Σ(log r)² per bin for A ≤ 0, A > 0
-    if one_sided:  # only the side that pushes away from μ is tuned: r < 1 for A ≤ 0, r > 1 for A > 0
-        sums_neg, sums_pos = sums_neg * below, sums_pos * above
-    k_neg = kernel_value(kernel, x[None, :], scales[:, None] * width_neg)  # (S, BINS)
-    k_pos = kernel_value(kernel, x[None, :], scales[:, None] * width)
-    return (k_neg @ sums_neg + k_pos @ sums_pos) / summary[-1].clamp(min=1.0)
+        x = torch.expm1(centres)  # r − 1 at the bin centres
+        log_s = torch.linspace(math.log(s_lo), math.log(s_hi), GRID, dtype=torch.float64, device=device)
+        scales = torch.exp(log_s)[:, None]
+        k_neg = kernel_value(kernel, x[None, :], scales * width_neg)  # (GRID, BINS)
+        k_pos = kernel_value(kernel, x[None, :], scales * width)
+        if one_sided:  # only the side that pushes away from μ is tuned: r < 1 for A ≤ 0, r > 1 for A > 0
+            k_neg, k_pos = k_neg * (centres < 0), k_pos * (centres > 0)
+        _MATRIX_CACHE[key] = (log_s, torch.cat([k_neg, k_pos], dim=1))
+    return _MATRIX_CACHE[key]
 
 
 def solve_scale(summary: torch.Tensor, kernel: str, width: float, width_neg: float, one_sided: bool,
@@ -112,14 +115,12 @@ def solve_scale(summary: torch.Tensor, kernel: str, width: float, width_neg: flo
     M is evaluated on GRID log-spaced points over [s_lo, s_hi]; since M grows with s, the points with
     M ≤ target form a prefix, and s* is interpolated (linearly in log s) between its last point and the next.
     """
-    s_lo, s_hi = width_min / width, width_max / width
-    device = summary.device
-    log_s = torch.linspace(math.log(s_lo), math.log(s_hi), GRID, dtype=torch.float64, device=device)
-    moments = second_moment(summary, torch.exp(log_s), kernel, width, width_neg, one_sided)  # (GRID,)
+    log_s, matrix = _grid_and_matrix(kernel, width, width_neg, one_sided, width_min / width, width_max / width,
+                                     summary.device)
+    moments = matrix @ summary[: 2 * BINS] / summary[-1].clamp(min=1.0)  # (GRID,) M(s_i)
     feasible = (moments <= target).sum()  # how many grid points meet the target
     i = (feasible - 1).clamp(0, GRID - 2)
     m0, m1 = moments[i], moments[i + 1]
     frac = ((target - m0) / (m1 - m0).clamp(min=1e-300)).clamp(0.0, 1.0)
     interpolated = torch.exp(log_s[i] + frac * (log_s[i + 1] - log_s[i]))
-    s_lo_t, s_hi_t = log_s[0].exp(), log_s[-1].exp()
-    return torch.where(feasible == 0, s_lo_t, torch.where(feasible == GRID, s_hi_t, interpolated))
+    return torch.where(feasible == 0, log_s[0].exp(), torch.where(feasible == GRID, log_s[-1].exp(), interpolated))
