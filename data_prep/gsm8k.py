@@ -29,20 +29,7 @@ def convert(row: vf.SourceRow, split: str, index: int) -> dict:
     truth = vf.gsm8k_ground_truth(answer)
     if truth is None:
         raise vf.BadRowError(f"{row.where}:{row.line}: no numeric final answer after '####' in field 'answer'")
-    return {
-        "data_source": vf.GSM8K_SOURCE,
-        "prompt": [{"role": "user", "content": f"{question} {vf.INSTRUCTIONS['gsm8k']}"}],
-        "ability": "math",
-        "reward_model": {"style": "rule", "ground_truth": truth},
-        "extra_info": {
-            "split": split,
-            "index": index,
-            "source_file": row.where,
-            "source_line": row.line,
-            "question": question,
-            "answer": answer,
-        },
-    }
+    return vf.verl_row(vf.GSM8K_SOURCE, row, split, index, question, truth, "gsm8k", answer=answer)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -56,23 +56,8 @@ def convert_math500(row: vf.SourceRow, split: str, index: int) -> dict:
 
 
 def _row(source, row, split, index, problem, solution, truth, level, subject) -> dict:
-    return {
-        "data_source": source,
-        "prompt": [{"role": "user", "content": f"{problem} {vf.INSTRUCTIONS['math']}"}],
-        "ability": "math",
-        "reward_model": {"style": "rule", "ground_truth": truth},
-        "extra_info": {
-            "split": split,
-            "index": index,
-            "source_file": row.where,
-            "source_line": row.line,
-            "question": problem,
-            "solution": solution,
-            "level": level,
-            "subject": subject,
-            "unique_id": str(row.data.get("unique_id", "")),
-        },
-    }
+    return vf.verl_row(source, row, split, index, problem, truth, "math", solution=solution, level=level,
+                       subject=subject, unique_id=str(row.data.get("unique_id", "")))
 
 
 def build_parser() -> argparse.ArgumentParser:

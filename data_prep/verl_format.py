@@ -204,6 +204,20 @@ def answers_agree(a: str, b: str) -> bool:
 RowConverter = Callable[[SourceRow, str, int], dict]
 
 
+def verl_row(source: str, row: SourceRow, split: str, index: int, question: str, truth: str, task: str,
+             **extra) -> dict:
+    """One row in verl's RLHF-dataset layout: the prompt is `question` plus INSTRUCTIONS[task]; `extra_info`
+    records where the row came from (file and line) and every `extra` field."""
+    return {
+        "data_source": source,
+        "prompt": [{"role": "user", "content": f"{question} {INSTRUCTIONS[task]}"}],
+        "ability": "math",
+        "reward_model": {"style": "rule", "ground_truth": truth},
+        "extra_info": {"split": split, "index": index, "source_file": row.where, "source_line": row.line,
+                       "question": question, **extra},
+    }
+
+
 def convert_rows(
     rows: Iterable[SourceRow], convert: RowConverter, split: str, skip_bad: bool, progress: str | None = None
 ) -> tuple[list[dict], ConvertStats]:
