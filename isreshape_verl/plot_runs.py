@@ -41,7 +41,6 @@ never is.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import re
@@ -50,6 +49,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from isreshape_verl.cli_args import ArgumentParser, fail
 from isreshape_verl.paths import ensure_writable_dir
 
 VAL_RE = re.compile(r"^val-core/(?P<source>.+)/(?P<var>acc|reward)/mean@(?P<n>\d+)$")
@@ -311,8 +311,8 @@ def plot_runs(runs: Sequence[Run], out: Path, smooth_k: int = 1, last: int = 5) 
     return written
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(
         prog="isreshape-verl plot-runs",
         description="Plot validation accuracy, reward, entropy, ppo_kl and (IS Reshape) mean g / ESS against "
         "step for several verl runs (FileLogger JSON lines) or sandbox runs (compare's metrics.jsonl), and write a "
@@ -334,19 +334,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.smooth < 1:
-        parser.error(f"--smooth {args.smooth} is not allowed; it must be >= 1")
+        parser.error(f"--smooth must be >= 1; got {args.smooth}")
     if args.last < 1:
-        parser.error(f"--last {args.last} is not allowed; it must be >= 1")
+        parser.error(f"--last must be >= 1; got {args.last}")
     try:
         ensure_writable_dir(str(Path(args.out).expanduser()))
     except ValueError as err:
-        print(f"isreshape-verl plot-runs: error: {err}", file=sys.stderr)
-        return 2
+        return fail("isreshape-verl plot-runs", str(err))
     try:
         runs = find_runs(args.paths)
     except FileNotFoundError as exc:
-        print(f"isreshape-verl plot-runs: error: {exc}", file=sys.stderr)
-        return 2
+        return fail("isreshape-verl plot-runs", str(exc))
     for run in runs:
         if run.bad_lines:
             print(f"warning: {run.path}: skipped {len(run.bad_lines)} line(s) that are neither FileLogger records "

@@ -112,10 +112,11 @@ def test_the_default_tiny_model_is_the_size_its_docstring_says():
     assert round(tiny_policy(TinyModelArgs(), 0).num_parameters / 1e6, 2) == 0.60
 
 
-@pytest.mark.parametrize("command", ["compare", "lab", "kernels"])
+@pytest.mark.parametrize("command", ["compare", "lab", "kernels", "plot-runs"])
 def test_every_command_errors_in_one_line(command, tmp_path):
-    out = subprocess.run([sys.executable, "-m", "isreshape_verl.cli", command, "--no-such-flag", "--out", str(tmp_path)],
-                         capture_output=True, text=True)
+    positional = [str(tmp_path)] if command == "plot-runs" else []
+    out = subprocess.run([sys.executable, "-m", "isreshape_verl.cli", command, *positional, "--no-such-flag", "--out",
+                          str(tmp_path)], capture_output=True, text=True)
     lines = out.stderr.strip().splitlines()
     assert out.returncode == 2 and len(lines) == 2, out.stderr
     assert lines[0].startswith(f"isreshape-verl {command}: error: unrecognized arguments: --no-such-flag")

@@ -130,7 +130,7 @@ def test_errors_name_the_path(tmp_path, capsys):
     assert "no metrics in" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         plot_runs.main([str(tmp_path / "blank.jsonl"), "--smooth", "0"])
-    assert "--smooth 0 is not allowed" in capsys.readouterr().err
+    assert "--smooth must be >= 1; got 0" in capsys.readouterr().err
 
 
 def test_smooth_is_a_trailing_moving_average():
