@@ -166,3 +166,25 @@ def test_sigterm_stops_every_worker_and_says_how_to_resume(tmp_path):
     assert "interrupted" in err and "--resume" in err and "Traceback" not in err, err
     _, alive = psutil.wait_procs(children, timeout=10)
     assert not alive, alive
+
+
+def test_data_whose_prompts_do_not_fit_the_model_is_refused_in_one_line(tmp_path, monkeypatch, capsys):
+    """A verl parquet of prompts longer than the tiny model's 256 positions: exit 2 before the warm start."""
+    import pandas as pd
+
+    from isreshape_verl.sandbox.task import make_split
+
+    problems = make_split(3, 40, 1)
+    pd.DataFrame({
+        "data_source": ["openai/gsm8k"] * len(problems),
+        "prompt": [[{"role": "user", "content": p.prompt + " " * 300}] for p in problems],
+        "reward_model": [{"style": "rule", "ground_truth": p.answer} for p in problems],
+        "extra_info": [{"answer": p.solution} for p in problems],
+    }).to_parquet(tmp_path / "long.parquet")
+    monkeypatch.setenv("ISRESHAPE_CACHE", str(tmp_path / "cache"))
+    code = main(["--data", str(tmp_path / "long.parquet"), "--out", str(tmp_path / "out"), "--no-progress",
+                 "--eval-problems", "8", "--warm-eval-problems", "8"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert "no train problem fits" in err[0] and "at most 228 tokens" in err[0]  # 256 positions − 28 new tokens
+    assert not (tmp_path / "cache").exists()  # refused before the warm start
