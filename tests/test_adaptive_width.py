@@ -2,7 +2,6 @@
 and is the same on 2 data-parallel ranks as on one process holding the whole batch."""
 
 import math
-import os
 import subprocess
 import sys
 import textwrap

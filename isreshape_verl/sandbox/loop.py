@@ -375,7 +375,7 @@ class Trainer:
                 )
                 if self.step % args.eval_every == 0 or self.step == args.steps:
                     t0 = time.perf_counter()
-                    row["test_acc"] = last_acc = self.evaluate()
+                    row["test_acc"] = self.evaluate()
                     row["time_eval"] = time.perf_counter() - t0
                 row["time_step"] = time.perf_counter() - t_step
                 self._write(row)
