@@ -348,7 +348,6 @@ class Trainer:
             acc = self.evaluate()
             self._write({"step": 0, "test_acc": acc, "time_eval": time.perf_counter() - t0})
             self.progress(step=0, acc=acc)
-        last_acc = None
         try:
             while self.step < args.steps:
                 t_step = time.perf_counter()

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The knob study: the lag study's settings (`--preset stress`: lags 0 4 16 32, seeds 0 1 2, 2 passes ×
+# 4 mini-batches per rollout batch) with the knobs the lag study held fixed, each changed alone from the
+# package default (one-sided Laplace, width 1, correctness γ, localize_sft, adaptive width at target 0.01):
+# the width target (0.003, 0.03), γ (fixed γ = 1: kernelized IS with no SFT-like term), the kernel
+# (Gaussian), and GRPO's clip (DAPO's clip-higher, ε_high = 0.28). vanilla and the default are the
+# references; the runs they share with the lag study may be reused (copy runs/lag_study/runs/<name> into
+# $OUT/runs/ and pass --resume: compare keeps finished runs). 84 runs of 60 steps, ≈ 1.6 h on 2 CPU cores.
+#
+#   bash benchmarks/knob_study.sh                      # writes runs/knob_study/{report.md,*.png,summary.json}
+#   OUT=/tmp/knobs bash benchmarks/knob_study.sh --resume
+#
+# The committed copy of the report and plots is benchmarks/results/knob_study/.
+set -euo pipefail
+OUT=${OUT:-runs/knob_study}
+exec isreshape-verl compare --preset stress --out "$OUT" --losses \
+    vanilla \
+    "is_reshape:localize_sft=true,width_mode=adaptive,width_target=0.01" \
+    "vanilla:clip_ratio_high=0.28" \
+    "is_reshape:localize_sft=true,width_mode=adaptive,width_target=0.003" \
+    "is_reshape:localize_sft=true,width_mode=adaptive,width_target=0.03" \
+    "is_reshape:localize_sft=true,width_mode=adaptive,width_target=0.01,gamma_mode=fixed,gamma=1.0" \
+    "is_reshape:kernel=gaussian,localize_sft=true,width_mode=adaptive,width_target=0.01" \
+    "$@"
