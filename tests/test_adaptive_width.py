@@ -198,3 +198,36 @@ def test_megatron_pipeline_parallelism_is_refused_instead_of_hanging():
         fn(old_log_prob=old, log_prob=log_prob, advantages=adv, response_mask=mask, config=megatron)
     object.__setattr__(megatron, "megatron", McoreEngineConfig(pipeline_model_parallel_size=1))
     fn(old_log_prob=old, log_prob=log_prob, advantages=adv, response_mask=mask, config=megatron)  # no pipeline: fine
+
+
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.float32])
+def test_summary_is_the_exact_histogram_also_at_bin_edges(mask_dtype):
+    """Every valid token's (log r)² lands in bin ⌊(log r + 1)·64⌋ (edge bins beyond ±1), +128 when A > 0.
+
+    The log ratios include the float32 values next to every bin edge: their position in bins (e.g. 51.999996)
+    is within one float32 step of an integer, and adding the A > 0 offset of 128.0 before flooring would round
+    them into the next bin. The reference takes the position in float32 as the summary does, floors it in
+    Python and adds the offset as an integer; it sums float32 squares in float64, also as the summary does."""
+    from isreshape_verl.adaptive_width import BINS, staleness_summary
+
+    gen = torch.Generator().manual_seed(3)
+    edges = torch.arange(-BINS // 2, BINS // 2 + 1, dtype=torch.float64) / (BINS // 2)  # every bin edge in log r
+    edges = edges.float()
+    below = torch.nextafter(edges, torch.full_like(edges, -math.inf))  # the float32 just below each edge
+    near_edges = torch.cat([torch.nextafter(below, torch.full_like(edges, -math.inf)), below, edges,
+                            torch.nextafter(edges, torch.full_like(edges, math.inf))])
+    log_r = torch.cat([near_edges, torch.randn(2000, generator=gen) * 0.7, torch.tensor([-5.0, 5.0, -1.0, 1.0])])
+    log_r = log_r.reshape(1, -1).float()  # (1, N)
+    adv = torch.randn(log_r.shape, generator=gen)
+    adv[0, :50] = 0.0  # A = 0 counts with A ≤ 0
+    valid = torch.rand(log_r.shape, generator=gen) > 0.2
+    summary = staleness_summary(log_r, adv, valid.to(mask_dtype))
+
+    expected = torch.zeros(2 * BINS + 1, dtype=torch.float64)
+    for x, a, v in zip(log_r[0].tolist(), adv[0].tolist(), valid[0].tolist()):
+        if v:
+            position = float((torch.tensor(x) + 1.0) * (BINS / 2))  # float32, as the summary computes it
+            index = min(max(math.floor(position), 0), BINS - 1) + (BINS if a > 0 else 0)
+            expected[index] += float(torch.tensor(x) ** 2)  # float32 square, float64 sum
+            expected[-1] += 1
+    assert torch.equal(summary, expected)
