@@ -68,9 +68,10 @@ def staleness_summary(log_ratio: torch.Tensor, advantages: torch.Tensor, valid: 
     index = torch.add(log_ratio, LOG_R_EDGE).mul_(BINS / (2.0 * LOG_R_EDGE))  # in bins from −LOG_R_EDGE
     index.clamp_(0.0, BINS - 0.5).floor_()  # beyond the edges: the edge bins
     index.add_(torch.sign(advantages).clamp_(min=0.0), alpha=BINS)  # A > 0 → the second half
-    weights = log_ratio.square().mul_(valid)
+    mask = valid.view(torch.uint8) if valid.dtype == torch.bool else valid  # bool arithmetic is slow on CPU
+    weights = log_ratio.square().mul_(mask)
     sums = torch.bincount(index.int().reshape(-1), weights=weights.reshape(-1).double(), minlength=2 * BINS)
-    return torch.cat([sums, valid.sum().double()[None]])
+    return torch.cat([sums, mask.sum().double()[None]])
 
 
 def reduce_summary(summary: torch.Tensor) -> torch.Tensor:
