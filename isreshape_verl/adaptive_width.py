@@ -70,8 +70,16 @@ def staleness_summary(log_ratio: torch.Tensor, advantages: torch.Tensor, valid: 
     index.add_(torch.sign(advantages).clamp_(min=0.0), alpha=BINS)  # A > 0 → the second half
     mask = valid.view(torch.uint8) if valid.dtype == torch.bool else valid  # bool arithmetic is slow on CPU
     weights = log_ratio.square().mul_(mask)
-    sums = torch.bincount(index.int().reshape(-1), weights=weights.reshape(-1).double(), minlength=2 * BINS)
+    sums = bin_sums(index.int().reshape(-1), weights.reshape(-1).double(), on_cpu=log_ratio.device.type == "cpu")
     return torch.cat([sums, mask.sum().double()[None]])
+
+
+def bin_sums(index: torch.Tensor, weights: torch.Tensor, on_cpu: bool) -> torch.Tensor:
+    """(2·BINS,) Σ weights per bin index. On CPU torch.bincount (the fastest there); elsewhere index_add_,
+    because CUDA's bincount reads max(index) on the host, a sync that would stall every loss call."""
+    if on_cpu:
+        return torch.bincount(index, weights=weights, minlength=2 * BINS)
+    return torch.zeros(2 * BINS, dtype=weights.dtype, device=weights.device).index_add_(0, index, weights)
 
 
 def reduce_summary(summary: torch.Tensor) -> torch.Tensor:

@@ -231,3 +231,17 @@ def test_summary_is_the_exact_histogram_also_at_bin_edges(mask_dtype):
             expected[index] += float(torch.tensor(x) ** 2)  # float32 square, float64 sum
             expected[-1] += 1
     assert torch.equal(summary, expected)
+
+
+def test_both_ways_of_summing_bins_agree():
+    """bin_sums: bincount (CPU) and index_add_ (accelerators, no host sync) give the same float64 sums."""
+    from isreshape_verl.adaptive_width import BINS, bin_sums
+
+    gen = torch.Generator().manual_seed(5)
+    index = torch.randint(0, 2 * BINS, (10_000,), generator=gen, dtype=torch.int32)
+    weights = torch.rand(10_000, generator=gen, dtype=torch.float64)
+    by_bincount, by_index_add = bin_sums(index, weights, on_cpu=True), bin_sums(index, weights, on_cpu=False)
+    expected = torch.zeros(2 * BINS, dtype=torch.float64)
+    for i, w in zip(index.tolist(), weights.tolist()):
+        expected[i] += w
+    assert torch.equal(by_bincount, expected) and torch.equal(by_index_add, expected)
