@@ -43,3 +43,20 @@ def test_cuda_bf16_is_finite_and_close_to_fp32():
     bf16 = _loss_grad_metrics("is_reshape", "cuda", torch.bfloat16)
     assert torch.isfinite(bf16[1]).all()
     assert bf16[2]["actor/is_reshape/width"] == pytest.approx(fp32[2]["actor/is_reshape/width"], rel=0.05)
+
+
+@pytest.mark.parametrize("text", ["is_reshape", "is_reshape:width_mode=fixed"])
+def test_the_token_loss_makes_no_host_sync(text):
+    """The weight and the adaptive width run without a single host sync (only the metrics' one, outside)."""
+    from isreshape_verl.reshape import is_reshape_token_loss
+    from isreshape_verl.specs import parse_loss_spec
+
+    params = parse_loss_spec(text).reshape_params()
+    log_prob, old, adv, mask = _batch("cuda", torch.float32)
+    is_reshape_token_loss(log_prob, old, adv, params, valid=mask)  # warm-up: the cached kernel matrix is built
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        is_reshape_token_loss(log_prob, old, adv, params, valid=mask)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
