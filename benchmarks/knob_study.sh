@@ -5,7 +5,8 @@
 # the width target (0.003, 0.03), γ (fixed γ = 1: kernelized IS with no SFT-like term), the kernel
 # (Gaussian), and GRPO's clip (DAPO's clip-higher, ε_high = 0.28). vanilla and the default are the
 # references; the runs they share with the lag study may be reused (copy runs/lag_study/runs/<name> into
-# $OUT/runs/ and pass --resume: compare keeps finished runs). 84 runs of 60 steps, ≈ 1.6 h on 2 CPU cores.
+# $OUT/runs/ and pass --resume: compare keeps finished runs). 84 runs of 60 steps: the 64 new ones took
+# 99 min on 2 CPU cores (2 jobs, the machine shared with other work), all 84 about 2 h.
 #
 #   bash benchmarks/knob_study.sh                      # writes runs/knob_study/{report.md,*.png,summary.json}
 #   OUT=/tmp/knobs bash benchmarks/knob_study.sh --resume
