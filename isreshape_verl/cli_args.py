@@ -116,6 +116,7 @@ def add_flags(parser: argparse.ArgumentParser, cls, notes: typing.Mapping[str, s
         help_text += (notes or {}).get(flag.dest, "")
         kwargs = dict(dest=flag.dest, default=None, help=help_text.replace("%", "%%"))
         if kind is bool:
+            assert flag.default is False, f"{flag.option}: a switch must default to False (it can only turn on)"
             kwargs["action"] = "store_true"
         else:
             if typing.get_origin(kind) is list and "parse" not in meta:  # a parse function reads the whole list
