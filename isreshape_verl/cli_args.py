@@ -99,8 +99,12 @@ def flags_of(cls, prefix: str = "", path: tuple[str, ...] = ()) -> list[Flag]:
     return flags
 
 
-def _shown(value, sep: str = " ") -> str:
-    return sep.join(map(str, value)) if isinstance(value, list) else str(value)
+def _shown(value, sep: str = " ", limit: int = 200) -> str:
+    """A value as --help shows it; a list longer than `limit` characters as its first item and its length."""
+    if not isinstance(value, list):
+        return str(value)
+    text = sep.join(map(str, value))
+    return text if len(text) <= limit else f"{value[0]}{sep}… ({len(value)} in all)"
 
 
 def add_flags(parser: argparse.ArgumentParser, cls, notes: typing.Mapping[str, str] | None = None) -> list[Flag]:

@@ -121,3 +121,11 @@ def test_every_command_errors_in_one_line(command, tmp_path):
     assert out.returncode == 2 and len(lines) == 2, out.stderr
     assert lines[0].startswith(f"isreshape-verl {command}: error: unrecognized arguments: --no-such-flag")
 
+
+
+def test_a_long_default_list_is_shortened_in_help():
+    from isreshape_verl.lab.cli import build_parser
+    from isreshape_verl.lab.experiment import DEFAULT_LOSSES
+
+    text = " ".join(build_parser()[0].format_help().split())
+    assert f"… ({len(DEFAULT_LOSSES)} in all)]" in text and DEFAULT_LOSSES[-1] not in text
