@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
+from isreshape_verl.diagnostics import kish_ess
 from isreshape_verl.lab import cli
 from isreshape_verl.lab.behaviour import kl_behaviour, lagged_behaviour, train_trajectory
 from isreshape_verl.lab.estimators import (
@@ -22,7 +23,6 @@ from isreshape_verl.lab.estimators import (
     conditional_reward_variance,
     estimate,
     estimator_from_label,
-    kish_ess,
     summarise,
     weight_curve,
 )

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from isreshape_verl.diagnostics import kish_ess, weights_from_gradients  # noqa: F401  (kish_ess: the lab's ESS)
+from isreshape_verl.diagnostics import kish_ess, weights_from_gradients
 from isreshape_verl.lab.policy import SequenceSpace
 from isreshape_verl.specs import LossSpec, parse_loss_spec, parse_loss_specs
 
