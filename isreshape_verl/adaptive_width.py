@@ -51,6 +51,7 @@ from isreshape_verl.kernels import kernel_value
 BINS = 128  # per sign of A
 LOG_R_EDGE = 1.0  # bins cover log r ∈ [−1, 1] (r ∈ [0.37, 2.72]), bin width 2/128 ≈ 0.016
 GRID = 32  # log-spaced points over [s_lo, s_hi]
+_BINS_PER_UNIT = BINS / (2.0 * LOG_R_EDGE)  # 64.0, a power of two
 
 
 def summary_size() -> int:
@@ -65,13 +66,14 @@ def staleness_summary(log_ratio: torch.Tensor, advantages: torch.Tensor, valid: 
     (this runs on every loss call): the bin index is floored before the A > 0 offset of BINS is added, since
     adding 128.0 to a float32 such as 51.999995 would round it up into the next bin.
     """
-    index = torch.add(log_ratio, LOG_R_EDGE).mul_(BINS / (2.0 * LOG_R_EDGE))  # in bins from −LOG_R_EDGE
+    # (log r + 1)·64 computed as 64 + 64·log r: one op, and the same float32 rounding (64 is a power of two)
+    index = torch.add(log_ratio.new_tensor(LOG_R_EDGE * _BINS_PER_UNIT), log_ratio, alpha=_BINS_PER_UNIT)
     index.clamp_(0.0, BINS - 0.5).floor_()  # beyond the edges: the edge bins
     index.add_(torch.sign(advantages).clamp_(min=0.0), alpha=BINS)  # A > 0 → the second half
     mask = valid.view(torch.uint8) if valid.dtype == torch.bool else valid  # bool arithmetic is slow on CPU
-    weights = log_ratio.square().mul_(mask)
+    weights = torch.mul(log_ratio, log_ratio).mul_(mask)
     sums = bin_sums(index.int().reshape(-1), weights.reshape(-1).double(), on_cpu=log_ratio.device.type == "cpu")
-    return torch.cat([sums, mask.sum().double()[None]])
+    return torch.cat([sums, torch.count_nonzero(valid).double()[None]])
 
 
 def bin_sums(index: torch.Tensor, weights: torch.Tensor, on_cpu: bool) -> torch.Tensor:
@@ -121,15 +123,19 @@ def solve_scale(summary: torch.Tensor, kernel: str, width: float, width_neg: flo
                 target: float, width_min: float, width_max: float) -> torch.Tensor:
     """s* as a 0-dim float64 tensor on the summary's device, without a host sync; see the module docstring.
 
-    M is evaluated on GRID log-spaced points over [s_lo, s_hi]; since M grows with s, the points with
-    M ≤ target form a prefix, and s* is interpolated (linearly in log s) between its last point and the next.
+    M is evaluated on GRID log-spaced points over [s_lo, s_hi] as the excess e_i = N·(M(s_i) − target) (N ≥ 1),
+    one matrix-vector product. Since M grows with s, the points with e_i ≤ 0 form a prefix of length k, and
+    s* is interpolated linearly in log s between points i = clamp(k − 1, 0, GRID − 2) and i + 1 at the fraction
+    clamp(−e_i / (e_{i+1} − e_i), 0, 1). The clamp also gives both ends: k = 0 means e_0 > 0, fraction 0, s_lo;
+    k = GRID means e_{GRID−1} ≤ 0, fraction 1, s_hi. Written as few tensor ops (each is a kernel launch on a GPU).
     """
     log_s, matrix = _grid_and_matrix(kernel, width, width_neg, one_sided, width_min / width, width_max / width,
                                      summary.device)
-    moments = matrix @ summary[: 2 * BINS] / summary[-1].clamp(min=1.0)  # (GRID,) M(s_i)
-    feasible = (moments <= target).sum()  # how many grid points meet the target
-    i = (feasible - 1).clamp(0, GRID - 2)
-    m0, m1 = moments[i], moments[i + 1]
-    frac = ((target - m0) / (m1 - m0).clamp(min=1e-300)).clamp(0.0, 1.0)
-    interpolated = torch.exp(log_s[i] + frac * (log_s[i + 1] - log_s[i]))
-    return torch.where(feasible == 0, log_s[0].exp(), torch.where(feasible == GRID, log_s[-1].exp(), interpolated))
+    n_valid = summary[-1].clamp(min=1.0)
+    excess = torch.addmv(n_valid, matrix, summary[: 2 * BINS], beta=-target)  # (GRID,) N·(M(s_i) − target)
+    i = (excess <= 0).sum().sub_(1).clamp_(0, GRID - 2)
+    pair = i.reshape(1)  # index_select, not [i]: indexing with a tensor would read i on the host (a sync)
+    e0, e1 = excess.unfold(0, 2, 1).index_select(0, pair)[0]  # e_i, e_{i+1}
+    fraction = (e0 / (e0 - e1).clamp(max=-1e-300)).clamp_(0.0, 1.0)  # −e_i / (e_{i+1} − e_i)
+    log_s0, log_s1 = log_s.unfold(0, 2, 1).index_select(0, pair)[0]
+    return torch.lerp(log_s0, log_s1, fraction).exp_()

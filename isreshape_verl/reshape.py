@@ -282,31 +282,32 @@ def is_reshape_token_loss(
         token_loss = torch.empty(log_prob.shape, dtype=compute_dtype, device=log_prob.device)  # (B, T)
         grad_factor = torch.empty_like(token_loss)  # (B, T), −g·A, saved for backward
 
-        def clamped_log_ratio(rows):
-            return (log_prob[rows].to(compute_dtype) - old_log_prob[rows].to(compute_dtype)).clamp_(
+        def clamped_log_ratio(rows, out=None):
+            return torch.sub(log_prob[rows].to(compute_dtype), old_log_prob[rows].to(compute_dtype), out=out).clamp_(
                 -params.log_ratio_clamp, params.log_ratio_clamp
             )
 
         width_scale: torch.Tensor | float = 1.0
         if adaptive:
             summary = torch.zeros(adaptive_width.summary_size(), dtype=torch.float64, device=log_prob.device)
-            for rows in chunks:
-                log_ratio = clamped_log_ratio(rows)
+            for rows in chunks:  # log r is parked in the loss buffer until the second pass overwrites it
+                log_ratio = clamped_log_ratio(rows, out=token_loss[rows])
                 chunk_valid = torch.ones_like(log_ratio) if valid is None else valid[rows]
                 summary += adaptive_width.staleness_summary(log_ratio, advantages[rows], chunk_valid)
             adaptive_width.reduce_summary(summary)
             width_neg = params.width if params.width_neg is None else params.width_neg
             scale = adaptive_width.solve_scale(summary, params.kernel, params.width, width_neg, params.one_sided,
                                                params.width_target, params.width_min, params.widest)
-            width_scale = scale.to(compute_dtype)
+            # On CPU reading s costs no device sync, and a Python float keeps the kernel's ops tensor-scalar.
+            width_scale = scale.item() if log_prob.device.type == "cpu" else scale.to(compute_dtype)
         for rows in chunks:
             adv = advantages[rows].to(compute_dtype)
-            log_ratio = clamped_log_ratio(rows)  # recomputed: cheaper than storing it in the first pass
+            log_ratio = token_loss[rows] if adaptive else clamped_log_ratio(rows)
             terms = reshape_terms(params, log_ratio, adv, width_scale)
+            if on_chunk is not None:  # before the writes below: terms.log_ratio may be a view of token_loss
+                on_chunk(rows, terms, adv)
             torch.mul(terms.surrogate, adv, out=token_loss[rows]).neg_()
             torch.mul(terms.weight, adv, out=grad_factor[rows]).neg_()
-            if on_chunk is not None:
-                on_chunk(rows, terms, adv)
     return _SurrogateWithWeight.apply(log_prob, token_loss, grad_factor)
 
 

@@ -127,6 +127,11 @@ class _MetricSums:
         self.extremes.append(torch.stack([lowest, highest]))
         self.samples.append(log_r[:: self.token_stride][valid_flat[:: self.token_stride]])
 
+    @staticmethod
+    def _as_metric(value: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
+        """A float (the solved width on CPU) or 0-dim tensor as a 0-dim tensor, not rounded below float64."""
+        return torch.as_tensor(value, dtype=torch.float64, device=like.device)
+
     def sync(self, pg_loss: torch.Tensor) -> tuple[bool, float, dict[str, float] | None]:
         """(inputs and loss finite?, number of valid tokens, named metric values) in one host sync."""
         n_valid, raw_sum = torch.stack(self.probes).sum(0).unbind()
@@ -153,8 +158,8 @@ class _MetricSums:
                 "actor/is_reshape/ratio_p50": p50,
                 "actor/is_reshape/ratio_p99": p99,
                 "actor/is_reshape/ratio_max": extremes[:, 1].max().exp(),
-                "actor/is_reshape/width": torch.as_tensor(p.width * self.width_scale, device=n_safe.device),
-                "actor/is_reshape/width_neg": torch.as_tensor(width_neg * self.width_scale, device=n_safe.device),
+                "actor/is_reshape/width": self._as_metric(p.width * self.width_scale, n_safe),
+                "actor/is_reshape/width_neg": self._as_metric(width_neg * self.width_scale, n_safe),
                 "actor/is_reshape/width_stat": s["kernel_moment"] / n_safe,
             }
             for q in _QUADRANTS:

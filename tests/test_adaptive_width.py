@@ -245,3 +245,23 @@ def test_both_ways_of_summing_bins_agree():
     for i, w in zip(index.tolist(), weights.tolist()):
         expected[i] += w
     assert torch.equal(by_bincount, expected) and torch.equal(by_index_add, expected)
+
+
+def test_the_width_solve_reads_nothing_on_the_host():
+    """A CPU stand-in for tests/test_cuda.py's sync check, for the parts that run on accelerators: summing the
+    bins with index_add_ and solving for s read no value on the host (aten::_local_scalar_dense: on a GPU a
+    sync that stalls every loss call; indexing a tensor with a 0-dim tensor index is one)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from isreshape_verl.adaptive_width import BINS, bin_sums, solve_scale
+
+    gen = torch.Generator().manual_seed(11)
+    index = torch.randint(0, 2 * BINS, (5_000,), generator=gen, dtype=torch.int32)
+    weights = torch.rand(5_000, generator=gen, dtype=torch.float64)
+    summary = torch.cat([bin_sums(index, weights, on_cpu=True), torch.tensor([5_000.0], dtype=torch.float64)])
+    solve_scale(summary, "laplace", 1.0, 0.6, True, 0.01, 0.05, 1.0)  # builds the cached matrix (reads allowed)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        bin_sums(index, weights, on_cpu=False)
+        solve_scale(summary, "laplace", 1.0, 0.6, True, 0.01, 0.05, 1.0)
+    host_reads = [e.name for e in prof.events() if e.name in ("aten::item", "aten::_local_scalar_dense")]
+    assert host_reads == []
