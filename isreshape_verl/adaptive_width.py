@@ -25,8 +25,9 @@ The solve never passes over the (B, T) tensors more than once. It reads a summar
 in `BINS` uniform bins of log r ∈ [−LOG_R_EDGE, LOG_R_EDGE] for each sign of A (tokens beyond the edge are
 counted in the edge bin, which overstates their K and so errs towards a narrower kernel), and N. K is
 evaluated at each bin's centre, on 32 log-spaced values of s (a matrix built once per loss setting, so a
-call pays one matrix-vector product) with s* interpolated between two of them, all on the summary's
-device and without a host sync. With torch.distributed initialised, the summary
+call pays one matrix-vector product) with s* interpolated between two of them: on accelerators all on
+the device and without a host sync, on CPU (where reading costs nothing) in Python after one read. With
+torch.distributed initialised, the summary
 is all-reduced (one collective per call) before solving, so every data-parallel rank gets the same width,
 the one a single process would get on the concatenated batch. verl's engines keep the number of
 micro-batches equal across data-parallel ranks (`same_micro_num_in_dp=True`, also with `use_dynamic_bsz`),
@@ -52,10 +53,6 @@ BINS = 128  # per sign of A
 LOG_R_EDGE = 1.0  # bins cover log r ∈ [−1, 1] (r ∈ [0.37, 2.72]), bin width 2/128 ≈ 0.016
 GRID = 32  # log-spaced points over [s_lo, s_hi]
 _BINS_PER_UNIT = BINS / (2.0 * LOG_R_EDGE)  # 64.0, a power of two
-
-
-def summary_size() -> int:
-    return 2 * BINS + 1
 
 
 def staleness_summary(log_ratio: torch.Tensor, advantages: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -120,22 +117,52 @@ def _grid_and_matrix(kernel: str, width: float, width_neg: float, one_sided: boo
 
 
 def solve_scale(summary: torch.Tensor, kernel: str, width: float, width_neg: float, one_sided: bool,
-                target: float, width_min: float, width_max: float) -> torch.Tensor:
-    """s* as a 0-dim float64 tensor on the summary's device, without a host sync; see the module docstring.
+                target: float, width_min: float, width_max: float) -> torch.Tensor | float:
+    """s*: a 0-dim float64 tensor on the summary's device, computed without a host sync (a float on CPU, where
+    reading a value costs nothing); see the module docstring.
 
     M is evaluated on GRID log-spaced points over [s_lo, s_hi] as the excess e_i = N·(M(s_i) − target) (N ≥ 1),
     one matrix-vector product. Since M grows with s, the points with e_i ≤ 0 form a prefix of length k, and
     s* is interpolated linearly in log s between points i = clamp(k − 1, 0, GRID − 2) and i + 1 at the fraction
     clamp(−e_i / (e_{i+1} − e_i), 0, 1). The clamp also gives both ends: k = 0 means e_0 > 0, fraction 0, s_lo;
-    k = GRID means e_{GRID−1} ≤ 0, fraction 1, s_hi. Written as few tensor ops (each is a kernel launch on a GPU).
+    k = GRID means e_{GRID−1} ≤ 0, fraction 1, s_hi. On accelerators this is a dozen tensor ops (no indexing
+    by a tensor, which reads the index on the host); on CPU the GRID excesses are read and interpolated in
+    Python, since a dozen tiny tensor ops cost ~30 µs there, a visible share of a small micro-batch's loss.
     """
     log_s, matrix = _grid_and_matrix(kernel, width, width_neg, one_sided, width_min / width, width_max / width,
                                      summary.device)
     n_valid = summary[-1].clamp(min=1.0)
     excess = torch.addmv(n_valid, matrix, summary[: 2 * BINS], beta=-target)  # (GRID,) N·(M(s_i) − target)
+    if summary.device.type == "cpu":
+        return _interpolate_on_host(excess.tolist(), _host_log_s(log_s))
+    return _interpolate_on_device(excess, log_s)
+
+
+def _interpolate_on_device(excess: torch.Tensor, log_s: torch.Tensor) -> torch.Tensor:
+    """exp of log s interpolated at the excess's zero crossing (see solve_scale), as tensor ops only."""
     i = (excess <= 0).sum().sub_(1).clamp_(0, GRID - 2)
     pair = i.reshape(1)  # index_select, not [i]: indexing with a tensor would read i on the host (a sync)
     e0, e1 = excess.unfold(0, 2, 1).index_select(0, pair)[0]  # e_i, e_{i+1}
     fraction = (e0 / (e0 - e1).clamp(max=-1e-300)).clamp_(0.0, 1.0)  # −e_i / (e_{i+1} − e_i)
     log_s0, log_s1 = log_s.unfold(0, 2, 1).index_select(0, pair)[0]
     return torch.lerp(log_s0, log_s1, fraction).exp_()
+
+
+def _interpolate_on_host(excess: list[float], log_s: list[float]) -> float:
+    """_interpolate_on_device with Python floats: the same steps, torch.lerp's formula included."""
+    i = min(max(sum(e <= 0 for e in excess) - 1, 0), GRID - 2)
+    e0, e1 = excess[i], excess[i + 1]
+    fraction = min(max(e0 / min(e0 - e1, -1e-300), 0.0), 1.0)
+    low, high = log_s[i], log_s[i + 1]
+    log_scale = low + fraction * (high - low) if fraction < 0.5 else high - (high - low) * (1.0 - fraction)
+    return math.exp(log_scale)
+
+
+_HOST_LOG_S: dict = {}
+
+
+def _host_log_s(log_s: torch.Tensor) -> list[float]:
+    key = id(log_s)  # log_s lives in _MATRIX_CACHE for the whole process, so its id is stable
+    if key not in _HOST_LOG_S:
+        _HOST_LOG_S[key] = log_s.tolist()
+    return _HOST_LOG_S[key]

@@ -262,13 +262,15 @@ def is_reshape_token_loss(
     peak memory is the two (B, T) outputs plus one chunk's temporaries, whatever the batch size. The
     default is 2¹⁶ tokens on CPU (a chunk's temporaries stay in cache) and 2²⁴ on other devices, where
     every chunk costs a few dozen kernel launches and memory is no concern at that size.
-    `on_chunk(rows, terms, advantages[rows])` sees each chunk's detached `ReshapeTerms` (for metrics).
+    `on_chunk(rows, terms, advantages[rows])` sees each chunk's detached `ReshapeTerms` (for metrics); they
+    are valid during the call only (with the adaptive width `terms.log_ratio` is a view of the loss buffer).
     Aggregate the returned (B, T) loss (mask, mean) as you like.
 
     With width_mode=adaptive a first pass over the chunks sums the staleness summary of log r over the
     `valid` tokens (a (B, T) 0/1 mask, bool or float; None = every token), all-reduced
     over torch.distributed's default group when it runs; the width factor is solved from it (see
-    `isreshape_verl.adaptive_width`) and the second pass computes the weights as above.
+    `isreshape_verl.adaptive_width`) and the second pass computes the weights as above, reading log r where
+    the first pass left it (in the loss buffer, which it then overwrites).
     """
     compute_dtype = torch.promote_types(log_prob.dtype, torch.float32)
     if chunk_tokens is None:
@@ -289,17 +291,18 @@ def is_reshape_token_loss(
 
         width_scale: torch.Tensor | float = 1.0
         if adaptive:
-            summary = torch.zeros(adaptive_width.summary_size(), dtype=torch.float64, device=log_prob.device)
+            summary = None
             for rows in chunks:  # log r is parked in the loss buffer until the second pass overwrites it
                 log_ratio = clamped_log_ratio(rows, out=token_loss[rows])
                 chunk_valid = torch.ones_like(log_ratio) if valid is None else valid[rows]
-                summary += adaptive_width.staleness_summary(log_ratio, advantages[rows], chunk_valid)
+                part = adaptive_width.staleness_summary(log_ratio, advantages[rows], chunk_valid)
+                summary = part if summary is None else summary.add_(part)
             adaptive_width.reduce_summary(summary)
             width_neg = params.width if params.width_neg is None else params.width_neg
             scale = adaptive_width.solve_scale(summary, params.kernel, params.width, width_neg, params.one_sided,
                                                params.width_target, params.width_min, params.widest)
-            # On CPU reading s costs no device sync, and a Python float keeps the kernel's ops tensor-scalar.
-            width_scale = scale.item() if log_prob.device.type == "cpu" else scale.to(compute_dtype)
+            # a float on CPU, which keeps the kernel's ops tensor-scalar as with a fixed width
+            width_scale = scale if isinstance(scale, float) else scale.to(compute_dtype)
         for rows in chunks:
             adv = advantages[rows].to(compute_dtype)
             log_ratio = token_loss[rows] if adaptive else clamped_log_ratio(rows)

@@ -253,15 +253,36 @@ def test_the_width_solve_reads_nothing_on_the_host():
     sync that stalls every loss call; indexing a tensor with a 0-dim tensor index is one)."""
     from torch.profiler import ProfilerActivity, profile
 
-    from isreshape_verl.adaptive_width import BINS, bin_sums, solve_scale
+    from isreshape_verl.adaptive_width import BINS, _interpolate_on_device, bin_sums
 
     gen = torch.Generator().manual_seed(11)
     index = torch.randint(0, 2 * BINS, (5_000,), generator=gen, dtype=torch.int32)
     weights = torch.rand(5_000, generator=gen, dtype=torch.float64)
-    summary = torch.cat([bin_sums(index, weights, on_cpu=True), torch.tensor([5_000.0], dtype=torch.float64)])
-    solve_scale(summary, "laplace", 1.0, 0.6, True, 0.01, 0.05, 1.0)  # builds the cached matrix (reads allowed)
+    excess = torch.linspace(-3.0, 5.0, 32, dtype=torch.float64)
+    log_s = torch.linspace(math.log(0.05), 0.0, 32, dtype=torch.float64)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         bin_sums(index, weights, on_cpu=False)
-        solve_scale(summary, "laplace", 1.0, 0.6, True, 0.01, 0.05, 1.0)
+        scale = _interpolate_on_device(excess, log_s)
     host_reads = [e.name for e in prof.events() if e.name in ("aten::item", "aten::_local_scalar_dense")]
     assert host_reads == []
+    # e_i = −3 + 8i/31 crosses 0 between i = 11 and 12 at the fraction (3 − 88/31) / (8/31) = 5/8
+    assert scale.item() == pytest.approx(math.exp(log_s[11] + 0.625 * (log_s[12] - log_s[11])), rel=1e-12)
+
+
+def test_the_host_and_device_solves_agree():
+    """On CPU solve_scale interpolates in Python floats; accelerators use tensor ops. Same s to ~1 ulp, also when
+    no grid point or every grid point meets the target (s_lo, s_hi), and on ties at the target."""
+    from isreshape_verl.adaptive_width import GRID, _interpolate_on_device, _interpolate_on_host
+
+    gen = torch.Generator().manual_seed(12)
+    log_s = torch.linspace(math.log(0.05), 0.0, GRID, dtype=torch.float64)
+    cases = [torch.sort(torch.randn(GRID, generator=gen, dtype=torch.float64) * 3 + shift).values
+             for shift in torch.linspace(-8, 8, 200).tolist()]
+    cases += [torch.full((GRID,), 1.0), torch.full((GRID,), -1.0), torch.zeros(GRID),
+              torch.cat([torch.full((10,), -1.0), torch.zeros(12), torch.ones(10)]).double()]
+    for excess in cases:
+        excess = excess.double()
+        on_device, on_host = _interpolate_on_device(excess, log_s).item(), _interpolate_on_host(excess.tolist(), log_s.tolist())
+        assert on_host == pytest.approx(on_device, rel=1e-15, abs=0)
+    assert _interpolate_on_host([1.0] * GRID, log_s.tolist()) == pytest.approx(0.05)  # nothing meets it: s_lo
+    assert _interpolate_on_host([-1.0] * GRID, log_s.tolist()) == pytest.approx(1.0)  # everything does: s_hi
