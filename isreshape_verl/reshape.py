@@ -299,10 +299,10 @@ def is_reshape_token_loss(
                 summary = part if summary is None else summary.add_(part)
             adaptive_width.reduce_summary(summary)
             width_neg = params.width if params.width_neg is None else params.width_neg
-            scale = adaptive_width.solve_scale(summary, params.kernel, params.width, width_neg, params.one_sided,
-                                               params.width_target, params.width_min, params.widest)
-            # a float on CPU, which keeps the kernel's ops tensor-scalar as with a fixed width
-            width_scale = scale if isinstance(scale, float) else scale.to(compute_dtype)
+            # a float on CPU; elsewhere a 0-dim float64 tensor, which does not promote the (B, T) float32 math
+            width_scale = adaptive_width.solve_scale(summary, params.kernel, params.width, width_neg,
+                                                     params.one_sided, params.width_target, params.width_min,
+                                                     params.widest)
         for rows in chunks:
             adv = advantages[rows].to(compute_dtype)
             log_ratio = token_loss[rows] if adaptive else clamped_log_ratio(rows)
