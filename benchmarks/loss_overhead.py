@@ -7,6 +7,10 @@ floor: one fused kernel that reads the three input tensors once and writes the g
 (torch.addcmul(log_prob, old, adv, out=grad)). For each `width_mode=adaptive` loss whose fixed-width twin is
 in the list, the line "time ratio" gives their time ratio, measured side by side.
 
+Ops = the compute ops of one call, forward and backward (leaf aten ops, views and allocations excluded),
+counted with torch.profiler: on a GPU each launches about one kernel, so where launches dominate (small
+micro-batches, every loss here on an H100) time follows this count on any machine.
+
 Peak extra memory = the highest amount allocated above what existed before the call, gradient included:
 torch.cuda.max_memory_allocated on CUDA; on CPU, the running sum of torch.profiler's per-op memory events
 (allocations and frees in time order), since the CPU allocator keeps no statistics.
@@ -97,6 +101,26 @@ def peak_extra_bytes(fn, device):
     return peak
 
 
+_NOT_KERNELS = frozenset({
+    "aten::empty", "aten::empty_strided", "aten::view", "aten::as_strided", "aten::slice", "aten::select",
+    "aten::reshape", "aten::expand", "aten::unsqueeze", "aten::squeeze", "aten::detach", "aten::detach_",
+    "aten::alias", "aten::t", "aten::transpose", "aten::unfold", "aten::unbind", "aten::_unsafe_view",
+    "aten::view_as", "aten::lift_fresh", "aten::resolve_conj", "aten::resolve_neg", "aten::result_type",
+    "aten::item", "aten::_local_scalar_dense",
+})
+
+
+def compute_ops(fn) -> int:
+    """Leaf aten ops of one call that compute (not views, allocations or host reads of a value)."""
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+
+    def computes(event):
+        return event.name.startswith("aten::") and event.name not in _NOT_KERNELS
+
+    return sum(1 for e in prof.events() if computes(e) and not any(computes(c) for c in e.cpu_children))
+
+
 def machine_line(device):
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
@@ -118,7 +142,8 @@ def run(args):
     configs = [spec.actor_config() for spec in specs]
     print(f"# loss_overhead on {device.type}: {machine_line(device)}")
     print(f"# median of {args.reps} forward+backward calls after {args.warmup} warm-up calls; ratios to vanilla\n")
-    header = f"{'shape':>10} {'dtype':>5} {'loss':<58} {'ms':>8} {'x vanilla':>9} {'peak MiB':>9} {'x vanilla':>9}"
+    header = (f"{'shape':>10} {'dtype':>5} {'loss':<58} {'ms':>8} {'x vanilla':>9} {'peak MiB':>9} {'x vanilla':>9}"
+              f" {'ops':>5}")
     rows = []
     cases = [(s, d) for s in args.shapes for d in args.dtypes]
     for (batch, length), dtype_name in tqdm(cases, desc="cases", disable=args.no_progress):
@@ -131,18 +156,19 @@ def run(args):
         measured = []
         for spec, step, secs in zip(specs, steps[1:], seconds):
             log_prob.grad = None
-            measured.append((str(spec), secs, peak_extra_bytes(step, device)))
+            measured.append((str(spec), secs, peak_extra_bytes(step, device), compute_ops(step)))
         base_t, base_m = measured[0][1], measured[0][2]
         shape = f"{batch}x{length}"
         rows.append(f"{shape:>10} {dtype_name:>5} {'floor (read 3 inputs, write grad once)':<58} "
                     f"{floor * 1e3:>8.2f} {floor / base_t:>9.2f} {'':>9} {'':>9}")
-        for label, seconds, peak in measured:
+        for label, seconds, peak, ops in measured:
             rows.append(f"{shape:>10} {dtype_name:>5} {label:<58} {seconds * 1e3:>8.2f} {seconds / base_t:>9.2f} "
-                        f"{peak / 2**20:>9.1f} {peak / base_m:>9.2f}")
+                        f"{peak / 2**20:>9.1f} {peak / base_m:>9.2f} {ops:>5}")
         for adaptive, fixed in adaptive_pairs(specs):
             ratio = measured[adaptive][1] / measured[fixed][1]
+            ops_ratio = measured[adaptive][3] / measured[fixed][3]
             rows.append(f"{shape:>10} {dtype_name:>5} {'  time ratio ' + str(specs[adaptive]) + ' / ' + str(specs[fixed]):<58} "
-                        f"{'':>8} {ratio:>9.3f}")
+                        f"{'':>8} {ratio:>9.3f} {'':>9} {'':>9} {ops_ratio:>5.2f}")
     print(header)
     print("-" * len(header))
     print("\n".join(rows))
