@@ -59,26 +59,28 @@ def staleness_summary(log_ratio: torch.Tensor, advantages: torch.Tensor, valid: 
     """(2·BINS + 1,) float64: Σ(log r)² per log-r bin for A ≤ 0, then for A > 0, then the valid-token count.
 
     `valid` is a 0/1 mask of any dtype (bool or float, as verl's response_mask). Sums of several chunks (or of
-    several ranks) add up to the summary of the whole batch. Written as few in-place passes over the chunk
-    (this runs on every loss call): the bin index is floored before the A > 0 offset of BINS is added, since
-    adding 128.0 to a float32 such as 51.999995 would round it up into the next bin.
+    several ranks) add up to the summary of the whole batch. This runs on every loss call, so it is written as
+    few tensor ops, none of which reads a value on the host or copies one to the device: the bin index is
+    truncated to an integer before the A > 0 offset of BINS is added (adding 128 to a float32 such as
+    51.999996 would round it up into the next bin), and the square is written straight into float64.
     """
-    # (log r + 1)·64 computed as 64 + 64·log r: one op, and the same float32 rounding (64 is a power of two)
-    index = torch.add(log_ratio.new_tensor(LOG_R_EDGE * _BINS_PER_UNIT), log_ratio, alpha=_BINS_PER_UNIT)
-    index.clamp_(0.0, BINS - 0.5).floor_()  # beyond the edges: the edge bins
-    index.add_(torch.sign(advantages).clamp_(min=0.0), alpha=BINS)  # A > 0 → the second half
+    position = torch.mul(log_ratio, _BINS_PER_UNIT).add_(LOG_R_EDGE * _BINS_PER_UNIT)  # in bins from −LOG_R_EDGE
+    index = position.int().clamp_(0, BINS - 1)  # int() truncates toward 0 (floor on [0, BINS)); beyond: edge bins
+    index.add_(torch.gt(advantages, 0.0, out=torch.empty_like(index)), alpha=BINS)  # A > 0 → the second half
     mask = valid.view(torch.uint8) if valid.dtype == torch.bool else valid  # bool arithmetic is slow on CPU
-    weights = torch.mul(log_ratio, log_ratio).mul_(mask)
-    sums = bin_sums(index.int().reshape(-1), weights.reshape(-1).double(), on_cpu=log_ratio.device.type == "cpu")
-    return torch.cat([sums, torch.count_nonzero(valid).double()[None]])
+    masked = torch.mul(log_ratio, mask)
+    squares = torch.mul(masked, masked, out=torch.empty(masked.shape, dtype=torch.float64, device=masked.device))
+    summary = bin_sums(index.reshape(-1), squares.reshape(-1), 2 * BINS + 1, on_cpu=log_ratio.device.type == "cpu")
+    summary[-1] = torch.count_nonzero(valid)  # the last bin is never indexed: it holds N
+    return summary
 
 
-def bin_sums(index: torch.Tensor, weights: torch.Tensor, on_cpu: bool) -> torch.Tensor:
-    """(2·BINS,) Σ weights per bin index. On CPU torch.bincount (the fastest there); elsewhere index_add_,
-    because CUDA's bincount reads max(index) on the host, a sync that would stall every loss call."""
+def bin_sums(index: torch.Tensor, weights: torch.Tensor, size: int, on_cpu: bool) -> torch.Tensor:
+    """(size,) Σ weights per bin index (index < size). On CPU torch.bincount (the fastest there); elsewhere
+    index_add_, because CUDA's bincount reads max(index) on the host, a sync that would stall every loss call."""
     if on_cpu:
-        return torch.bincount(index, weights=weights, minlength=2 * BINS)
-    return torch.zeros(2 * BINS, dtype=weights.dtype, device=weights.device).index_add_(0, index, weights)
+        return torch.bincount(index, weights=weights, minlength=size)
+    return torch.zeros(size, dtype=weights.dtype, device=weights.device).index_add_(0, index, weights)
 
 
 def reduce_summary(summary: torch.Tensor) -> torch.Tensor:

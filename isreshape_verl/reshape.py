@@ -169,7 +169,7 @@ def mixing_gamma(params: ISReshapeParams, log_ratio: torch.Tensor, advantages: t
     """
     mode = params.gamma_mode
     if mode == "fixed":  # a 0-dim tensor: broadcasts, and saves a (B, T) allocation
-        return log_ratio.new_tensor(params.gamma)
+        return log_ratio.new_full((), params.gamma)  # new_full, not new_tensor: no host-to-device copy (a sync)
     span = params.gamma_max - params.gamma_base
     if mode == "correctness":
         factor = torch.sigmoid(-advantages * log_ratio / params.gamma_tau)
@@ -199,7 +199,8 @@ def reshape_terms(params: ISReshapeParams, log_ratio: torch.Tensor, advantages: 
     positive = advantages > 0
     width = params.width * width_scale
     if params.width_neg is not None and params.width_neg != params.width:
-        width = torch.where(positive, x.new_tensor(params.width), x.new_tensor(params.width_neg)) * width_scale
+        # new_full, not new_tensor: a host-to-device copy would sync; the scalar takes x's dtype from the 0-dim tensor
+        width = torch.where(positive, x.new_full((), params.width), params.width_neg) * width_scale
     kernel, integral = _localized(params, x, positive, width)
     del x  # free before the next allocations: this runs on (B, T) tensors inside the loss
     gamma = mixing_gamma(params, log_ratio, advantages)

@@ -31,6 +31,7 @@ when it is larger; quadrant "pos" = A > 0, "neg" = A ≤ 0, "up" = r > 1, "down"
 
 from __future__ import annotations
 
+import math
 from typing import Any, Optional
 
 import torch
@@ -122,15 +123,17 @@ class _MetricSums:
             g_pos_up=g_both,
         )
         valid_flat = mask > 0
-        inf = torch.tensor(float("inf"), dtype=log_r.dtype, device=log_r.device)
-        lowest, highest = torch.where(valid_flat, log_r, inf).min(), torch.where(valid_flat, log_r, -inf).max()
+        lowest, highest = torch.where(valid_flat, log_r, math.inf).min(), torch.where(valid_flat, log_r, -math.inf).max()
         self.extremes.append(torch.stack([lowest, highest]))
         self.samples.append(log_r[:: self.token_stride][valid_flat[:: self.token_stride]])
 
     @staticmethod
     def _as_metric(value: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
-        """A float (the solved width on CPU) or 0-dim tensor as a 0-dim tensor, not rounded below float64."""
-        return torch.as_tensor(value, dtype=torch.float64, device=like.device)
+        """A float (the solved width on CPU) or 0-dim tensor as a 0-dim tensor, not rounded below float64.
+        new_full, not as_tensor: a float copied to a GPU would be a host sync."""
+        if isinstance(value, torch.Tensor):
+            return value.to(torch.float64)
+        return like.new_full((), value, dtype=torch.float64)
 
     def sync(self, pg_loss: torch.Tensor) -> tuple[bool, float, dict[str, float] | None]:
         """(inputs and loss finite?, number of valid tokens, named metric values) in one host sync."""

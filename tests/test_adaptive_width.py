@@ -240,7 +240,8 @@ def test_both_ways_of_summing_bins_agree():
     gen = torch.Generator().manual_seed(5)
     index = torch.randint(0, 2 * BINS, (10_000,), generator=gen, dtype=torch.int32)
     weights = torch.rand(10_000, generator=gen, dtype=torch.float64)
-    by_bincount, by_index_add = bin_sums(index, weights, on_cpu=True), bin_sums(index, weights, on_cpu=False)
+    by_bincount = bin_sums(index, weights, 2 * BINS, on_cpu=True)
+    by_index_add = bin_sums(index, weights, 2 * BINS, on_cpu=False)
     expected = torch.zeros(2 * BINS, dtype=torch.float64)
     for i, w in zip(index.tolist(), weights.tolist()):
         expected[i] += w
@@ -261,7 +262,7 @@ def test_the_width_solve_reads_nothing_on_the_host():
     excess = torch.linspace(-3.0, 5.0, 32, dtype=torch.float64)
     log_s = torch.linspace(math.log(0.05), 0.0, 32, dtype=torch.float64)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        bin_sums(index, weights, on_cpu=False)
+        bin_sums(index, weights, 2 * BINS, on_cpu=False)
         scale = _interpolate_on_device(excess, log_s)
     host_reads = [e.name for e in prof.events() if e.name in ("aten::item", "aten::_local_scalar_dense")]
     assert host_reads == []
@@ -286,3 +287,18 @@ def test_the_host_and_device_solves_agree():
         assert on_host == pytest.approx(on_device, rel=1e-15, abs=0)
     assert _interpolate_on_host([1.0] * GRID, log_s.tolist()) == pytest.approx(0.05)  # nothing meets it: s_lo
     assert _interpolate_on_host([-1.0] * GRID, log_s.tolist()) == pytest.approx(1.0)  # everything does: s_hi
+
+
+@pytest.mark.parametrize("text", ["is_reshape", "is_reshape:width_neg=0.6,gamma_mode=fixed,gamma=0.7",
+                                  "is_reshape:width_mode=fixed,width_neg=0.6"])
+def test_the_token_loss_creates_no_tensor_from_host_data(text):
+    """Another CPU stand-in for the GPU sync check: a tensor made from Python data inside the loss
+    (torch.tensor, new_tensor: aten::lift_fresh) is a host-to-device copy on a GPU, and a blocking one."""
+    from torch.profiler import ProfilerActivity, profile
+
+    params = parse_loss_spec(text).reshape_params()
+    log_prob, old, adv, mask = lagged_batch(0.2, seed=13)
+    is_reshape_token_loss(log_prob, old, adv, params, valid=mask)  # warm-up: cached matrices are built once
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        is_reshape_token_loss(log_prob, old, adv, params, valid=mask)
+    assert [e.name for e in prof.events() if e.name == "aten::lift_fresh"] == []
