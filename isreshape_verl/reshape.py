@@ -59,8 +59,9 @@ class ISReshapeParams:
     one_sided: bool = True
     """Apply K only on the side the update pushes away from μ (r > 1 when A > 0, r < 1 when A ≤ 0);
     K = 1 on the other side, so tokens that moved the wrong way keep their full corrective weight.
-    box + one_sided + γ = 1 with widths (ε_high, ε_low) is PPO-clip. Default True: in the CPU sandbox at
-    lag 4 every two-sided adaptive-γ variant collapsed while the one-sided ones learned."""
+    box + one_sided + γ = 1 with widths (ε_high, ε_low) is PPO-clip. Default True: in the sandbox's knob study
+    (benchmarks/results/knob_study) the default made two-sided collapsed in 10 of 12 runs and two-sided sech2
+    in 9 of 12, even with localize_sft and the adaptive width, while no one-sided variant ever did."""
 
     gamma_mode: str = "correctness"
     """How γ (SFT-like ↔ kernelized IS) is chosen per token: fixed | correctness | magnitude | combined.
