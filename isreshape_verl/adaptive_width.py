@@ -95,8 +95,9 @@ _MATRIX_CACHE: dict = {}
 
 
 def _grid_and_matrix(kernel: str, width: float, width_neg: float, one_sided: bool, s_lo: float, s_hi: float,
-                     device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log s on the GRID (GRID,), the matrix (GRID, 2·BINS) with M(s_i) = matrix[i] · sums / N), float64.
+                     device) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+    """(log s on the GRID (GRID,), the matrix (GRID, 2·BINS) with M(s_i) = matrix[i] · sums / N), float64,
+    and log s as Python floats (for the CPU's interpolation).
 
     Row i holds K at every bin centre for s_i — A ≤ 0 bins at width s_i·width_neg, A > 0 bins at s_i·width —
     times 0 on the bins the kernel does not act on (one_sided: r ≥ 1 for A ≤ 0, r ≤ 1 for A > 0). It depends
@@ -114,7 +115,7 @@ def _grid_and_matrix(kernel: str, width: float, width_neg: float, one_sided: boo
         k_pos = kernel_value(kernel, x[None, :], scales * width)
         if one_sided:  # only the side that pushes away from μ is tuned: r < 1 for A ≤ 0, r > 1 for A > 0
             k_neg, k_pos = k_neg * (centres < 0), k_pos * (centres > 0)
-        _MATRIX_CACHE[key] = (log_s, torch.cat([k_neg, k_pos], dim=1))
+        _MATRIX_CACHE[key] = (log_s, torch.cat([k_neg, k_pos], dim=1), log_s.tolist())
     return _MATRIX_CACHE[key]
 
 
@@ -131,12 +132,12 @@ def solve_scale(summary: torch.Tensor, kernel: str, width: float, width_neg: flo
     by a tensor, which reads the index on the host); on CPU the GRID excesses are read and interpolated in
     Python, since a dozen tiny tensor ops cost ~30 µs there, a visible share of a small micro-batch's loss.
     """
-    log_s, matrix = _grid_and_matrix(kernel, width, width_neg, one_sided, width_min / width, width_max / width,
-                                     summary.device)
+    log_s, matrix, log_s_on_host = _grid_and_matrix(kernel, width, width_neg, one_sided, width_min / width,
+                                                    width_max / width, summary.device)
     n_valid = summary[-1].clamp(min=1.0)
     excess = torch.addmv(n_valid, matrix, summary[: 2 * BINS], beta=-target)  # (GRID,) N·(M(s_i) − target)
     if summary.device.type == "cpu":
-        return _interpolate_on_host(excess.tolist(), _host_log_s(log_s))
+        return _interpolate_on_host(excess.tolist(), log_s_on_host)
     return _interpolate_on_device(excess, log_s)
 
 
@@ -158,13 +159,3 @@ def _interpolate_on_host(excess: list[float], log_s: list[float]) -> float:
     low, high = log_s[i], log_s[i + 1]
     log_scale = low + fraction * (high - low) if fraction < 0.5 else high - (high - low) * (1.0 - fraction)
     return math.exp(log_scale)
-
-
-_HOST_LOG_S: dict = {}
-
-
-def _host_log_s(log_s: torch.Tensor) -> list[float]:
-    key = id(log_s)  # log_s lives in _MATRIX_CACHE for the whole process, so its id is stable
-    if key not in _HOST_LOG_S:
-        _HOST_LOG_S[key] = log_s.tolist()
-    return _HOST_LOG_S[key]

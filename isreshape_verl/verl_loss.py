@@ -123,7 +123,8 @@ class _MetricSums:
             g_pos_up=g_both,
         )
         valid_flat = mask > 0
-        lowest, highest = torch.where(valid_flat, log_r, math.inf).min(), torch.where(valid_flat, log_r, -math.inf).max()
+        lowest = torch.where(valid_flat, log_r, math.inf).min()  # a Python scalar: no tensor copied to the device
+        highest = torch.where(valid_flat, log_r, -math.inf).max()
         self.extremes.append(torch.stack([lowest, highest]))
         self.samples.append(log_r[:: self.token_stride][valid_flat[:: self.token_stride]])
 
