@@ -128,7 +128,8 @@ def solve_scale(summary: torch.Tensor, kernel: str, width: float, width_neg: flo
     one matrix-vector product. Since M grows with s, the points with e_i ≤ 0 form a prefix of length k, and
     s* is interpolated linearly in log s between points i = clamp(k − 1, 0, GRID − 2) and i + 1 at the fraction
     clamp(−e_i / (e_{i+1} − e_i), 0, 1). The clamp also gives both ends: k = 0 means e_0 > 0, fraction 0, s_lo;
-    k = GRID means e_{GRID−1} ≤ 0, fraction 1, s_hi. On accelerators this is a dozen tensor ops (no indexing
+    k = GRID means e_{GRID−1} ≤ 0, fraction 1, s_hi (set explicitly, since e_{GRID−2} = e_{GRID−1} = 0 would
+    give 0 / 0). On accelerators this is a dozen tensor ops (no indexing
     by a tensor, which reads the index on the host); on CPU the GRID excesses are read and interpolated in
     Python, since a dozen tiny tensor ops cost ~30 µs there, a visible share of a small micro-batch's loss.
     """
@@ -147,6 +148,7 @@ def _interpolate_on_device(excess: torch.Tensor, log_s: torch.Tensor) -> torch.T
     pair = i.reshape(1)  # index_select, not [i]: indexing with a tensor would read i on the host (a sync)
     e0, e1 = excess.unfold(0, 2, 1).index_select(0, pair)[0]  # e_i, e_{i+1}
     fraction = (e0 / (e0 - e1).clamp(max=-1e-300)).clamp_(0.0, 1.0)  # −e_i / (e_{i+1} − e_i)
+    fraction = torch.where(e1 <= 0, 1.0, fraction)  # k = GRID, even with both last points on the target
     log_s0, log_s1 = log_s.unfold(0, 2, 1).index_select(0, pair)[0]
     return torch.lerp(log_s0, log_s1, fraction).exp_()
 
@@ -155,7 +157,7 @@ def _interpolate_on_host(excess: list[float], log_s: list[float]) -> float:
     """_interpolate_on_device with Python floats: the same steps, torch.lerp's formula included."""
     i = min(max(sum(e <= 0 for e in excess) - 1, 0), GRID - 2)
     e0, e1 = excess[i], excess[i + 1]
-    fraction = min(max(e0 / min(e0 - e1, -1e-300), 0.0), 1.0)
+    fraction = 1.0 if e1 <= 0 else min(max(e0 / min(e0 - e1, -1e-300), 0.0), 1.0)
     low, high = log_s[i], log_s[i + 1]
     log_scale = low + fraction * (high - low) if fraction < 0.5 else high - (high - low) * (1.0 - fraction)
     return math.exp(log_scale)

@@ -283,10 +283,13 @@ def test_the_host_and_device_solves_agree():
               torch.cat([torch.full((10,), -1.0), torch.zeros(12), torch.ones(10)]).double()]
     for excess in cases:
         excess = excess.double()
-        on_device, on_host = _interpolate_on_device(excess, log_s).item(), _interpolate_on_host(excess.tolist(), log_s.tolist())
+        on_device = _interpolate_on_device(excess, log_s).item()
+        on_host = _interpolate_on_host(excess.tolist(), log_s.tolist())
         assert on_host == pytest.approx(on_device, rel=1e-15, abs=0)
     assert _interpolate_on_host([1.0] * GRID, log_s.tolist()) == pytest.approx(0.05)  # nothing meets it: s_lo
     assert _interpolate_on_host([-1.0] * GRID, log_s.tolist()) == pytest.approx(1.0)  # everything does: s_hi
+    assert _interpolate_on_host([0.0] * GRID, log_s.tolist()) == pytest.approx(1.0)  # every point on the target
+    assert _interpolate_on_device(torch.zeros(GRID, dtype=torch.float64), log_s).item() == pytest.approx(1.0)
 
 
 @pytest.mark.parametrize("text", ["is_reshape", "is_reshape:width_neg=0.6,gamma_mode=fixed,gamma=0.7",
