@@ -55,6 +55,12 @@ GRID = 32  # log-spaced points over [s_lo, s_hi]
 _BINS_PER_UNIT = BINS / (2.0 * LOG_R_EDGE)  # 64.0, a power of two
 
 
+def reads_are_free(device: torch.device) -> bool:
+    """Whether reading a tensor's value on the host costs nothing: on CPU, where there is no device to wait for.
+    Elsewhere the summary and the solve take paths that never read a value on the host (a sync per loss call)."""
+    return device.type == "cpu"
+
+
 def staleness_summary(log_ratio: torch.Tensor, advantages: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """(2·BINS + 1,) float64: Σ(log r)² per log-r bin for A ≤ 0, then for A > 0, then the valid-token count.
 
@@ -70,7 +76,7 @@ def staleness_summary(log_ratio: torch.Tensor, advantages: torch.Tensor, valid: 
     mask = valid.view(torch.uint8) if valid.dtype == torch.bool else valid  # bool arithmetic is slow on CPU
     masked = torch.mul(log_ratio, mask)
     squares = torch.mul(masked, masked, out=torch.empty(masked.shape, dtype=torch.float64, device=masked.device))
-    summary = bin_sums(index.reshape(-1), squares.reshape(-1), 2 * BINS + 1, on_cpu=log_ratio.device.type == "cpu")
+    summary = bin_sums(index.reshape(-1), squares.reshape(-1), 2 * BINS + 1, on_cpu=reads_are_free(log_ratio.device))
     summary[-1] = torch.count_nonzero(valid)  # the last bin is never indexed: it holds N
     return summary
 
@@ -137,7 +143,7 @@ def solve_scale(summary: torch.Tensor, kernel: str, width: float, width_neg: flo
                                                     width_max / width, summary.device)
     n_valid = summary[-1].clamp(min=1.0)
     excess = torch.addmv(n_valid, matrix, summary[: 2 * BINS], beta=-target)  # (GRID,) N·(M(s_i) − target)
-    if summary.device.type == "cpu":
+    if reads_are_free(summary.device):
         return _interpolate_on_host(excess.tolist(), log_s_on_host)
     return _interpolate_on_device(excess, log_s)
 
