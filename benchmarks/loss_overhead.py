@@ -7,9 +7,11 @@ floor: one fused kernel that reads the three input tensors once and writes the g
 (torch.addcmul(log_prob, old, adv, out=grad)). For each `width_mode=adaptive` loss whose fixed-width twin is
 in the list, the line "time ratio" gives their time ratio, measured side by side.
 
-Ops = the compute ops of one call, forward and backward (leaf aten ops, views and allocations excluded),
-counted with torch.profiler: on a GPU each launches about one kernel, so where launches dominate (small
-micro-batches, every loss here on an H100) time follows this count on any machine.
+Ops = the compute ops of one call, forward and backward (leaf aten ops; views, allocations and conversions
+that found nothing to convert excluded), counted with torch.profiler: on a GPU each launches about one kernel,
+so where launches dominate (small micro-batches, every loss here on an H100) time follows this count on any
+machine. On CPU a second count, "ops acc", runs the loss down the branches it takes on accelerators (no host
+reads in the adaptive width's solve, one chunk of up to 2²⁴ tokens), for an estimate of a GPU's launches.
 
 Peak extra memory = the highest amount allocated above what existed before the call, gradient included:
 torch.cuda.max_memory_allocated on CUDA; on CPU, the running sum of torch.profiler's per-op memory events
@@ -33,6 +35,7 @@ from torch.profiler import ProfilerActivity, profile
 from tqdm import tqdm
 
 import isreshape_verl.verl_loss  # noqa: F401  (registers is_reshape, also where the package is not installed)
+from isreshape_verl import adaptive_width, reshape
 from isreshape_verl.kernels import KERNEL_NAMES
 from isreshape_verl.specs import parse_loss_spec
 
@@ -107,6 +110,9 @@ _NOT_KERNELS = frozenset({
     "aten::alias", "aten::t", "aten::transpose", "aten::unfold", "aten::unbind", "aten::_unsafe_view",
     "aten::view_as", "aten::lift_fresh", "aten::resolve_conj", "aten::resolve_neg", "aten::result_type",
     "aten::item", "aten::_local_scalar_dense",
+    # allocations, and conversions that found nothing to do (a `to` that copies has a copy_ below it)
+    "aten::empty_like", "aten::new_empty", "aten::new_empty_strided", "aten::scalar_tensor", "aten::to",
+    "aten::_to_copy", "aten::contiguous",
 })
 
 
@@ -119,6 +125,17 @@ def compute_ops(fn) -> int:
         return event.name.startswith("aten::") and event.name not in _NOT_KERNELS
 
     return sum(1 for e in prof.events() if computes(e) and not any(computes(c) for c in e.cpu_children))
+
+
+def compute_ops_on_accelerator_path(fn) -> int:
+    """compute_ops of fn with the loss taking the branches it takes off the CPU (CPU tensors all the same): the
+    adaptive width's summary and solve without host reads, and one chunk of up to 2²⁴ tokens."""
+    saved = adaptive_width.reads_are_free, reshape.CPU_CHUNK_TOKENS
+    adaptive_width.reads_are_free, reshape.CPU_CHUNK_TOKENS = (lambda device: False), reshape.ACCELERATOR_CHUNK_TOKENS
+    try:
+        return compute_ops(fn)
+    finally:
+        adaptive_width.reads_are_free, reshape.CPU_CHUNK_TOKENS = saved
 
 
 def machine_line(device):
@@ -142,8 +159,9 @@ def run(args):
     configs = [spec.actor_config() for spec in specs]
     print(f"# loss_overhead on {device.type}: {machine_line(device)}")
     print(f"# median of {args.reps} forward+backward calls after {args.warmup} warm-up calls; ratios to vanilla\n")
+    on_cpu = device.type == "cpu"  # then also count the ops of the accelerators' path ("ops acc")
     header = (f"{'shape':>10} {'dtype':>5} {'loss':<58} {'ms':>8} {'x vanilla':>9} {'peak MiB':>9} {'x vanilla':>9}"
-              f" {'ops':>5}")
+              f" {'ops':>5}" + (f" {'ops acc':>7}" if on_cpu else ""))
     rows = []
     cases = [(s, d) for s in args.shapes for d in args.dtypes]
     for (batch, length), dtype_name in tqdm(cases, desc="cases", disable=args.no_progress):
@@ -156,19 +174,22 @@ def run(args):
         measured = []
         for spec, step, secs in zip(specs, steps[1:], seconds):
             log_prob.grad = None
-            measured.append((str(spec), secs, peak_extra_bytes(step, device), compute_ops(step)))
+            ops = [compute_ops(step)] + ([compute_ops_on_accelerator_path(step)] if on_cpu else [])
+            measured.append((str(spec), secs, peak_extra_bytes(step, device), ops))
         base_t, base_m = measured[0][1], measured[0][2]
         shape = f"{batch}x{length}"
         rows.append(f"{shape:>10} {dtype_name:>5} {'floor (read 3 inputs, write grad once)':<58} "
                     f"{floor * 1e3:>8.2f} {floor / base_t:>9.2f} {'':>9} {'':>9}")
         for label, seconds, peak, ops in measured:
             rows.append(f"{shape:>10} {dtype_name:>5} {label:<58} {seconds * 1e3:>8.2f} {seconds / base_t:>9.2f} "
-                        f"{peak / 2**20:>9.1f} {peak / base_m:>9.2f} {ops:>5}")
+                        f"{peak / 2**20:>9.1f} {peak / base_m:>9.2f} {ops[0]:>5}"
+                        + (f" {ops[1]:>7}" if on_cpu else ""))
         for adaptive, fixed in adaptive_pairs(specs):
             ratio = measured[adaptive][1] / measured[fixed][1]
-            ops_ratio = measured[adaptive][3] / measured[fixed][3]
+            ops_ratios = [a / f for a, f in zip(measured[adaptive][3], measured[fixed][3])]
             rows.append(f"{shape:>10} {dtype_name:>5} {'  time ratio ' + str(specs[adaptive]) + ' / ' + str(specs[fixed]):<58} "
-                        f"{'':>8} {ratio:>9.3f} {'':>9} {'':>9} {ops_ratio:>5.2f}")
+                        f"{'':>8} {ratio:>9.3f} {'':>9} {'':>9} {ops_ratios[0]:>5.2f}"
+                        + (f" {ops_ratios[1]:>7.2f}" if on_cpu else ""))
     print(header)
     print("-" * len(header))
     print("\n".join(rows))

@@ -131,13 +131,17 @@ def solve_scale(summary: torch.Tensor, kernel: str, width: float, width_neg: flo
     reading a value costs nothing); see the module docstring.
 
     M is evaluated on GRID log-spaced points over [s_lo, s_hi] as the excess e_i = N·(M(s_i) − target) (N ≥ 1),
-    one matrix-vector product. Since M grows with s, the points with e_i ≤ 0 form a prefix of length k, and
-    s* is interpolated linearly in log s between points i = clamp(k − 1, 0, GRID − 2) and i + 1 at the fraction
-    clamp(−e_i / (e_{i+1} − e_i), 0, 1). The clamp also gives both ends: k = 0 means e_0 > 0, fraction 0, s_lo;
-    k = GRID means e_{GRID−1} ≤ 0, fraction 1, s_hi (set explicitly, since e_{GRID−2} = e_{GRID−1} = 0 would
-    give 0 / 0). On accelerators this is a dozen tensor ops (no indexing
-    by a tensor, which reads the index on the host); on CPU the GRID excesses are read and interpolated in
-    Python, since a dozen tiny tensor ops cost ~30 µs there, a visible share of a small micro-batch's loss.
+    one matrix-vector product. M grows with s, so e_0 ≤ e_1 ≤ … and s* sits where e crosses 0. Each of the
+    GRID − 1 segments contributes the share of it that lies at or below the target,
+
+        φ_i = clamp((e_i − ε) / min(e_i − ε − e_{i+1}, −ε), 0, 1)        (ε = TIE)
+
+    which is 1 for a segment wholly below (e_{i+1} ≤ 0, ties at the target included: (−ε)/(−ε) = 1), 0 for
+    one wholly above (e_i > ε), and the linear zero crossing (−e_i + ε)/(e_{i+1} − e_i + ε) for the one in
+    between; then log s* = log s_lo + (Σφ / (GRID − 1))·(log s_hi − log s_lo). Both ends come out of the same
+    formula: every φ = 0 gives s_lo, every φ = 1 gives s_hi. On accelerators that is ten tensor ops and no
+    host read; on CPU the GRID excesses are read and the same sums done in Python, since ten tiny tensor
+    ops cost ~30 µs there, a visible share of a small micro-batch's loss.
     """
     log_s, matrix, log_s_on_host = _grid_and_matrix(kernel, width, width_neg, one_sided, width_min / width,
                                                     width_max / width, summary.device)
@@ -148,22 +152,22 @@ def solve_scale(summary: torch.Tensor, kernel: str, width: float, width_neg: flo
     return _interpolate_on_device(excess, log_s)
 
 
+TIE = 1e-300  # excesses within this of 0 count as on the target, so a tie at the target gives the larger s
+
+
 def _interpolate_on_device(excess: torch.Tensor, log_s: torch.Tensor) -> torch.Tensor:
-    """exp of log s interpolated at the excess's zero crossing (see solve_scale), as tensor ops only."""
-    i = (excess <= 0).sum().sub_(1).clamp_(0, GRID - 2)
-    pair = i.reshape(1)  # index_select, not [i]: indexing with a tensor would read i on the host (a sync)
-    e0, e1 = excess.unfold(0, 2, 1).index_select(0, pair)[0]  # e_i, e_{i+1}
-    fraction = (e0 / (e0 - e1).clamp(max=-1e-300)).clamp_(0.0, 1.0)  # −e_i / (e_{i+1} − e_i)
-    fraction = torch.where(e1 <= 0, 1.0, fraction)  # k = GRID, even with both last points on the target
-    log_s0, log_s1 = log_s.unfold(0, 2, 1).index_select(0, pair)[0]
-    return torch.lerp(log_s0, log_s1, fraction).exp_()
+    """exp of log s interpolated at the excess's zero crossing (see solve_scale), in tensor ops only."""
+    below = excess[:-1] - TIE  # e_i − ε
+    shares = below.div_(torch.sub(below, excess[1:]).clamp_(max=-TIE)).clamp_(0.0, 1.0)  # φ_i
+    return torch.lerp(log_s[0], log_s[-1], shares.sum() / (GRID - 1)).exp_()
 
 
 def _interpolate_on_host(excess: list[float], log_s: list[float]) -> float:
     """_interpolate_on_device with Python floats: the same steps, torch.lerp's formula included."""
-    i = min(max(sum(e <= 0 for e in excess) - 1, 0), GRID - 2)
-    e0, e1 = excess[i], excess[i + 1]
-    fraction = 1.0 if e1 <= 0 else min(max(e0 / min(e0 - e1, -1e-300), 0.0), 1.0)
-    low, high = log_s[i], log_s[i + 1]
-    log_scale = low + fraction * (high - low) if fraction < 0.5 else high - (high - low) * (1.0 - fraction)
+    total = 0.0
+    for e0, e1 in zip(excess, excess[1:]):
+        below = e0 - TIE
+        total += min(max(below / min(below - e1, -TIE), 0.0), 1.0)
+    weight, low, high = total / (GRID - 1), log_s[0], log_s[-1]
+    log_scale = low + weight * (high - low) if weight < 0.5 else high - (high - low) * (1.0 - weight)
     return math.exp(log_scale)

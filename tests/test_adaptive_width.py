@@ -290,6 +290,11 @@ def test_the_host_and_device_solves_agree():
     assert _interpolate_on_host([-1.0] * GRID, log_s.tolist()) == pytest.approx(1.0)  # everything does: s_hi
     assert _interpolate_on_host([0.0] * GRID, log_s.tolist()) == pytest.approx(1.0)  # every point on the target
     assert _interpolate_on_device(torch.zeros(GRID, dtype=torch.float64), log_s).item() == pytest.approx(1.0)
+    # points 10–21 sit exactly on the target: the largest of them, s_21, is the largest s with M(s) ≤ target
+    tie = [-1.0] * 10 + [0.0] * 12 + [1.0] * 10
+    assert _interpolate_on_host(tie, log_s.tolist()) == pytest.approx(math.exp(log_s[21]), rel=1e-14)
+    assert _interpolate_on_device(torch.tensor(tie, dtype=torch.float64), log_s).item() == pytest.approx(
+        math.exp(log_s[21]), rel=1e-14)
 
 
 @pytest.mark.parametrize("text", ["is_reshape", "is_reshape:width_neg=0.6,gamma_mode=fixed,gamma=0.7",
