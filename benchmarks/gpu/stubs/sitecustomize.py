@@ -18,6 +18,11 @@ STUBBED = {"ray", "transformers", "tensordict", "orjson", "codetiming", "cloudpi
 
 
 class _InertMeta(type):
+    def __call__(cls, *args, **kwargs):  # `@ray.remote` on a function or class: hand it back
+        if len(args) == 1 and not kwargs and callable(args[0]):
+            return args[0]
+        return super().__call__(*args, **kwargs)
+
     def __getattr__(cls, name):
         if name.startswith("__"):
             raise AttributeError(name)
@@ -28,7 +33,7 @@ class _Inert(metaclass=_InertMeta):
     def __init__(self, *args, **kwargs):
         pass
 
-    def __call__(self, *args, **kwargs):  # used as a decorator: hand the decorated object back
+    def __call__(self, *args, **kwargs):  # `@ray.remote(num_gpus=1)`: a decorator factory, same
         return args[0] if len(args) == 1 and not kwargs and callable(args[0]) else _Inert()
 
     def __getattr__(self, name):
