@@ -22,7 +22,7 @@ exec isreshape-verl compare --preset stress --out "$OUT" --losses \
     sapo \
     cispo \
     dppo_tv \
-    "is_reshape:localize_sft=true,width_mode=adaptive,width_target=0.01" \
-    "is_reshape:localize_sft=true,width_mode=fixed" \
-    "is_reshape:kernel=sech2,one_sided=false,localize_sft=false,width_mode=fixed" \
+    "is_reshape:width=1,localize_sft=true,width_mode=adaptive,width_target=0.01" \
+    "is_reshape:width=1,localize_sft=true,width_mode=fixed" \
+    "is_reshape:kernel=sech2,width=1,one_sided=false,localize_sft=false,width_mode=fixed" \
     "$@"
