@@ -50,7 +50,7 @@ def solved(params, log_prob, old, adv, mask):
 @pytest.mark.parametrize("spread", [0.1, 0.3])
 def test_achieved_statistic_meets_the_target(kernel, one_sided, spread):
     """Within 3 % of the target, and the target is binding: 3 % more width would exceed it."""
-    params = ISReshapeParams(kernel=kernel, one_sided=one_sided, width_mode="adaptive", width_target=0.002,
+    params = ISReshapeParams(kernel=kernel, width=1.0, one_sided=one_sided, width_mode="adaptive", width_target=0.002,
                              width_min=0.01, width_max=4.0, width_neg=0.5)
     batch = lagged_batch(spread)
     width, width_neg, stat = solved(params, *batch)

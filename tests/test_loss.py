@@ -144,7 +144,7 @@ def test_localized_sft_changes_nothing_at_gamma_one_and_is_a_trust_region_at_gam
                            old, log_prob, adv, mask)[1] for v in ("false", "true")]
     torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
     # γ = 0: plain SFT-like weight 1 everywhere, vs. K(log r) on the pushed-away side (1 on the safe side)
-    _, grad, _ = loss_and_grad(IS_RESHAPE, spec_config("is_reshape:gamma_mode=fixed,gamma=0,localize_sft=true"),
+    _, grad, _ = loss_and_grad(IS_RESHAPE, spec_config("is_reshape:width=1,gamma_mode=fixed,gamma=0,localize_sft=true"),
                                old, log_prob, adv, mask)
     log_r = log_prob - old
     pushes_away = torch.where(adv > 0, log_r > 0, log_r < 0)
@@ -424,7 +424,7 @@ def test_metrics_match_their_definitions(batch, length, row_stride):
 
 def test_correctness_gamma_follows_the_four_quadrants():
     """'Right' tokens (A·log r > 0) get γ → gamma_base (g → 1); 'wrong' ones γ → gamma_max (g → r·K)."""
-    config = spec_config("is_reshape:kernel=sech2,one_sided=false,gamma_mode=correctness,gamma_base=0,gamma_max=1,"
+    config = spec_config("is_reshape:kernel=sech2,width=1,one_sided=false,gamma_mode=correctness,gamma_base=0,gamma_max=1,"
                          "gamma_tau=0.01,localize_sft=false")
     log_r = torch.tensor([[0.5, 0.5, -0.5, -0.5]], dtype=F64)
     adv = torch.tensor([[1.0, -1.0, 1.0, -1.0]], dtype=F64)

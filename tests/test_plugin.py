@@ -76,7 +76,7 @@ def test_bad_value_in_hydra_config_fails_at_conversion_naming_the_key():
 # One non-default value per key: each must change the gradient that verl's ppo_loss produces.
 KNOB_VALUES = {"kernel": "gaussian", "width": 0.3, "width_neg": 0.2, "one_sided": False, "gamma_mode": "fixed",
                "gamma": 0.4, "gamma_base": 0.1, "gamma_max": 0.8, "gamma_tau": 1.0, "gamma_beta": 4.0,
-               "log_ratio_clamp": 0.05, "localize_sft": False, "width_mode": "fixed", "width_target": 0.001, "width_min": 0.5,
+               "log_ratio_clamp": 0.05, "localize_sft": False, "width_mode": "fixed", "width_target": 0.001, "width_min": 0.2,
                "width_max": 3.0}
 # keys that only act under another setting get it alongside
 KNOB_CONTEXT = {"gamma": {"gamma_mode": "fixed"}, "gamma_beta": {"gamma_mode": "magnitude"},
@@ -181,7 +181,7 @@ BAD_CONFIGS = [
     ({"width_min": -0.1}, r"width_min=-0.1 is not allowed"),
     ({"width_max": float("nan")}, r"width_max=nan is not allowed"),
     ({"width_min": 0.5, "width_max": 0.2}, r"width_min=0.5 > width_max=0.2; width_min must be <= width_max"),
-    ({"width_min": 1.5}, r"width_min=1.5 > width_max=1.0 \(width_max=None means width\)"),
+    ({"width_min": 1.5}, r"width_min=1.5 > width_max=0.25 \(width_max=None means width\)"),
 ]
 
 

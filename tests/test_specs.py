@@ -74,7 +74,7 @@ def test_spec_builds_verl_objects():
         ("is_reshape:width_mode=auto", "allowed: fixed, adaptive"),
         ("is_reshape:width_target=0", "width_target=0.0 is not allowed; it must be a finite number > 0"),
         ("is_reshape:width_min=-1", "width_min=-1.0 is not allowed"),
-        ("is_reshape:width_min=2", "width_min=2.0 > width_max=1.0 (width_max=None means width)"),
+        ("is_reshape:width_min=2", "width_min=2.0 > width_max=0.25 (width_max=None means width)"),
         ("is_reshape:width_min=0.5,width_max=0.2", "width_min must be <= width_max"),
         ("vanilla:tau_pos=1", "unknown key 'tau_pos' for loss 'vanilla'"),
         ("sapo:clip_ratio=0.2", "allowed: tau_pos, tau_neg, loss_agg_mode"),
@@ -149,4 +149,4 @@ def test_options_reach_verl_config():
     cfg = parse_loss_spec("dppo_tv:clip_ratio=0.1,clip_ratio_c=20").actor_config()
     assert (cfg.clip_ratio_low, cfg.clip_ratio_high, cfg.clip_ratio_c) == (0.1, 0.1, 20.0)
     params = parse_loss_spec("is_reshape:width_mode=adaptive,width_target=0.02").actor_config().policy_loss
-    assert (params.width_mode, params.width_target, params.widest) == ("adaptive", 0.02, 1.0)
+    assert (params.width_mode, params.width_target, params.widest) == ("adaptive", 0.02, 0.25)  # width_max None = the default width

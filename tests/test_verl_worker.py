@@ -194,9 +194,12 @@ def test_update_changes_weights_and_logs_every_is_reshape_metric(single, checkpo
     # off-policy from the first step: the behaviour shift moves r away from 1 and the kernel acts
     assert metrics["actor/is_reshape/ratio_max"][0] > 1.2 and metrics["actor/is_reshape/ratio_min"][0] < 0.8
     assert metrics["actor/is_reshape/nonfinite_frac"] == [0.0, 0.0]
-    # the adaptive width meets its budget (width_target = 0.01) on each step, below width_max = width = 1
-    assert all(w < 1.0 for w in metrics["actor/is_reshape/width"])
-    assert all(abs(m - 0.01) < 1e-3 for m in metrics["actor/is_reshape/width_stat"])
+    # the adaptive width keeps its budget (width_target = 0.01) and narrows below width_max = width = 0.25 on
+    # each step. The logged values are means over the step's micro-batches, each with its own width: one that
+    # meets the budget at the widest width keeps it with a statistic below the target, so the mean statistic
+    # is at most the target (0.0067 and 0.0097 here, at mean widths 0.245 and 0.181)
+    assert all(w < 0.25 for w in metrics["actor/is_reshape/width"])
+    assert all(m < 0.01 + 1e-3 for m in metrics["actor/is_reshape/width_stat"])
 
 
 def test_recipe_overrides_build_the_worker_and_update(single, checkpoint):

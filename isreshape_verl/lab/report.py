@@ -17,8 +17,6 @@ from pathlib import Path
 
 import pandas as pd
 
-from isreshape_verl.reshape import ISReshapeParams
-
 SUMMARY_COLUMNS = ["rel_mse", "rel_mse_best", "rel_bias2", "rel_var", "cosine", "ess", "zero_share", "cut_share"]
 CELL = ["reward", "behaviour", "distance", "advantage"]
 ORACLE = "ref:oracle*"
@@ -175,13 +173,16 @@ def highlighted_line(loss: str) -> str | None:
     return est.spec.mode if est.spec.mode in BASELINES and not est.spec.overrides else None
 
 
+KERNEL_FAMILY_WIDTH = 1.0  # the design notes compare their kernels (and γ) at width 1
+
+
 def _kernel_family(est) -> bool:
-    """An is_reshape variant, not highlighted, with two-sided kernels at the package's default width: the design
+    """An is_reshape variant, not highlighted, with two-sided kernels at width KERNEL_FAMILY_WIDTH: the design
     notes' comparison of kernels (and of γ) at one width, drawn dotted in lab_weights.png; other widths are grey."""
     if est.spec is None or est.spec.mode != "is_reshape" or highlighted_line(est.label) is not None:
         return False
     params = est.spec.reshape_params()
-    return not params.one_sided and params.width == ISReshapeParams().width
+    return not params.one_sided and params.width == KERNEL_FAMILY_WIDTH
 
 
 def _style(loss: str, extras: list[str]):
