@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The knob study: the lag study's settings (`--preset stress`: lags 0 4 16 32, seeds 0 1 2, 2 passes ×
 # 4 mini-batches per rollout batch) with the knobs the lag study held fixed, each changed alone from the
-# package default (one-sided Laplace, width 1, correctness γ, localize_sft, adaptive width at target 0.01):
-# the width target (0.003, 0.03), γ (fixed γ = 1: kernelized IS with no SFT-like term), the kernel
+# package default when it ran (one-sided Laplace, width 1, correctness γ, localize_sft, adaptive width at
+# target 0.01): the width target (0.003, 0.03), γ (fixed γ = 1: kernelized IS with no SFT-like term), the kernel
 # (Gaussian), the sidedness (the default two-sided, and the design notes' two-sided sech2 with the default's
 # trust regions), the widest width the adaptive rule may choose (0.5, 0.25 instead of 1), and GRPO's clip
 # (DAPO's clip-higher, ε_high = 0.28). vanilla and the default are the references; the runs they share with

@@ -2,8 +2,9 @@
 # The lag study: does IS Reshape learn better than GRPO's clip from stale rollouts, and is its default safe?
 #
 # 7 losses through verl's registry (baselines at verl's defaults) × lags 0 4 16 32 × seeds 0 1 2, in the
-# (IS Reshape: the package default — one-sided Laplace, width 1, correctness γ, localize_sft, adaptive width
-# at target 0.01 — the same with a fixed width, and the design notes' two-sided sech² with the adaptive γ;
+# (IS Reshape: the package default when it ran — one-sided Laplace, width 1 (0.25 since the width check),
+# correctness γ, localize_sft, adaptive width at target 0.01 — the same with a fixed width, and the design
+# notes' two-sided sech² with the adaptive γ;
 # each spec names the settings it depends on, so the labels stay true if defaults change)
 # `stress` preset of `isreshape-verl compare` (2 passes × 4 mini-batches per rollout batch). 84 runs of
 # 60 steps: about 1.6 h on 2 CPU cores (72 of the runs took 81 min here; warm start cached, +4 min once
