@@ -202,6 +202,19 @@ def test_update_changes_weights_and_logs_every_is_reshape_metric(single, checkpo
     assert all(m < 0.01 + 1e-3 for m in metrics["actor/is_reshape/width_stat"])
 
 
+def test_adaptive_width_in_the_worker_is_the_largest_within_budget(single):
+    """With one micro-batch per step the logged width and statistic are those of one solve: the widest width
+    when it keeps the statistic within width_target = 0.01, else a narrower one that meets the target."""
+    metrics = single["default_micro8"]["metrics"]
+    steps = list(zip(metrics["actor/is_reshape/width"], metrics["actor/is_reshape/width_stat"]))
+    for width, stat in steps:
+        if width == pytest.approx(0.25, rel=1e-12):
+            assert stat <= 0.01
+        else:
+            assert width < 0.25 and abs(stat - 0.01) < 1e-3
+    assert any(width < 0.25 for width, _ in steps)  # the solve narrowed at least once (0.185 at step 2 here)
+
+
 def test_recipe_overrides_build_the_worker_and_update(single, checkpoint):
     result = single["recipe"]  # AdamW at lr 1e-6, one epoch: the recipe's own optimiser settings
     assert_loaded_checkpoint(result, checkpoint)
