@@ -54,8 +54,8 @@ class ISReshapeParams:
     width_mode=adaptive: the widest width the rule may choose, unless width_max says otherwise). SAPO's τ_pos
     corresponds to sech2 with w = 2/τ. Default 0.25, chosen by the sandbox: in the knob study and its
     width check (benchmarks/results/knob_study, width_check; lag study settings, 5 seeds) the default at width
-    0.25 instead of 1 was level with GRPO's clip in AUC at lag 0 (−0.8 points [−2.5, +1.4] against −5.7
-    [−6.5, −4.9], which also ended ≥ 10 points below the start in 1 of 5 runs) and at lags 16 and 32, and as far
+    0.25 instead of 1 was level with GRPO's clip in AUC at lag 0 (−0.8 points [−2.5, +1.4]; width 1: −5.7
+    [−6.5, −4.9], and one of its 5 runs ended ≥ 10 points below the start) and at lags 16 and 32, and as far
     behind as width 1 at lag 4 (−2.5); in the estimator lab its gradient MSE equals width 1's far from μ and is
     higher near μ (0.604 against 0.531)."""
 
