@@ -66,19 +66,38 @@ def staleness_summary(log_ratio: torch.Tensor, advantages: torch.Tensor, valid: 
 
     `valid` is a 0/1 mask of any dtype (bool or float, as verl's response_mask). Sums of several chunks (or of
     several ranks) add up to the summary of the whole batch. This runs on every loss call, so it is written as
-    few tensor ops, none of which reads a value on the host or copies one to the device: the bin index is
-    truncated to an integer before the A > 0 offset of BINS is added (adding 128 to a float32 such as
-    51.999996 would round it up into the next bin), and the square is written straight into float64.
+    few tensor ops, none of which reads a value on the host or copies one to the device. The bin of log r is
+    ⌊(log r + LOG_R_EDGE)·BINS / (2·LOG_R_EDGE)⌋, clamped to the edge bins: on CPU computed so in float32 (a value
+    within one float32 step of a bin edge may round to either side of it), on accelerators by torch.bucketize
+    against the exact edges (one kernel instead of four; there the edge's upper side). The bin index is an
+    integer before the A > 0 offset of BINS is added (adding 128 to a float32 such as 51.999996 would round it
+    up into the next bin), and the square is written straight into float64.
     """
-    position = torch.mul(log_ratio, _BINS_PER_UNIT).add_(LOG_R_EDGE * _BINS_PER_UNIT)  # in bins from −LOG_R_EDGE
-    index = position.int().clamp_(0, BINS - 1)  # int() truncates toward 0 (floor on [0, BINS)); beyond: edge bins
+    if reads_are_free(log_ratio.device):  # bucketize is the slowest way on CPU (38–78× the arithmetic)
+        position = torch.mul(log_ratio, _BINS_PER_UNIT).add_(LOG_R_EDGE * _BINS_PER_UNIT)  # in bins from −EDGE
+        index = position.int().clamp_(0, BINS - 1)  # int() truncates toward 0 (floor on [0, BINS)); beyond: edges
+    else:
+        index = torch.bucketize(log_ratio, _inner_edges(log_ratio.dtype, log_ratio.device), out_int32=True,
+                                right=True)  # edges[i − 1] ≤ log r < edges[i]: bin i, 0 and BINS − 1 beyond
     index.add_(torch.gt(advantages, 0.0, out=torch.empty_like(index)), alpha=BINS)  # A > 0 → the second half
     mask = valid.view(torch.uint8) if valid.dtype == torch.bool else valid  # bool arithmetic is slow on CPU
     masked = torch.mul(log_ratio, mask)
     squares = torch.mul(masked, masked, out=torch.empty(masked.shape, dtype=torch.float64, device=masked.device))
     summary = bin_sums(index.reshape(-1), squares.reshape(-1), 2 * BINS + 1, on_cpu=reads_are_free(log_ratio.device))
-    summary[-1] = torch.count_nonzero(valid)  # the last bin is never indexed: it holds N
+    torch.sum(valid, dim=tuple(range(valid.dim())), dtype=torch.float64, out=summary[-1])  # N, in the last bin
     return summary
+
+
+_EDGES_CACHE: dict = {}
+
+
+def _inner_edges(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The BINS − 1 bin edges inside (−LOG_R_EDGE, LOG_R_EDGE), exact in every float dtype (multiples of 1/64)."""
+    key = (dtype, device)
+    if key not in _EDGES_CACHE:
+        steps = torch.arange(1, BINS, dtype=torch.float64) / _BINS_PER_UNIT - LOG_R_EDGE
+        _EDGES_CACHE[key] = steps.to(dtype=dtype, device=device)
+    return _EDGES_CACHE[key]
 
 
 def bin_sums(index: torch.Tensor, weights: torch.Tensor, size: int, on_cpu: bool) -> torch.Tensor:
@@ -130,8 +149,8 @@ def solve_scale(summary: torch.Tensor, kernel: str, width: float, width_neg: flo
     """s*: a 0-dim float64 tensor on the summary's device, computed without a host sync (a float on CPU, where
     reading a value costs nothing); see the module docstring.
 
-    M is evaluated on GRID log-spaced points over [s_lo, s_hi] as the excess e_i = N·(M(s_i) − target) (N ≥ 1),
-    one matrix-vector product. M grows with s, so e_0 ≤ e_1 ≤ … and s* sits where e crosses 0. Each of the
+    M is evaluated on GRID log-spaced points over [s_lo, s_hi] as the excess e_i = N·(M(s_i) − target), one
+    matrix-vector product. M grows with s, so e_0 ≤ e_1 ≤ … and s* sits where e crosses 0. Each of the
     GRID − 1 segments contributes the share of it that lies at or below the target,
 
         φ_i = clamp((e_i − ε) / min(e_i − ε − e_{i+1}, −ε), 0, 1)        (ε = TIE)
@@ -139,32 +158,51 @@ def solve_scale(summary: torch.Tensor, kernel: str, width: float, width_neg: flo
     which is 1 for a segment wholly below (e_{i+1} ≤ 0, ties at the target included: (−ε)/(−ε) = 1), 0 for
     one wholly above (e_i > ε), and the linear zero crossing (−e_i + ε)/(e_{i+1} − e_i + ε) for the one in
     between; then log s* = log s_lo + (Σφ / (GRID − 1))·(log s_hi − log s_lo). Both ends come out of the same
-    formula: every φ = 0 gives s_lo, every φ = 1 gives s_hi. On accelerators that is ten tensor ops and no
-    host read; on CPU the GRID excesses are read and the same sums done in Python (12 µs against the tensor
-    ops' 19 µs on one core of the benchmark machine), and s* comes back as a Python float, so that the kernels
-    run exactly the fixed-width loss's ops.
+    formula: every φ = 0 gives s_lo, every φ = 1 gives s_hi. On accelerators that is eight tensor ops and no
+    host read (see _interpolate_on_device); on CPU the GRID excesses are read and the same sums done in Python
+    (12 µs against the tensor ops' 19 µs on one core of the benchmark machine), and s* comes back as a Python
+    float, so that the kernels run exactly the fixed-width loss's ops.
     """
-    log_s, matrix, log_s_on_host = _grid_and_matrix(kernel, width, width_neg, one_sided, width_min / width,
-                                                    width_max / width, summary.device)
+    s_lo, s_hi = width_min / width, width_max / width
+    if not reads_are_free(summary.device):
+        system, shift, log_s = _device_system(kernel, width, width_neg, one_sided, s_lo, s_hi, target, summary.device)
+        return _interpolate_on_device(torch.addmv(shift, system, summary), log_s)  # addmv: (e_i − ε) for all i
+    _, matrix, log_s_on_host = _grid_and_matrix(kernel, width, width_neg, one_sided, s_lo, s_hi, summary.device)
     n_valid = summary[-1].clamp(min=1.0)
     excess = torch.addmv(n_valid, matrix, summary[: 2 * BINS], beta=-target)  # (GRID,) N·(M(s_i) − target)
-    if reads_are_free(summary.device):
-        return _interpolate_on_host(excess.tolist(), log_s_on_host)
-    return _interpolate_on_device(excess, log_s)
+    return _interpolate_on_host(excess.tolist(), log_s_on_host)
 
 
 TIE = 1e-300  # excesses within this of 0 count as on the target, so a tie at the target gives the larger s
+_SYSTEM_CACHE: dict = {}
 
 
-def _interpolate_on_device(excess: torch.Tensor, log_s: torch.Tensor) -> torch.Tensor:
-    """exp of log s interpolated at the excess's zero crossing (see solve_scale), in tensor ops only."""
-    below = excess[:-1] - TIE  # e_i − ε
-    shares = below.div_(torch.sub(below, excess[1:]).clamp_(max=-TIE)).clamp_(0.0, 1.0)  # φ_i
-    return torch.lerp(log_s[0], log_s[-1], shares.sum() / (GRID - 1)).exp_()
+def _device_system(kernel: str, width: float, width_neg: float, one_sided: bool, s_lo: float, s_hi: float,
+                   target: float, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(system (GRID, 2·BINS + 1), shift (GRID,), log s (GRID,)), float64, with system · summary + shift =
+    e − ε: the matrix of _grid_and_matrix with a last column −target, which multiplies N (the summary's last
+    entry), and shift = −ε. One addmv then gives what the solve needs (N = 0 gives −ε everywhere: s_hi, as
+    an empty batch should). Built once per loss setting and device."""
+    key = (kernel, width, width_neg, one_sided, s_lo, s_hi, target, str(device))
+    if key not in _SYSTEM_CACHE:
+        log_s, matrix, _ = _grid_and_matrix(kernel, width, width_neg, one_sided, s_lo, s_hi, device)
+        system = torch.cat([matrix, matrix.new_full((GRID, 1), -target)], dim=1)
+        _SYSTEM_CACHE[key] = (system, matrix.new_full((GRID,), -TIE), log_s)
+    return _SYSTEM_CACHE[key]
+
+
+def _interpolate_on_device(below: torch.Tensor, log_s: torch.Tensor) -> torch.Tensor:
+    """exp of log s interpolated at the zero crossing (see solve_scale), from below = e − ε, in tensor ops only:
+    φ_i's denominator is below_i − below_{i+1} = e_i − e_{i+1}, which differs from e_i − ε − e_{i+1} only
+    where e_{i+1} is within ε of 0 (and then both are clamped to −ε or give the same φ)."""
+    shares = torch.sub(below[:-1], below[1:]).clamp_(max=-TIE)
+    shares = torch.div(below[:-1], shares, out=shares).clamp_(0.0, 1.0)  # φ_i
+    return torch.lerp(log_s[0], log_s[-1], shares.mean()).exp_()  # mean: Σφ / (GRID − 1)
 
 
 def _interpolate_on_host(excess: list[float], log_s: list[float]) -> float:
-    """_interpolate_on_device with Python floats: the same steps, torch.lerp's formula included."""
+    """_interpolate_on_device with Python floats, from the excesses e: the same steps, torch.lerp's formula
+    included."""
     total = 0.0
     for e0, e1 in zip(excess, excess[1:]):
         below = e0 - TIE

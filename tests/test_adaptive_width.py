@@ -14,6 +14,17 @@ from isreshape_verl.reshape import ISReshapeParams, is_reshape_token_loss
 from isreshape_verl.specs import parse_loss_spec
 
 
+@pytest.fixture(params=["cpu", "accelerator"])
+def branch(request, monkeypatch):
+    """Run the adaptive width down the CPU's branch (host reads, arithmetic binning) or the one it takes on
+    accelerators (bucketize, the solve in tensor ops), both on CPU tensors."""
+    from isreshape_verl import adaptive_width
+
+    if request.param == "accelerator":
+        monkeypatch.setattr(adaptive_width, "reads_are_free", lambda device: False)
+    return request.param
+
+
 def lagged_batch(spread: float, seed: int = 0, B: int = 64, T: int = 48):
     """log r ~ N(0, spread²) per token, random-sign advantages, ragged response mask."""
     gen = torch.Generator().manual_seed(seed)
@@ -48,7 +59,7 @@ def solved(params, log_prob, old, adv, mask):
 @pytest.mark.parametrize("kernel", [k for k in KERNEL_NAMES if k != "box"])
 @pytest.mark.parametrize("one_sided", [True, False])
 @pytest.mark.parametrize("spread", [0.1, 0.3])
-def test_achieved_statistic_meets_the_target(kernel, one_sided, spread):
+def test_achieved_statistic_meets_the_target(kernel, one_sided, spread, branch):
     """Within 3 % of the target, and the target is binding: 3 % more width would exceed it."""
     params = ISReshapeParams(kernel=kernel, width=1.0, one_sided=one_sided, width_mode="adaptive", width_target=0.002,
                              width_min=0.01, width_max=4.0, width_neg=0.5)
@@ -62,7 +73,7 @@ def test_achieved_statistic_meets_the_target(kernel, one_sided, spread):
     assert exact_statistic(params, 1.03 * width, 1.03 * width_neg, *batch) > 0.002
 
 
-def test_box_kernel_stays_under_its_target():
+def test_box_kernel_stays_under_its_target(branch):
     """M(s) is a step function for the box kernel: the solve stays at or under the target."""
     params = ISReshapeParams(kernel="box", width_mode="adaptive", width_target=0.002, width_min=0.01, width_max=4.0)
     batch = lagged_batch(0.2)
@@ -80,7 +91,7 @@ def test_width_falls_as_the_spread_of_log_r_grows(kernel):
     assert all(a >= b for a, b in zip(widths, widths[1:])) and widths[2] > widths[3], widths
 
 
-def test_bounds_hold_and_an_on_policy_batch_gets_the_widest_width():
+def test_bounds_hold_and_an_on_policy_batch_gets_the_widest_width(branch):
     log_prob, old, adv, mask = lagged_batch(1.0)
     params = ISReshapeParams(width=1.0, width_mode="adaptive", width_target=1e-6, width_min=0.2, width_max=3.0)
     assert solved(params, log_prob, old, adv, mask)[0] == pytest.approx(0.2)  # even the narrowest exceeds it
@@ -107,7 +118,7 @@ def test_gradient_is_the_fixed_width_loss_at_the_solved_width():
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-9, atol=1e-12)
 
 
-def test_padding_does_not_move_the_width():
+def test_padding_does_not_move_the_width(branch):
     """Tokens outside the mask, however stale, do not enter the summary."""
     log_prob, old, adv, mask = lagged_batch(0.2, seed=6)
     params = ISReshapeParams(width_mode="adaptive", width_target=0.002, width_min=0.01)
@@ -201,13 +212,14 @@ def test_megatron_pipeline_parallelism_is_refused_instead_of_hanging():
 
 
 @pytest.mark.parametrize("mask_dtype", [torch.bool, torch.float32])
-def test_summary_is_the_exact_histogram_also_at_bin_edges(mask_dtype):
+def test_summary_is_the_exact_histogram_also_at_bin_edges(mask_dtype, branch):
     """Every valid token's (log r)² lands in bin ⌊(log r + 1)·64⌋ (edge bins beyond ±1), +128 when A > 0.
 
     The log ratios include the float32 values next to every bin edge: their position in bins (e.g. 51.999996)
     is within one float32 step of an integer, and adding the A > 0 offset of 128.0 before flooring would round
-    them into the next bin. The reference takes the position in float32 as the summary does, floors it in
-    Python and adds the offset as an integer; it sums float32 squares in float64, also as the summary does."""
+    them into the next bin. On CPU the reference takes the position in float32 as the summary does and floors
+    it in Python; on accelerators (bucketize) it compares log r with the exact edges. Both add the offset as an
+    integer and sum float32 squares in float64, as the summary does."""
     from isreshape_verl.adaptive_width import BINS, staleness_summary
 
     gen = torch.Generator().manual_seed(3)
@@ -226,11 +238,17 @@ def test_summary_is_the_exact_histogram_also_at_bin_edges(mask_dtype):
     expected = torch.zeros(2 * BINS + 1, dtype=torch.float64)
     for x, a, v in zip(log_r[0].tolist(), adv[0].tolist(), valid[0].tolist()):
         if v:
-            position = float((torch.tensor(x) + 1.0) * (BINS / 2))  # float32, as the summary computes it
+            if branch == "cpu":
+                position = float((torch.tensor(x) + 1.0) * (BINS / 2))  # float32, as the summary computes it
+            else:
+                position = (x + 1.0) * (BINS / 2)  # exact in float64 for a float32 x in [−2, 2]
             index = min(max(math.floor(position), 0), BINS - 1) + (BINS if a > 0 else 0)
             expected[index] += float(torch.tensor(x) ** 2)  # float32 square, float64 sum
             expected[-1] += 1
     assert torch.equal(summary, expected)
+    if branch == "accelerator":  # the exact reference differs from the float32 one near edges: not vacuous
+        rounded = [math.floor(float((torch.tensor(x) + 1.0) * (BINS / 2))) for x in log_r[0].tolist()]
+        assert rounded != [math.floor((x + 1.0) * (BINS / 2)) for x in log_r[0].tolist()]
 
 
 def test_both_ways_of_summing_bins_agree():
@@ -248,24 +266,34 @@ def test_both_ways_of_summing_bins_agree():
     assert torch.equal(by_bincount, expected) and torch.equal(by_index_add, expected)
 
 
-def test_the_width_solve_reads_nothing_on_the_host():
-    """A CPU stand-in for tests/test_cuda.py's sync check, for the parts that run on accelerators: summing the
-    bins with index_add_ and solving for s read no value on the host (aten::_local_scalar_dense: on a GPU a
+def test_the_width_solve_reads_nothing_on_the_host(monkeypatch):
+    """A CPU stand-in for tests/test_cuda.py's sync check, for the branch taken on accelerators: the summary
+    (bucketize, index_add_) and the solve read no value on the host (aten::_local_scalar_dense: on a GPU a
     sync that stalls every loss call; indexing a tensor with a 0-dim tensor index is one)."""
     from torch.profiler import ProfilerActivity, profile
 
-    from isreshape_verl.adaptive_width import BINS, _interpolate_on_device, bin_sums
+    from isreshape_verl import adaptive_width
 
-    gen = torch.Generator().manual_seed(11)
-    index = torch.randint(0, 2 * BINS, (5_000,), generator=gen, dtype=torch.int32)
-    weights = torch.rand(5_000, generator=gen, dtype=torch.float64)
+    monkeypatch.setattr(adaptive_width, "reads_are_free", lambda device: False)
+    log_prob, old, adv, mask = lagged_batch(0.2, seed=11)
+    log_ratio = (log_prob - old).float()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        summary = adaptive_width.staleness_summary(log_ratio, adv, mask)
+        scale = adaptive_width.solve_scale(summary, "laplace", 1.0, 1.0, True, 0.002, 0.05, 1.0)
+    host_reads = [e.name for e in prof.events() if e.name in ("aten::item", "aten::_local_scalar_dense")]
+    assert host_reads == [] and isinstance(scale, torch.Tensor)
+    monkeypatch.undo()  # the CPU branch: the same s
+    on_host = adaptive_width.solve_scale(adaptive_width.staleness_summary(log_ratio, adv, mask), "laplace", 1.0,
+                                         1.0, True, 0.002, 0.05, 1.0)
+    assert 0.05 < on_host < 1.0 and scale.item() == pytest.approx(on_host, rel=1e-12)
+
+
+def test_the_device_interpolation_is_linear_between_grid_points():
+    from isreshape_verl.adaptive_width import TIE, _interpolate_on_device
+
     excess = torch.linspace(-3.0, 5.0, 32, dtype=torch.float64)
     log_s = torch.linspace(math.log(0.05), 0.0, 32, dtype=torch.float64)
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        bin_sums(index, weights, 2 * BINS, on_cpu=False)
-        scale = _interpolate_on_device(excess, log_s)
-    host_reads = [e.name for e in prof.events() if e.name in ("aten::item", "aten::_local_scalar_dense")]
-    assert host_reads == []
+    scale = _interpolate_on_device(excess - TIE, log_s)
     # e_i = −3 + 8i/31 crosses 0 between i = 11 and 12 at the fraction (3 − 88/31) / (8/31) = 5/8
     assert scale.item() == pytest.approx(math.exp(log_s[11] + 0.625 * (log_s[12] - log_s[11])), rel=1e-12)
 
@@ -273,7 +301,7 @@ def test_the_width_solve_reads_nothing_on_the_host():
 def test_the_host_and_device_solves_agree():
     """On CPU solve_scale interpolates in Python floats; accelerators use tensor ops. Same s to ~1 ulp, also when
     no grid point or every grid point meets the target (s_lo, s_hi), and on ties at the target."""
-    from isreshape_verl.adaptive_width import GRID, _interpolate_on_device, _interpolate_on_host
+    from isreshape_verl.adaptive_width import GRID, TIE, _interpolate_on_device, _interpolate_on_host
 
     gen = torch.Generator().manual_seed(12)
     log_s = torch.linspace(math.log(0.05), 0.0, GRID, dtype=torch.float64)
@@ -283,17 +311,17 @@ def test_the_host_and_device_solves_agree():
               torch.cat([torch.full((10,), -1.0), torch.zeros(12), torch.ones(10)]).double()]
     for excess in cases:
         excess = excess.double()
-        on_device = _interpolate_on_device(excess, log_s).item()
+        on_device = _interpolate_on_device(excess - TIE, log_s).item()
         on_host = _interpolate_on_host(excess.tolist(), log_s.tolist())
         assert on_host == pytest.approx(on_device, rel=1e-15, abs=0)
     assert _interpolate_on_host([1.0] * GRID, log_s.tolist()) == pytest.approx(0.05)  # nothing meets it: s_lo
     assert _interpolate_on_host([-1.0] * GRID, log_s.tolist()) == pytest.approx(1.0)  # everything does: s_hi
     assert _interpolate_on_host([0.0] * GRID, log_s.tolist()) == pytest.approx(1.0)  # every point on the target
-    assert _interpolate_on_device(torch.zeros(GRID, dtype=torch.float64), log_s).item() == pytest.approx(1.0)
+    assert _interpolate_on_device(torch.full((GRID,), -TIE, dtype=torch.float64), log_s).item() == pytest.approx(1.0)
     # points 10–21 sit exactly on the target: the largest of them, s_21, is the largest s with M(s) ≤ target
     tie = [-1.0] * 10 + [0.0] * 12 + [1.0] * 10
     assert _interpolate_on_host(tie, log_s.tolist()) == pytest.approx(math.exp(log_s[21]), rel=1e-14)
-    assert _interpolate_on_device(torch.tensor(tie, dtype=torch.float64), log_s).item() == pytest.approx(
+    assert _interpolate_on_device(torch.tensor(tie, dtype=torch.float64) - TIE, log_s).item() == pytest.approx(
         math.exp(log_s[21]), rel=1e-14)
 
 
