@@ -76,10 +76,12 @@ def staleness_summary(log_ratio: torch.Tensor, advantages: torch.Tensor, valid: 
     if reads_are_free(log_ratio.device):  # bucketize is the slowest way on CPU (38–78× the arithmetic)
         position = torch.mul(log_ratio, _BINS_PER_UNIT).add_(LOG_R_EDGE * _BINS_PER_UNIT)  # in bins from −EDGE
         index = position.int().clamp_(0, BINS - 1)  # int() truncates toward 0 (floor on [0, BINS)); beyond: edges
+        positive = torch.gt(advantages, 0.0, out=torch.empty_like(index))  # bool arithmetic is slow on CPU
     else:
         index = torch.bucketize(log_ratio, _inner_edges(log_ratio.dtype, log_ratio.device), out_int32=True,
                                 right=True)  # edges[i − 1] ≤ log r < edges[i]: bin i, 0 and BINS − 1 beyond
-    index.add_(torch.gt(advantages, 0.0, out=torch.empty_like(index)), alpha=BINS)  # A > 0 → the second half
+        positive = torch.gt(advantages, 0.0)  # bool: one kernel (an int32 `out` costs a copy more)
+    index.add_(positive, alpha=BINS)  # A > 0 → the second half
     mask = valid.view(torch.uint8) if valid.dtype == torch.bool else valid  # bool arithmetic is slow on CPU
     masked = torch.mul(log_ratio, mask)
     squares = torch.mul(masked, masked, out=torch.empty(masked.shape, dtype=torch.float64, device=masked.device))
