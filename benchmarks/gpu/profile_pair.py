@@ -8,6 +8,7 @@ host time), then the ops sorted by host time and by device time.
 """
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -18,6 +19,7 @@ from loss_overhead import DTYPES, loss_step, make_inputs, parse_shape  # noqa: E
 
 from isreshape_verl.specs import parse_loss_spec  # noqa: E402
 
+warnings.filterwarnings("ignore", message="Warning: Profiler clears events")  # one profile per mode: noise
 RUNTIME_CALLS = ("cudaLaunchKernel", "cuLaunchKernel", "cudaStreamSynchronize", "cudaDeviceSynchronize",
                  "cudaMemcpyAsync", "cudaMemsetAsync", "cudaEventSynchronize")
 

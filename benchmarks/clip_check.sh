@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The clip check: which of the default's three differences from GRPO's clip costs it at lag 4? The default
+# (one-sided Laplace, adaptive width ≤ 0.25, correctness γ with the SFT-like term localized) differs from
+# `vanilla` (one-sided box of fixed width 0.2, γ = 1: PPO-clip as an IS Reshape special case) in the kernel's
+# shape, the width rule and γ. Each variant changes one of them toward PPO-clip:
+#   box                     the default with the box kernel (a hard cut at the adaptive width)
+#   box, γ = 1              PPO-clip with the adaptive width (no SFT-like term)
+#   box, fixed width 0.2    PPO-clip's trust region with the default's correctness γ
+# 5 seeds × lags 0 4 16 32 in the lag study's settings (`--preset stress`: 2 passes × 4 mini-batches per rollout
+# batch). The `vanilla` and default runs are the width check's (copy runs/width_check/runs/<name> into
+# $OUT/runs/ and pass --resume: compare keeps finished runs). Runs go seed by seed, so a stopped study has
+# balanced seeds; 60 new runs, ≈ 1.3 min each on 2 CPU cores (2 jobs × 1 thread).
+#
+#   bash benchmarks/clip_check.sh                      # writes runs/clip_check/{report.md,*.png,summary.json}
+#   OUT=/tmp/clip bash benchmarks/clip_check.sh --resume
+#
+# The committed copy of the report and plots is benchmarks/results/clip_check/.
+set -euo pipefail
+OUT=${OUT:-runs/clip_check}
+exec isreshape-verl compare --preset stress --out "$OUT" --lags 0 4 16 32 --seeds 0 1 2 3 4 --losses \
+    vanilla \
+    "is_reshape:width=0.25,localize_sft=true,width_mode=adaptive,width_target=0.01" \
+    "is_reshape:width=0.25,localize_sft=true,width_mode=adaptive,width_target=0.01,kernel=box" \
+    "is_reshape:width=0.25,localize_sft=true,width_mode=adaptive,width_target=0.01,kernel=box,gamma_mode=fixed,gamma=1" \
+    "is_reshape:width=0.2,localize_sft=true,width_mode=fixed,kernel=box" \
+    "$@"
