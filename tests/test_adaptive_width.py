@@ -103,6 +103,17 @@ def test_bounds_hold_and_an_on_policy_batch_gets_the_widest_width(branch):
     assert solved(default_max, old.clone(), old, adv, mask)[0] == pytest.approx(0.7)
 
 
+def test_a_batch_without_valid_tokens_gets_the_widest_width(branch):
+    """N = 0: nothing exceeds the budget, on both branches (the accelerators' solve has no N ≥ 1 clamp)."""
+    from isreshape_verl import adaptive_width
+
+    log_prob, old, adv, mask = lagged_batch(1.0)
+    summary = adaptive_width.staleness_summary((log_prob - old).float(), adv, torch.zeros_like(mask))
+    assert not summary.any()
+    scale = adaptive_width.solve_scale(summary, "laplace", 1.0, 1.0, True, 0.002, 0.05, 2.0)
+    assert float(scale) == pytest.approx(2.0, rel=1e-12)
+
+
 def test_gradient_is_the_fixed_width_loss_at_the_solved_width():
     """Adaptive = fixed width at s·width, s·width_neg: same loss and same gradient."""
     log_prob, old, adv, mask = lagged_batch(0.2, seed=5)
