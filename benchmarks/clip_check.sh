@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
-# The clip check: which of the default's three differences from GRPO's clip costs it at lag 4? The default
-# (one-sided Laplace, adaptive width ≤ 0.25, correctness γ with the SFT-like term localized) differs from
-# `vanilla` (one-sided box of fixed width 0.2, γ = 1: PPO-clip as an IS Reshape special case) in the kernel's
-# shape, the width rule and γ. Each variant changes one of them toward PPO-clip:
-#   box                     the default with the box kernel (a hard cut at the adaptive width)
-#   box, γ = 1              PPO-clip with the adaptive width (no SFT-like term)
-#   box, fixed width 0.2    PPO-clip's trust region with the default's correctness γ
+# The clip check: what costs the default against GRPO's clip at lag 4? The default (one-sided Laplace, adaptive
+# width ≤ 0.25, correctness γ with the SFT-like term localized) differs from `vanilla` (PPO-clip: one-sided box
+# of fixed width 0.2, γ = 1, and verl's dual clip, which zeroes the gradient where A < 0 and r > 3) in the
+# kernel's shape, the width rule, γ and that dual clip. The variants:
+#   box                              the default with a hard cut at the adaptive width (the kernel's shape)
+#   vanilla without its dual clip    IS Reshape's box, fixed width 0.2, γ = 1 (exactly PPO-clip without it)
+#   dual_clip=3                      the default with verl's dual clip
 # 5 seeds × lags 0 4 16 32 in the lag study's settings (`--preset stress`: 2 passes × 4 mini-batches per rollout
 # batch). The `vanilla` and default runs are the width check's (copy runs/width_check/runs/<name> into
 # $OUT/runs/ and pass --resume: compare keeps finished runs). Runs go seed by seed, so a stopped study has
-# balanced seeds; 60 new runs, ≈ 1.3 min each on 2 CPU cores (2 jobs × 1 thread).
+# balanced seeds; ≈ 1.1–1.3 min per run on 2 CPU cores (2 jobs × 1 thread).
 #
 #   bash benchmarks/clip_check.sh                      # writes runs/clip_check/{report.md,*.png,summary.json}
 #   OUT=/tmp/clip bash benchmarks/clip_check.sh --resume
@@ -21,6 +21,6 @@ exec isreshape-verl compare --preset stress --out "$OUT" --lags 0 4 16 32 --seed
     vanilla \
     "is_reshape:width=0.25,localize_sft=true,width_mode=adaptive,width_target=0.01" \
     "is_reshape:width=0.25,localize_sft=true,width_mode=adaptive,width_target=0.01,kernel=box" \
-    "is_reshape:width=0.25,localize_sft=true,width_mode=adaptive,width_target=0.01,kernel=box,gamma_mode=fixed,gamma=1" \
-    "is_reshape:width=0.2,localize_sft=true,width_mode=fixed,kernel=box" \
+    "is_reshape:kernel=box,width=0.2,width_mode=fixed,gamma_mode=fixed,gamma=1" \
+    "is_reshape:width=0.25,localize_sft=true,width_mode=adaptive,width_target=0.01,dual_clip=3" \
     "$@"

@@ -69,6 +69,14 @@ class ISReshapeParams:
     (benchmarks/results/knob_study) the default made two-sided collapsed in 10 of 12 runs and two-sided sech2
     in 9 of 12, even with localize_sft and the adaptive width, while no one-sided variant ever did."""
 
+    dual_clip: float | None = None
+    """PPO's dual clip for IS Reshape (verl's `clip_ratio_c`, 3 there): where A ≤ 0 and r > dual_clip, the
+    weight is 0 and the surrogate keeps its value at r = dual_clip. The side of A ≤ 0 tokens with r > 1 is the
+    safe one (a one-sided kernel leaves it at K = 1), where the IS term's weight γ·r grows without bound: a
+    token the policy has raised far above μ despite a negative advantage pulls with weight up to r. None (no
+    bound) or a number > 1. With box, one_sided, γ = 1 and widths (ε_high, ε_low) the loss is verl's
+    `vanilla` with clip_ratio_c = dual_clip."""
+
     gamma_mode: str = "correctness"
     """How γ (SFT-like ↔ kernelized IS) is chosen per token: fixed | correctness | magnitude | combined.
     fixed: γ = gamma. correctness: γ = γ_b + (γ_m − γ_b)·σ(−A·log r/τ). magnitude:
@@ -129,6 +137,9 @@ class ISReshapeParams:
                 continue
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
                 raise ValueError(f"{key}={value!r} is not allowed; it must be a finite number > 0")
+        if self.dual_clip is not None and (not isinstance(self.dual_clip, (int, float)) or isinstance(self.dual_clip, bool)
+                                           or not math.isfinite(self.dual_clip) or self.dual_clip <= 1):
+            raise ValueError(f"dual_clip={self.dual_clip!r} is not allowed; it must be None or a finite number > 1")
         for key in ("gamma", "gamma_base", "gamma_max"):
             value = getattr(self, key)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= value <= 1.0:
@@ -202,15 +213,21 @@ def reshape_terms(params: ISReshapeParams, log_ratio: torch.Tensor, advantages: 
     and 0 on the other side, so K(x_eff) = 1 there and F = F_K(x_eff) + (x − x_eff) (∫ 1 dt).
     """
     ratio = torch.exp(log_ratio) if ratio is None else ratio
-    x = ratio - 1.0
     positive = advantages > 0
+    log_ratio_in, ratio_in = log_ratio, ratio  # what the terms report; the weight may see them capped
+    beyond = None
+    if params.dual_clip is not None:  # A ≤ 0 and r > c: f stays at f(c), g = 0
+        beyond = (log_ratio > math.log(params.dual_clip)) & ~positive
+        ratio = torch.where(beyond, ratio.new_full((), params.dual_clip), ratio)
+        log_ratio = torch.where(beyond, log_ratio.new_full((), math.log(params.dual_clip)), log_ratio)
+    x = ratio - 1.0
     width = params.width * width_scale
     if params.width_neg is not None and params.width_neg != params.width:
         # new_full, not new_tensor: a host-to-device copy would sync; the scalar takes x's dtype from the 0-dim tensor
         width = torch.where(positive, x.new_full((), params.width), params.width_neg) * width_scale
     kernel, integral = _localized(params, x, positive, width)
     del x  # free before the next allocations: this runs on (B, T) tensors inside the loss
-    gamma = mixing_gamma(params, log_ratio, advantages)
+    gamma = mixing_gamma(params, log_ratio_in, advantages)
     one_minus_gamma = 1.0 - gamma
     if params.localize_sft:
         sft_kernel, sft_integral = _localized(params, log_ratio, positive, width)
@@ -220,7 +237,9 @@ def reshape_terms(params: ISReshapeParams, log_ratio: torch.Tensor, advantages: 
         surrogate = one_minus_gamma * log_ratio + gamma * integral
         weight = one_minus_gamma + gamma * ratio * kernel
     del integral
-    return ReshapeTerms(log_ratio, ratio, kernel, gamma, weight, surrogate, width_scale)
+    if beyond is not None:
+        weight = weight.masked_fill(beyond, 0.0)
+    return ReshapeTerms(log_ratio_in, ratio_in, kernel, gamma, weight, surrogate, width_scale)
 
 
 def _localized(params: ISReshapeParams, x: torch.Tensor, positive: torch.Tensor, width):

@@ -121,12 +121,13 @@ def test_localized_sft_gradient_is_minus_g_times_advantage(kernel, one_sided, ga
 
 @pytest.mark.parametrize("kernel", KERNEL_NAMES)
 @pytest.mark.parametrize("localize_sft", [False, True])
-def test_weight_is_r_times_the_surrogate_derivative(kernel, localize_sft):
+@pytest.mark.parametrize("dual_clip", [None, 1.1])
+def test_weight_is_r_times_the_surrogate_derivative(kernel, localize_sft, dual_clip):
     """g = r·f'(r): autograd through reshape_terms' surrogate (γ held fixed) against its weight."""
     from isreshape_verl.reshape import reshape_terms
 
     params = ISReshapeParams(kernel=kernel, localize_sft=localize_sft, gamma_mode="fixed", gamma=0.4, width=0.6,
-                             width_mode="fixed")
+                             width_mode="fixed", dual_clip=dual_clip)
     _, log_prob, adv, _ = random_batch(seed=7)
     old, _, _, _ = random_batch(seed=7)
     log_r = (log_prob - old).requires_grad_(True)
@@ -136,6 +137,38 @@ def test_weight_is_r_times_the_surrogate_derivative(kernel, localize_sft):
     if kernel in ("box", "epanechnikov"):  # kinks at |u| = 1 have no derivative
         keep &= ((torch.expm1(log_r.detach()).abs() - 0.6).abs() > 1e-6) & ((log_r.detach().abs() - 0.6).abs() > 1e-6)
     torch.testing.assert_close(d_f_d_log_r[keep], terms.weight.detach()[keep], rtol=1e-10, atol=1e-12)
+    if dual_clip is not None:  # the cap acts here, and only where A ≤ 0 and r > c
+        beyond = (log_r.detach() > math.log(dual_clip)) & (adv <= 0)
+        assert beyond.any() and (terms.weight[beyond] == 0).all()
+
+
+def test_dual_clip_keeps_the_surrogate_at_its_value_at_c_and_changes_nothing_below():
+    """f(r) = f(c) for A ≤ 0 and r > c; every term is the uncapped one elsewhere; the terms report the true r."""
+    from isreshape_verl.reshape import reshape_terms
+
+    c = 1.5
+    old, log_prob, adv, _ = random_batch(seed=8, spread=0.8)
+    log_r = log_prob - old
+    capped = reshape_terms(ISReshapeParams(dual_clip=c, width_mode="fixed"), log_r, adv)
+    free = reshape_terms(ISReshapeParams(width_mode="fixed"), log_r, adv)
+    beyond = (log_r > math.log(c)) & (adv <= 0)
+    assert beyond.any() and (~beyond).any()
+    for name in ("weight", "surrogate", "kernel", "gamma"):
+        torch.testing.assert_close(getattr(capped, name)[~beyond], getattr(free, name)[~beyond], rtol=0, atol=0)
+    at_c = reshape_terms(ISReshapeParams(width_mode="fixed"), torch.full_like(log_r, math.log(c)), adv)
+    # γ is the only term taken at the true r (a per-token factor, as everywhere): hold it equal to compare f
+    same_gamma = ISReshapeParams(width_mode="fixed", gamma_mode="fixed", gamma=0.7)
+    f_capped = reshape_terms(ISReshapeParams(width_mode="fixed", gamma_mode="fixed", gamma=0.7, dual_clip=c), log_r, adv)
+    f_at_c = reshape_terms(same_gamma, torch.full_like(log_r, math.log(c)), adv)
+    torch.testing.assert_close(f_capped.surrogate[beyond], f_at_c.surrogate[beyond], rtol=1e-12, atol=1e-14)
+    assert (capped.weight[beyond] == 0).all() and (at_c.weight[beyond] > 0).all()
+    torch.testing.assert_close(capped.log_ratio, log_r, rtol=0, atol=0)  # metrics see the true ratio
+
+
+@pytest.mark.parametrize("bad", [1.0, 0.5, -2.0, float("inf"), float("nan"), True, "3"])
+def test_dual_clip_must_be_above_one(bad):
+    with pytest.raises(ValueError, match=r"dual_clip=.*must be None or a finite number > 1"):
+        ISReshapeParams(dual_clip=bad)
 
 
 def test_localized_sft_changes_nothing_at_gamma_one_and_is_a_trust_region_at_gamma_zero():
@@ -246,6 +279,25 @@ def test_one_sided_box_with_gamma_one_equals_verl_vanilla_without_dual_clip(eps_
         torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-15)
         # with a hard kernel, "K < 0.5" is exactly PPO's clipped-token share (verl counts in fp32: 1e-6)
         assert m_ours["actor/pg_clipfrac"] == pytest.approx(m_theirs["actor/pg_clipfrac"], abs=1e-6)
+
+
+@pytest.mark.parametrize("clip_c", [3.0, 1.8])
+def test_one_sided_box_with_gamma_one_and_dual_clip_equals_verl_vanilla(clip_c):
+    """PPO's dual clip: g = 0 where A < 0 and r > clip_ratio_c (verl's vanilla, its default setting 3)."""
+    old, log_prob, adv, mask = random_batch(seed=24, spread=0.9)
+    ours_cfg = spec_config("is_reshape:kernel=box,one_sided=true,width=0.2,width_neg=0.2,gamma_mode=fixed,gamma=1,"
+                           f"width_mode=fixed,dual_clip={clip_c}")
+    vanilla_cfg = spec_config(f"vanilla:clip_ratio_low=0.2,clip_ratio_high=0.2,clip_ratio_c={clip_c}")
+    ratio = (log_prob - old).exp()
+    assert ((ratio > clip_c) & (adv < 0) & mask).sum() >= 2  # the dual clip acts on this batch
+    for agg in LOSS_AGG_MODES:
+        _, ours, _ = loss_and_grad(IS_RESHAPE, ours_cfg, old, log_prob, adv, mask, agg)
+        _, theirs, _ = loss_and_grad(get_policy_loss_fn("vanilla"), vanilla_cfg, old, log_prob, adv, mask, agg)
+        torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-15)
+    no_cap = spec_config("is_reshape:kernel=box,one_sided=true,width=0.2,width_neg=0.2,gamma_mode=fixed,gamma=1,"
+                         "width_mode=fixed")
+    _, uncapped, _ = loss_and_grad(IS_RESHAPE, no_cap, old, log_prob, adv, mask)
+    assert not torch.allclose(uncapped, ours)  # without it, the same batch gives another gradient
 
 
 # ----------------------------------------- invariances -----------------------------------------

@@ -182,6 +182,7 @@ BAD_CONFIGS = [
     ({"width_max": float("nan")}, r"width_max=nan is not allowed"),
     ({"width_min": 0.5, "width_max": 0.2}, r"width_min=0.5 > width_max=0.2; width_min must be <= width_max"),
     ({"width_min": 1.5}, r"width_min=1.5 > width_max=0.25 \(width_max=None means width\)"),
+    ({"dual_clip": 0.9}, r"dual_clip=0.9 is not allowed; it must be None or a finite number > 1"),
 ]
 
 
@@ -197,6 +198,6 @@ def test_config_fields_are_the_documented_user_facing_names():
     ours = {f.name for f in fields(ISReshapeParams)}
     assert ours == {"kernel", "width", "width_neg", "one_sided", "gamma_mode", "gamma", "gamma_base", "gamma_max",
                     "gamma_tau", "gamma_beta", "log_ratio_clamp", "localize_sft", "width_mode", "width_target", "width_min",
-                    "width_max"}
+                    "width_max", "dual_clip"}
     assert ours <= {f.name for f in fields(ISReshapeLossConfig)}
     assert ISReshapeLossConfig().loss_mode == "is_reshape"
