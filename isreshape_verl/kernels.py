@@ -88,7 +88,8 @@ def weight_bound(name: str, width: float) -> float:
 
     Since γ ∈ [0, 1] mixes this weight with 1, the same bound holds for g(r, A) = (1 − γ) + γ·r·K(r − 1)
     for two-sided kernels. (One-sided kernels leave K = 1 on the safe side, where g = (1 − γ) + γ·r is
-    bounded by 1 when r < 1 but grows like r when r > 1 and A ≤ 0, exactly as PPO-clip without dual-clip.)
+    bounded by 1 when r < 1 but grows like r when r > 1 and A ≤ 0, exactly as PPO-clip without dual-clip;
+    `dual_clip=c` bounds it by c, as verl's clip_ratio_c does for PPO-clip.)
     """
     check_kernel_name(name)
     return 1.0 + _SUP_X_K_OVER_W[name] * width
