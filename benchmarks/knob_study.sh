@@ -15,18 +15,19 @@
 #   OUT=/tmp/knobs bash benchmarks/knob_study.sh --resume
 #
 # The committed copy of the report and plots is benchmarks/results/knob_study/.
+# dual_clip=none: these runs predate the dual_clip key (default 3 since); the committed report omits it.
 set -euo pipefail
 OUT=${OUT:-runs/knob_study}
 exec isreshape-verl compare --preset stress --out "$OUT" --losses \
     vanilla \
-    "is_reshape:width=1,localize_sft=true,width_mode=adaptive,width_target=0.01" \
+    "is_reshape:width=1,localize_sft=true,width_mode=adaptive,width_target=0.01,dual_clip=none" \
     "vanilla:clip_ratio_high=0.28" \
-    "is_reshape:width=1,localize_sft=true,width_mode=adaptive,width_target=0.003" \
-    "is_reshape:width=1,localize_sft=true,width_mode=adaptive,width_target=0.03" \
-    "is_reshape:width=1,localize_sft=true,width_mode=adaptive,width_target=0.01,gamma_mode=fixed,gamma=1.0" \
-    "is_reshape:kernel=gaussian,width=1,localize_sft=true,width_mode=adaptive,width_target=0.01" \
-    "is_reshape:width=1,one_sided=false,localize_sft=true,width_mode=adaptive,width_target=0.01" \
-    "is_reshape:kernel=sech2,width=1,one_sided=false,localize_sft=true,width_mode=adaptive,width_target=0.01" \
-    "is_reshape:width=0.5,localize_sft=true,width_mode=adaptive,width_target=0.01" \
-    "is_reshape:width=0.25,localize_sft=true,width_mode=adaptive,width_target=0.01" \
+    "is_reshape:width=1,localize_sft=true,width_mode=adaptive,width_target=0.003,dual_clip=none" \
+    "is_reshape:width=1,localize_sft=true,width_mode=adaptive,width_target=0.03,dual_clip=none" \
+    "is_reshape:width=1,localize_sft=true,width_mode=adaptive,width_target=0.01,gamma_mode=fixed,gamma=1.0,dual_clip=none" \
+    "is_reshape:kernel=gaussian,width=1,localize_sft=true,width_mode=adaptive,width_target=0.01,dual_clip=none" \
+    "is_reshape:width=1,one_sided=false,localize_sft=true,width_mode=adaptive,width_target=0.01,dual_clip=none" \
+    "is_reshape:kernel=sech2,width=1,one_sided=false,localize_sft=true,width_mode=adaptive,width_target=0.01,dual_clip=none" \
+    "is_reshape:width=0.5,localize_sft=true,width_mode=adaptive,width_target=0.01,dual_clip=none" \
+    "is_reshape:width=0.25,localize_sft=true,width_mode=adaptive,width_target=0.01,dual_clip=none" \
     "$@"

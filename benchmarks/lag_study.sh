@@ -16,6 +16,7 @@
 #   bash benchmarks/lag_study.sh --seeds 0 1 2 3 4     # any other compare flag is passed on
 #
 # The committed copy of the report and plots is benchmarks/results/lag_study/.
+# dual_clip=none: these runs predate the dual_clip key (default 3 since); the committed report omits it.
 set -euo pipefail
 OUT=${OUT:-runs/lag_study}
 exec isreshape-verl compare --preset stress --out "$OUT" --losses \
@@ -23,7 +24,7 @@ exec isreshape-verl compare --preset stress --out "$OUT" --losses \
     sapo \
     cispo \
     dppo_tv \
-    "is_reshape:width=1,localize_sft=true,width_mode=adaptive,width_target=0.01" \
-    "is_reshape:width=1,localize_sft=true,width_mode=fixed" \
-    "is_reshape:kernel=sech2,width=1,one_sided=false,localize_sft=false,width_mode=fixed" \
+    "is_reshape:width=1,localize_sft=true,width_mode=adaptive,width_target=0.01,dual_clip=none" \
+    "is_reshape:width=1,localize_sft=true,width_mode=fixed,dual_clip=none" \
+    "is_reshape:kernel=sech2,width=1,one_sided=false,localize_sft=false,width_mode=fixed,dual_clip=none" \
     "$@"

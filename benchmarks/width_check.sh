@@ -9,10 +9,11 @@
 #   OUT=/tmp/width bash benchmarks/width_check.sh --resume
 #
 # The committed copy of the report and plots is benchmarks/results/width_check/.
+# dual_clip=none: these runs predate the dual_clip key (default 3 since); the committed report omits it.
 set -euo pipefail
 OUT=${OUT:-runs/width_check}
 exec isreshape-verl compare --preset stress --out "$OUT" --lags 0 4 16 32 --seeds 0 1 2 3 4 --losses \
     vanilla \
-    "is_reshape:width=1,localize_sft=true,width_mode=adaptive,width_target=0.01" \
-    "is_reshape:width=0.25,localize_sft=true,width_mode=adaptive,width_target=0.01" \
+    "is_reshape:width=1,localize_sft=true,width_mode=adaptive,width_target=0.01,dual_clip=none" \
+    "is_reshape:width=0.25,localize_sft=true,width_mode=adaptive,width_target=0.01,dual_clip=none" \
     "$@"
