@@ -13,8 +13,8 @@
 
 # IS Reshape's keys (ISReshapeParams' fields): the recipe passes one only when its knob IS_<KEY> is set,
 # so that the package's dataclass owns every default.
-IS_RESHAPE_KEYS=(kernel width width_neg one_sided gamma_mode gamma gamma_base gamma_max gamma_tau gamma_beta
-    log_ratio_clamp localize_sft width_mode width_target width_min width_max)
+IS_RESHAPE_KEYS=(kernel width width_neg one_sided dual_clip gamma_mode gamma gamma_base gamma_max gamma_tau
+    gamma_beta log_ratio_clamp localize_sft width_mode width_target width_min width_max)
 
 # The knob (environment variable) of each IS Reshape key: kernel -> IS_KERNEL.
 is_reshape_knobs() {
