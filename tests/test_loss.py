@@ -37,7 +37,7 @@ def expected_kernel(name, x, w):
 
 
 def expected_weight(params: ISReshapeParams, log_prob, old_log_prob, adv):
-    """g(r, A) = (1 − γ) + γ·r·K(r − 1), with the widths, one-sidedness and γ mode of `params`."""
+    """g(r, A) = (1 − γ) + γ·r·K(r − 1), with the widths, one-sidedness, γ mode and dual clip of `params`."""
     log_r = (log_prob - old_log_prob).clamp(-params.log_ratio_clamp, params.log_ratio_clamp)
     r = log_r.exp()
     x = r - 1
@@ -59,7 +59,10 @@ def expected_weight(params: ISReshapeParams, log_prob, old_log_prob, adv):
         "combined": lo + (hi - lo) * magnitude * correctness,
     }[params.gamma_mode]
     sft = localized(log_r) if params.localize_sft else 1.0
-    return (1 - gamma) * sft + gamma * r * k
+    weight = (1 - gamma) * sft + gamma * r * k
+    if params.dual_clip is not None:  # PPO's dual clip: no gradient where A ≤ 0 and r > c
+        weight = torch.where((adv <= 0) & (r > params.dual_clip), torch.zeros_like(weight), weight)
+    return weight
 
 
 def random_batch(seed, B=6, T=9, spread=0.6, dtype=F64):
@@ -177,7 +180,7 @@ def test_localized_sft_changes_nothing_at_gamma_one_and_is_a_trust_region_at_gam
                            old, log_prob, adv, mask)[1] for v in ("false", "true")]
     torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
     # γ = 0: plain SFT-like weight 1 everywhere, vs. K(log r) on the pushed-away side (1 on the safe side)
-    _, grad, _ = loss_and_grad(IS_RESHAPE, spec_config("is_reshape:width=1,gamma_mode=fixed,gamma=0,localize_sft=true"),
+    _, grad, _ = loss_and_grad(IS_RESHAPE, spec_config("is_reshape:width=1,gamma_mode=fixed,gamma=0,localize_sft=true,dual_clip=none"),
                                old, log_prob, adv, mask)
     log_r = log_prob - old
     pushes_away = torch.where(adv > 0, log_r > 0, log_r < 0)
@@ -244,7 +247,7 @@ def test_chunked_computation_is_exact(chunk_tokens):
 def test_gamma_zero_equals_verl_gpg():
     old, log_prob, adv, mask = random_batch(seed=21, spread=2.0)
     for agg in LOSS_AGG_MODES:
-        _, ours, _ = loss_and_grad(IS_RESHAPE, spec_config("is_reshape:gamma_mode=fixed,gamma=0,localize_sft=false"),
+        _, ours, _ = loss_and_grad(IS_RESHAPE, spec_config("is_reshape:gamma_mode=fixed,gamma=0,localize_sft=false,dual_clip=none"),
                                    old, log_prob, adv, mask, agg)
         _, theirs, _ = loss_and_grad(get_policy_loss_fn("gpg"), spec_config("gpg"), old, log_prob, adv, mask, agg)
         torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-15)
@@ -255,7 +258,7 @@ def test_sech2_with_gamma_one_equals_verl_sapo(tau_pos, tau_neg):
     """SAPO with temperatures τ± is sech2 with w± = 2/τ± and γ = 1 (verl aggregates SAPO seq-mean-token-mean)."""
     old, log_prob, adv, mask = random_batch(seed=22, spread=1.0)
     ours_cfg = spec_config(f"is_reshape:kernel=sech2,width={2 / tau_pos!r},width_neg={2 / tau_neg!r},one_sided=false,"
-                           "gamma_mode=fixed,gamma=1")
+                           "gamma_mode=fixed,gamma=1,dual_clip=none")
     sapo_cfg = spec_config(f"sapo:tau_pos={tau_pos},tau_neg={tau_neg}")
     _, ours, _ = loss_and_grad(IS_RESHAPE, ours_cfg, old, log_prob, adv, mask, "seq-mean-token-mean")
     _, theirs, _ = loss_and_grad(get_policy_loss_fn("sapo"), sapo_cfg, old, log_prob, adv, mask, "seq-mean-token-mean")
@@ -268,7 +271,8 @@ def test_one_sided_box_with_gamma_one_equals_verl_vanilla_without_dual_clip(eps_
     """PPO-clip: g = r·1[r ≤ 1 + ε_high] for A > 0 and r·1[r ≥ 1 − ε_low] for A ≤ 0."""
     old, log_prob, adv, mask = random_batch(seed=23, spread=0.4)
     ours_cfg = spec_config(
-        f"is_reshape:kernel=box,one_sided=true,width={eps_high},width_neg={eps_low},gamma_mode=fixed,gamma=1")
+        f"is_reshape:kernel=box,one_sided=true,width={eps_high},width_neg={eps_low},gamma_mode=fixed,gamma=1,"
+        "dual_clip=none")
     # dual-clip only acts where A < 0 and r > clip_ratio_c: make c larger than any ratio here to disable it
     vanilla_cfg = spec_config(f"vanilla:clip_ratio_low={eps_low},clip_ratio_high={eps_high},clip_ratio_c=1e9")
     ratio = (log_prob - old).exp()
