@@ -77,8 +77,8 @@ class ISReshapeParams:
     bound) or a number > 1. With box, one_sided, γ = 1 and widths (ε_high, ε_low) the loss is verl's
     `vanilla` with clip_ratio_c = dual_clip. Default 3: in the sandbox's clip check (benchmarks/results/
     clip_check, 5 seeds) it made the default level with GRPO's clip in AUC at lags 0, 4, 16 and 32 (without it
-    2.5 points behind at lag 4), brought its gradient norm from 0.30 to GRPO's 0.20–0.22, and GRPO without its
-    own dual clip lost 2.8 AUC points at lag 4."""
+    2.5 points behind at lag 4), brought its gradient norm from 0.30 to 0.20–0.22 (GRPO's 0.22–0.24), and GRPO
+    without its own dual clip lost 2.8 AUC points at lag 4."""
 
     gamma_mode: str = "correctness"
     """How γ (SFT-like ↔ kernelized IS) is chosen per token: fixed | correctness | magnitude | combined.
@@ -214,6 +214,8 @@ def reshape_terms(params: ISReshapeParams, log_ratio: torch.Tensor, advantages: 
 
     One-sided kernels act on x_eff, which equals x = r − 1 on the side the update pushes away from μ
     and 0 on the other side, so K(x_eff) = 1 there and F = F_K(x_eff) + (x − x_eff) (∫ 1 dt).
+    With `dual_clip` = c, tokens with A ≤ 0 and r > c are evaluated at r = c and their weight is 0, so that
+    f stays at f(c); γ, and the log ratio and ratio the terms report, are the uncapped ones.
     """
     ratio = torch.exp(log_ratio) if ratio is None else ratio
     positive = advantages > 0
