@@ -2,10 +2,11 @@
 
 Every loss runs through verl's registry on identical tensors (log_prob requires grad; old_log_prob,
 advantages and a ragged response mask), one loss call + backward per repetition, median of --reps after
---warmup calls, interleaved across the losses (every loss once per repetition, in a shuffled order). Printed next to each: the ratio to `vanilla` measured in the same run, and a memory-bound
-floor: one fused kernel that reads the three input tensors once and writes the gradient once
-(torch.addcmul(log_prob, old, adv, out=grad)). For each `width_mode=adaptive` loss whose fixed-width twin is
-in the list, the line "time ratio" gives their time ratio, measured side by side.
+--warmup calls, interleaved across the losses (every loss once per repetition, in a shuffled order). Printed
+next to each: the ratio to `vanilla` measured in the same run, and a memory-bound floor: one fused kernel
+that reads the three input tensors once and writes the gradient once (torch.addcmul(log_prob, old, adv,
+out=grad)). For each `width_mode=adaptive` loss whose fixed-width twin is in the list, the line "time ratio"
+gives their time ratio, measured side by side.
 
 Ops = the compute ops of one call, forward and backward (leaf aten ops; views, allocations and conversions
 that found nothing to convert excluded), counted with torch.profiler: on a GPU each launches about one kernel,
@@ -36,13 +37,13 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 from tqdm import tqdm
 
-# torch.profiler says this on every profile; the op counts use one profile each, so it is noise here
-warnings.filterwarnings("ignore", message="Warning: Profiler clears events")
-
 import isreshape_verl.verl_loss  # noqa: F401  (registers is_reshape, also where the package is not installed)
 from isreshape_verl import adaptive_width, reshape
 from isreshape_verl.kernels import KERNEL_NAMES
 from isreshape_verl.specs import parse_loss_spec
+
+# torch.profiler says this on every profile; the op counts use one profile each, so it is noise here
+warnings.filterwarnings("ignore", message="Warning: Profiler clears events")
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 DEFAULT_LOSSES = ["vanilla", "sapo", "is_reshape", "is_reshape:width_mode=fixed",

@@ -2,6 +2,7 @@
 and the accelerator op count excludes the one-off cache build."""
 
 import importlib.util
+import itertools
 import sys
 from pathlib import Path
 
@@ -29,7 +30,7 @@ def test_every_loss_runs_once_per_repetition_in_a_shuffled_order():
     rounds = [tuple(timed[i:i + 3]) for i in range(0, len(timed), 3)]
     assert len(rounds) == 40 and all(sorted(r) == [0, 1, 2] for r in rounds)
     # each loss follows each other loss: no fixed neighbour whose cache state it always inherits
-    followers = {(a, b) for r in rounds for a, b in zip(r, r[1:])}
+    followers = {pair for r in rounds for pair in itertools.pairwise(r)}
     assert followers == {(a, b) for a in range(3) for b in range(3) if a != b}
     calls.clear()
     bench.interleaved_median_seconds(fns, reps=40, warmup=2, sync=lambda: None, seed=1)

@@ -15,9 +15,9 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from loss_overhead import DTYPES, loss_step, make_inputs, parse_shape  # noqa: E402
+from loss_overhead import DTYPES, loss_step, make_inputs, parse_shape
 
-from isreshape_verl.specs import parse_loss_spec  # noqa: E402
+from isreshape_verl.specs import parse_loss_spec
 
 warnings.filterwarnings("ignore", message="Warning: Profiler clears events")  # one profile per mode: noise
 RUNTIME_CALLS = ("cudaLaunchKernel", "cuLaunchKernel", "cudaStreamSynchronize", "cudaDeviceSynchronize",

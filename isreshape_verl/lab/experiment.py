@@ -55,6 +55,7 @@ from isreshape_verl.lab.policy import (
 _BEFORE_LOCALIZATION = "localize_sft=false,width_mode=fixed,dual_clip=none"  # every loss before these existed
 ANCHOR_LOSS = f"is_reshape:kernel=sech2,width=1,one_sided=false,{_BEFORE_LOCALIZATION}"
 _DEFAULT_SHAPE = "is_reshape:kernel=laplace,width=1,one_sided=true,localize_sft=true,dual_clip=none"  # an old default's
+_WIDTH_025 = "is_reshape:kernel=laplace,width=0.25,one_sided=true,localize_sft=true,width_mode=adaptive,width_target=0.01"
 DEFAULT_LOSSES = (
     ANCHOR_LOSS,  # first: the anchor of the paired differences
     "vanilla",
@@ -72,10 +73,7 @@ DEFAULT_LOSSES = (
     f"is_reshape:kernel=laplace,width=1,one_sided=true,gamma_mode=fixed,gamma=1,{_BEFORE_LOCALIZATION}",
     f"{_DEFAULT_SHAPE},width_mode=fixed",
     *(f"{_DEFAULT_SHAPE},width_mode=adaptive,width_target={t}" for t in ("0.003", "0.01", "0.03")),
-    "is_reshape:kernel=laplace,width=0.25,one_sided=true,localize_sft=true,width_mode=adaptive,width_target=0.01,"
-    "dual_clip=none",
-    "is_reshape:kernel=laplace,width=0.25,one_sided=true,localize_sft=true,width_mode=adaptive,width_target=0.01,"
-    "dual_clip=3",
+    *(f"{_WIDTH_025},dual_clip={c}" for c in ("none", "3")),  # the default before and since the clip check
 )
 
 
