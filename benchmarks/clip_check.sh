@@ -9,7 +9,7 @@
 # 5 seeds × lags 0 4 16 32 in the lag study's settings (`--preset stress`: 2 passes × 4 mini-batches per rollout
 # batch). The `vanilla` and default runs are the width check's (copy runs/width_check/runs/<name> into
 # $OUT/runs/ and pass --resume: compare keeps finished runs). Runs go seed by seed, so a stopped study has
-# balanced seeds; ≈ 1.1–1.3 min per run on 2 CPU cores (2 jobs × 1 thread).
+# balanced seeds; the 60 new runs took 82 min on 2 CPU cores (2 jobs × 1 thread).
 #
 #   bash benchmarks/clip_check.sh                      # writes runs/clip_check/{report.md,*.png,summary.json}
 #   OUT=/tmp/clip bash benchmarks/clip_check.sh --resume

@@ -222,9 +222,10 @@ def reshape_terms(params: ISReshapeParams, log_ratio: torch.Tensor, advantages: 
     log_ratio_in, ratio_in = log_ratio, ratio  # what the terms report; the weight may see them capped
     beyond = None
     if params.dual_clip is not None:  # A ≤ 0 and r > c: f stays at f(c), g = 0
-        beyond = (log_ratio > math.log(params.dual_clip)) & ~positive
-        ratio = torch.where(beyond, ratio.new_full((), params.dual_clip), ratio)
-        log_ratio = torch.where(beyond, log_ratio.new_full((), math.log(params.dual_clip)), log_ratio)
+        log_cap = math.log(params.dual_clip)
+        beyond = (log_ratio > log_cap) & ~positive
+        ratio = torch.where(beyond, params.dual_clip, ratio)  # a Python scalar: no tensor to fill, no copy
+        log_ratio = torch.where(beyond, log_cap, log_ratio)
     x = ratio - 1.0
     width = params.width * width_scale
     if params.width_neg is not None and params.width_neg != params.width:
