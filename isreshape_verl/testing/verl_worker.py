@@ -30,7 +30,7 @@ and the worker's metrics.
     out["a"]["grad_norm"], out["a"]["metrics"]["actor/is_reshape/ess"], out["a"]["weights"]
 
 CPU-only settings the harness adds (`cpu_overrides`): `attn_implementation=sdpa`, fp32 FSDP mixed
-precision, no torch.compile, and the `isreshape_verl.testing.cpu_platform` shim.
+precision, no torch.compile, and the `isreshape_verl.cpu.platform` shim.
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ def save_tiny_model(folder: str | os.PathLike, shape: TinyModel = TinyModel()) -
     """Save a random Qwen2ForCausalLM (fp32) and the sandbox's char-level tokenizer to `folder`.
 
     The embeddings are tied (as the sandbox's model): verl then loads the checkpoint on every rank, which
-    the CPU shim's FSDP1 without `sync_module_states` relies on (see `cpu_platform`).
+    the CPU shim's FSDP1 without `sync_module_states` relies on (see `isreshape_verl.cpu.platform`).
     """
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -283,7 +283,7 @@ def run_case(case: dict, model_dir: str, spec: BatchSpec, rank: int, world_size:
 
 def _main(spec_path: str, out_path: str) -> None:
     """Subprocess entry: install the CPU platform, join the gloo group, run every case, rank 0 saves."""
-    from isreshape_verl.testing.cpu_platform import install
+    from isreshape_verl.cpu.platform import install
 
     install()  # before anything imports verl's engine modules (they read the device at import)
     job = json.loads(Path(spec_path).read_text())

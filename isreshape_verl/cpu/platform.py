@@ -1,13 +1,17 @@
-"""A CPU "platform" for verl's platform plugin API: a test shim, not a product feature.
+"""verl's device platform on a machine without an accelerator: the host CPU, gloo collectives.
 
 verl 0.9.1 resolves its device through `verl.plugin.platform.get_platform()` and calls the returned
 platform's `device_module` (normally `torch.cuda`) for device bookkeeping: `current_device()`,
-`synchronize()`, `empty_cache()`, `mem_get_info()`, `max_memory_allocated()`, ... This module answers
-those calls on a machine without an accelerator, so that verl's own FSDP actor worker can run a real
-`update_actor` on CPU in tests (`isreshape_verl.testing.verl_worker`). It only makes verl's
-bookkeeping calls harmless; all compute is ordinary torch on CPU.
+`synchronize()`, `empty_cache()`, `mem_get_info()`, `max_memory_allocated()`, ... `CPUPlatform` answers
+those calls on the host, so that verl's own FSDP workers, trainer and rollout run on CPU. All compute is
+ordinary torch on CPU.
 
-    from isreshape_verl.testing.cpu_platform import install
+Ray: verl's resource pools count only "GPU"/"NPU" resources (`single_controller/ray/base.py`,
+`RayResourcePool` and the pool-availability check), so the platform names "GPU" as its Ray resource and
+the CPU mode starts Ray with *logical* GPUs (`ray.init(num_gpus=N)`): one per training or rollout
+process, none of them a device.
+
+    from isreshape_verl.cpu.platform import install
     install()                      # before `verl.workers.engine_workers` is imported
 """
 
@@ -162,7 +166,7 @@ class CPUPlatform(PlatformBase):
         pass
 
     def ray_resource_name(self) -> str:
-        return "CPU"
+        return "GPU"  # logical GPUs of a CPU-mode Ray cluster: verl's resource pools count no other name
 
     def ray_noset_envvars(self) -> list[str]:
         return []
@@ -196,15 +200,21 @@ def _fsdp1_without_sync_module_states() -> None:
     transformer_impl.FSDP = FSDPOnCPU  # a subclass, so verl's isinstance(module, FSDP) checks still hold
 
 
-def install() -> CPUPlatform:
-    """Make `CPUPlatform` verl's platform for this process (call before verl's engine modules are imported).
+def set_cpu_platform() -> CPUPlatform:
+    """Make `CPUPlatform` verl's platform for this process (before verl's engine modules are imported).
 
     Also sets `VERL_ENGINE_DEVICE=cuda`: verl registers its FSDP engine for the devices "cuda" and "npu"
-    only, and this variable is verl's own override of the device used for that registry lookup. And it
-    makes verl's FSDP1 wrapper skip `sync_module_states` (see `_fsdp1_without_sync_module_states`).
+    only, and this variable is verl's own override of the device used for that registry lookup.
     """
     os.environ["VERL_ENGINE_DEVICE"] = "cuda"
     platform = CPUPlatform()
     set_platform(platform)
+    return platform
+
+
+def install() -> CPUPlatform:
+    """`set_cpu_platform`, and verl's FSDP1 wrapper without `sync_module_states` (see
+    `_fsdp1_without_sync_module_states`): what the worker harness needs (it runs FSDP1 on CPU)."""
+    platform = set_cpu_platform()
     _fsdp1_without_sync_module_states()  # imports verl's engine: after set_platform
     return platform

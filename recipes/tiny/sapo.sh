@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# SAPO (verl's sapo loss) on the tiny task: the CPU sandbox's problems and warm-started tiny Qwen2 (DEVICE=cpu by default).
+# Knobs: bash recipes/tiny/sapo.sh --help. Shared defaults: recipes/common.sh.
+#   python data_prep/tiny.py && bash recipes/tiny/sapo.sh [hydra.key=value ...]
+#   ASYNC=separate bash recipes/tiny/sapo.sh        # standalone rollout, weights synced through Ray
+set -euo pipefail
+# shellcheck source=recipes/common.sh
+source "$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/common.sh"
+run_recipe tiny sapo "$@"
