@@ -327,6 +327,9 @@ run_recipe() {
             actor_rollout_ref.hybrid_engine=False
             "actor_rollout_ref.rollout.checkpoint_engine.backend=$CKPT_BACKEND"
             "trainer.v1.separate_async.parameter_sync_step=$PARAM_SYNC_STEP"
+            # verl 0.9.1 trainer_separate_async.py _setup, hybrid_engine=False: logger.info(..., flush=True) raises
+            # TypeError at start-up whenever INFO is enabled; WARN skips that call (and verl's other INFO lines)
+            "+ray_kwargs.ray_init.runtime_env.env_vars.VERL_LOGGING_LEVEL=WARN"
         )
     else
         resources=("trainer.nnodes=$NNODES" "trainer.n_gpus_per_node=$GPUS_PER_NODE")
