@@ -119,6 +119,7 @@ class HFRolloutServer:
         self.global_steps: Optional[int] = None
         self._queue: list[_Request] = []
         self._wake: Optional[asyncio.Event] = None
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._loop_task: Optional[asyncio.Task] = None
         self._batch_lock: Optional[asyncio.Lock] = None
         self._running: list[_Request] = []
@@ -136,10 +137,13 @@ class HFRolloutServer:
         return sum(p.numel() for p in self.model.parameters())
 
     def _ensure_loop(self) -> None:
-        if self._loop_task is None:
+        """Start the batching task on the running event loop (once per loop: a Ray actor has one)."""
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:
+            self._loop = loop
             self._wake, self._batch_lock, self._resumed = asyncio.Event(), asyncio.Lock(), asyncio.Event()
             self._resumed.set()
-            self._loop_task = asyncio.get_running_loop().create_task(self._batch_loop())
+            self._loop_task = loop.create_task(self._batch_loop())
 
     async def get_stats(self) -> dict:
         return dict(self.stats)

@@ -1,0 +1,166 @@
+"""The recipes train for real: verl's own trainer (`main_ppo`, v1 sync / colocate_async / separate_async)
+with the `isreshape_hf` rollout, on CPU, through `bash recipes/tiny/isreshape.sh` and the GSM8K recipe.
+
+Each run is 2 steps of 4 prompts x 2 answers on a freshly initialised tiny Qwen2 (`data_prep/tiny.py
+--no-warm-start`): plumbing, not learning (`benchmarks/results/verl_cpu/` has the 40-step runs). About 70 s
+of every run is start-up (Ray, verl's workers, TransferQueue); the whole module takes ≈ 6 min on 2 cores.
+
+What is asserted: exit 0; every `actor/is_reshape/*` metric logged and finite; sync mode's first step has
+|ppo_kl| < 1e-4 (the rollout's log-probs are the actor's); an async mode trains on stale rollouts
+(trajectory staleness > 0); a checkpoint at step 2 resumes at step 3; and no process of the run's Ray
+cluster (found by its private temp folder) is left after a run, a failure or Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_GSM8K = REPO.parent / "shared" / "data" / "gsm8k"
+
+IS_RESHAPE_METRICS = {  # verl_loss.py's docstring lists them
+    "weight_mean", "gamma_mean", "ess", "ratio_min", "ratio_p01", "ratio_p50", "ratio_p99", "ratio_max",
+    "pos_up_share", "pos_up_weight", "pos_down_share", "pos_down_weight", "neg_up_share", "neg_up_weight",
+    "neg_down_share", "neg_down_weight", "nonfinite_frac", "width", "width_neg", "width_stat",
+}
+SMALL = {"STEPS": "2", "TRAIN_BATCH": "4", "MINI_BATCH": "4", "MICRO_BATCH": "4", "ROLLOUT_N": "2",
+         "TEST_FREQ": "2", "LR": "1e-3", "MAX_RESPONSE_LEN": "16"}
+RUN_TIMEOUT = 600  # a hang guard; a run takes ≈ 90 s
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tiny")
+    subprocess.run([sys.executable, "data_prep/tiny.py", "--output-dir", str(out), "--no-warm-start",
+                    "--n-train", "64", "--n-test", "8", "--quiet"], cwd=REPO, check=True, capture_output=True)
+    return out
+
+
+def _env(**knobs: str) -> dict:
+    keep = {k: v for k, v in os.environ.items() if not k.startswith(("IS_", "VERL_", "RAY_"))}
+    return {**keep, "PYTHON": sys.executable, **knobs}
+
+
+def _ray_folder(output: str) -> str:
+    match = re.search(r"Ray in (\S+)", output)
+    assert match, "the recipe did not say where its Ray cluster lives"
+    return match.group(1)
+
+
+def _processes_of(folder: str) -> list[int]:
+    """pids of processes whose command line names `folder` (the run's Ray processes)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                if folder.encode() in (entry / "cmdline").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:
+                pass
+    return found
+
+
+def _run(script: str, run_root: Path, *args: str, **knobs: str) -> tuple[subprocess.CompletedProcess, Path]:
+    exp = knobs.pop("EXP_NAME", "run")
+    proc = subprocess.run(["bash", script, *args], cwd=REPO, capture_output=True, text=True, timeout=RUN_TIMEOUT,
+                          env=_env(RUN_ROOT=str(run_root), EXP_NAME=exp, **knobs))
+    folder = _ray_folder(proc.stdout)
+    assert _processes_of(folder) == [], f"Ray processes left behind ({folder})"
+    assert not Path(folder).exists(), f"the run's Ray folder {folder} was not removed"
+    return proc, run_root / exp
+
+
+def _steps(run_dir: Path) -> dict[int, dict]:
+    rows = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        rows.setdefault(row["step"], {}).update(row["data"])
+    return rows
+
+
+def _assert_trained(proc: subprocess.CompletedProcess, run_dir: Path, steps: range) -> dict[int, dict]:
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    rows = _steps(run_dir)
+    for step in steps:
+        logged = {k.removeprefix("actor/is_reshape/"): v for k, v in rows[step].items()
+                  if k.startswith("actor/is_reshape/")}
+        assert set(logged) == IS_RESHAPE_METRICS, f"step {step}"
+        assert all(math.isfinite(v) for v in logged.values()), logged
+    return rows
+
+
+def test_sync_trains_two_steps_with_on_policy_log_probs_then_resumes(tiny_data, tmp_path):
+    data = {"DATA_DIR": str(tiny_data)}
+    proc, run_dir = _run("recipes/tiny/isreshape.sh", tmp_path, **SMALL, **data, SAVE_FREQ="2")
+    rows = _assert_trained(proc, run_dir, range(1, 3))
+    assert abs(rows[1]["actor/ppo_kl"]) < 1e-4  # rollout log-probs = the actor's (fp32: ≈ 1e-8 seen)
+    assert rows[1]["training/off_policy/trajectory_staleness/mean"] == 0
+    assert "val-core/openai/gsm8k/acc/mean@1" in rows[0]  # validation before training, by data_source
+    assert (run_dir / "checkpoints" / "global_step_2").is_dir()
+
+    logged_before = len((run_dir / "metrics.jsonl").read_text().splitlines())
+    resumed, _ = _run("recipes/tiny/isreshape.sh", tmp_path, "trainer.resume_mode=auto",
+                      **{**SMALL, "STEPS": "3"}, **data)
+    assert resumed.returncode == 0, resumed.stdout[-4000:]
+    new_rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()[logged_before:]]
+    trained = [row["step"] for row in new_rows if "actor/ppo_kl" in row["data"]]
+    assert trained == [3]  # loaded step 2's checkpoint, trained step 3 only
+
+
+@pytest.mark.parametrize("mode", ["colocate", "separate"])
+def test_async_modes_train_on_stale_rollouts(tiny_data, tmp_path, mode):
+    proc, run_dir = _run("recipes/tiny/isreshape.sh", tmp_path, **SMALL, DATA_DIR=str(tiny_data), ASYNC=mode)
+    rows = _assert_trained(proc, run_dir, range(1, 3))
+    staleness = max(rows[s]["training/off_policy/trajectory_staleness/mean"] for s in (1, 2))
+    assert staleness > 0, f"{mode}: every step trained on fresh rollouts"
+
+
+@pytest.mark.skipif(not (SHARED_GSM8K / "train.jsonl").is_file(),
+                    reason=f"needs the real GSM8K JSON lines in {SHARED_GSM8K} (../shared/data beside the repo)")
+def test_gsm8k_recipe_runs_a_step_on_the_real_parquet(tiny_data, tmp_path):
+    parquet = tmp_path / "gsm8k"
+    subprocess.run([sys.executable, "data_prep/gsm8k.py", "--local-dir", str(SHARED_GSM8K), "--output-dir",
+                    str(parquet), "--quiet"], cwd=REPO, check=True, capture_output=True)
+    proc, run_dir = _run("recipes/gsm8k/isreshape.sh", tmp_path, "data.val_max_samples=4",
+                         **{**SMALL, "STEPS": "1"}, DEVICE="cpu", MODEL=str(tiny_data / "model"),
+                         DATA_DIR=str(parquet), MAX_PROMPT_LEN="512")
+    rows = _assert_trained(proc, run_dir, range(1, 2))
+    assert 1 in rows
+
+
+def test_a_failed_run_leaves_no_process(tiny_data, tmp_path):
+    """verl fails inside its workers (a model folder with no weights): exit non-zero, nothing left running."""
+    broken = tmp_path / "broken_model"
+    broken.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        (broken / name).write_bytes((tiny_data / "model" / name).read_bytes())
+    proc, _ = _run("recipes/tiny/isreshape.sh", tmp_path, **SMALL, DATA_DIR=str(tiny_data), MODEL=str(broken))
+    assert proc.returncode != 0
+
+
+def test_ctrl_c_stops_every_process(tiny_data, tmp_path):
+    proc = subprocess.Popen(["bash", "recipes/tiny/isreshape.sh"], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            env=_env(RUN_ROOT=str(tmp_path), **SMALL, DATA_DIR=str(tiny_data)))
+    seen, folder = [], None
+    deadline = time.monotonic() + RUN_TIMEOUT
+    for line in proc.stdout:  # wait until verl's workers run: the cluster is fully up
+        seen.append(line)
+        folder = folder or (re.search(r"Ray in (\S+)", line) or [None, None])[1]
+        if "WorkerDict" in line or time.monotonic() > deadline:
+            break
+    assert folder and _processes_of(folder), "".join(seen[-50:])
+    os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole foreground group
+    proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    assert _processes_of(folder) == []
