@@ -287,6 +287,22 @@ def mini_batch_splits_over_data_parallel(c: Launch) -> Iterator[str]:
         )
 
 
+def micro_batch_divides_rank_mini_batch(c: Launch) -> Iterator[str]:
+    """engine/utils.py prepare_micro_batches (without dynamic batch size): each rank's share of a mini-batch
+    is a whole number of micro-batches ("data size must be divisible by ... micro_batch_size_per_gpu")."""
+    if c.get("actor_rollout_ref.actor.use_dynamic_bsz"):
+        return
+    sp = int(c.get("actor_rollout_ref.actor.ulysses_sequence_parallel_size", 1) or 1)
+    actor_dp = max(c.trainer_gpus // sp, 1)
+    micro = int(c.get("actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu") or 0)
+    per_rank = c.mini_batch * c.n // actor_dp
+    if micro > 0 and per_rank % micro:
+        yield (
+            f"each data-parallel rank gets ppo_mini_batch_size x rollout.n / {actor_dp} = {per_rank} sequences per "
+            f"mini-batch, not a multiple of actor.ppo_micro_batch_size_per_gpu ({micro})"
+        )
+
+
 def train_batch_is_whole_mini_batches(c: Launch) -> Iterator[str]:
     """Recipe rule (not a verl assertion)."""
     if c.train_batch % c.mini_batch:
@@ -311,7 +327,7 @@ def grpo_has_groups(c: Launch) -> Iterator[str]:
 
 def rollout_engine_named(c: Launch) -> Iterator[str]:
     if c.rollout is not None and getattr(c.rollout, "name", None) in (None, "???"):
-        yield "actor_rollout_ref.rollout.name must be set (vllm or sglang)"
+        yield "actor_rollout_ref.rollout.name must be set (vllm, sglang, or isreshape_hf with DEVICE=cpu)"
 
 
 STARTUP_CHECKS: tuple[Callable[[Launch], Iterator[str]], ...] = (
@@ -329,6 +345,7 @@ STARTUP_CHECKS: tuple[Callable[[Launch], Iterator[str]], ...] = (
     rollout_parallel_divides_gpus,
     dynamic_batch_flags_match,
     mini_batch_splits_over_data_parallel,
+    micro_batch_divides_rank_mini_batch,
     train_batch_is_whole_mini_batches,
     rollout_log_probs_recorded,
     grpo_has_groups,

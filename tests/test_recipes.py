@@ -37,7 +37,8 @@ def _bash(script: str, *args: str, env: dict | None = None, check: bool = True) 
 
 
 _KNOBS = {"MODEL", "DATA_DIR", "ASYNC", "STALENESS", "NNODES", "GPUS_PER_NODE", "RUN_ROOT", "EXP_NAME",
-          "TRAIN_BATCH", "MINI_BATCH", "MICRO_BATCH", "ROLLOUT_N", "COMPARE_DIR", "LOSSES", "SEED", "WANDB"}
+          "TRAIN_BATCH", "MINI_BATCH", "MICRO_BATCH", "ROLLOUT_N", "COMPARE_DIR", "LOSSES", "SEED", "WANDB",
+          "DEVICE", "ROLLOUT", "STEPS"}
 _KNOBS |= {k for k in os.environ if k.startswith("IS_")}  # IS Reshape knobs of the caller's shell
 
 
@@ -123,6 +124,28 @@ def test_recipe_composes_and_validates(recipe_check, dataset, loss, mode, nodes)
         assert total_gpus == nodes * 8 and cfg.actor_rollout_ref.hybrid_engine is True
 
 
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("loss", ["grpo", "sapo", "isreshape"])
+def test_tiny_recipes_run_on_cpu_by_default(recipe_check, loss, mode):
+    """recipes/tiny: DEVICE=cpu, the isreshape_hf rollout, one logical GPU per process, the sandbox's sizes."""
+    proc = _bash(f"recipes/tiny/{loss}.sh", env={"ASYNC": mode})
+    overrides = _overrides(proc.stdout)
+    gpus = 2 if mode == "separate" else 1
+    assert f"{1} node(s) x {gpus} GPU(s)" in proc.stdout
+    cfg = recipe_check.check_overrides(overrides, cluster_nodes=1, gpus_per_node=gpus).config
+    rollout, actor = cfg.actor_rollout_ref.rollout, cfg.actor_rollout_ref.actor
+    assert rollout.name == "isreshape_hf" and rollout.dtype == "float32" and actor.strategy == "fsdp2"
+    assert cfg.actor_rollout_ref.model.path == "/home/user/data/tiny/model"
+    assert (cfg.data.train_batch_size, rollout.n, actor.optim.lr, cfg.data.max_response_length) == (32, 8, 1e-4, 28)
+    assert cfg.trainer.total_training_steps == 60
+    ray_init = cfg.ray_kwargs.ray_init
+    assert ray_init.num_gpus == gpus and ray_init.runtime_env.env_vars.VERL_USE_EXTERNAL_MODULES == "isreshape_verl.cpu"
+    if mode == "separate":
+        assert rollout.checkpoint_engine.backend == "isreshape_ray"
+        assert rollout.checkpoint_engine.custom_backend_module == "isreshape_verl.cpu.weight_sync"
+        assert ray_init.runtime_env.env_vars.VERL_LOGGING_LEVEL == "WARN"
+
+
 def test_isreshape_recipe_builds_the_loss_dataclass_with_its_defaults(recipe_check):
     """Unset knobs leave every IS Reshape key at the dataclass default (the recipe passes none of them),
     knobs that are set reach the config, and a trailing '++' override of a key wins."""
@@ -203,6 +226,9 @@ def test_check_catches_what_would_fail_on_the_cluster(recipe_check):
     # worker: the mini-batch splits over the data-parallel ranks
     msg = _problems(recipe_check, [*sync, "actor_rollout_ref.actor.ppo_mini_batch_size=3", "actor_rollout_ref.rollout.n=2"])
     assert "must be divisible by the actor's data-parallel size (8)" in msg
+    # engine: each rank's share of a mini-batch is whole micro-batches (64 x 8 / 8 = 64 sequences, micro 48)
+    msg = _problems(recipe_check, [*sync, "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=48"])
+    assert "64 sequences per mini-batch, not a multiple of actor.ppo_micro_batch_size_per_gpu (48)" in msg
     # worker: rollout world size divisible by tensor parallel size
     msg = _problems(recipe_check, [*sync, "actor_rollout_ref.rollout.tensor_model_parallel_size=3"])
     assert "not divisible by the rollout's tensor x data x pipeline parallel size (3 x 1 x 1)" in msg
@@ -243,6 +269,13 @@ def test_bad_knobs_are_named(tmp_path):
     for env, message in (({"NNODES": "0"}, "NNODES must be >= 1; got 0"),
                          ({"TRAIN_BATCH": "abc"}, "TRAIN_BATCH='abc' is not allowed; it must be a whole number"),
                          ({"SAVE_FREQ": "often"}, "SAVE_FREQ='often' is not allowed")):
+        proc = _bash("recipes/gsm8k/grpo.sh", env=env, check=False)
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    for env, message in (({"DEVICE": "tpu"}, "DEVICE='tpu' is not allowed (gpu, cpu)"),
+                         ({"ROLLOUT": "hf"}, "ROLLOUT='hf' is not allowed with DEVICE=gpu (vllm)"),
+                         ({"DEVICE": "cpu", "ROLLOUT": "sglang"}, "ROLLOUT='sglang' is not allowed with DEVICE=cpu"),
+                         ({"DEVICE": "cpu", "NNODES": "2"}, "NNODES=2 is not allowed with DEVICE=cpu"),
+                         ({"STEPS": "0"}, "STEPS='0' is not allowed; it must be a whole number >= 1")):
         proc = _bash("recipes/gsm8k/grpo.sh", env=env, check=False)
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr
     # a real launch without prepared data stops before anything starts

@@ -47,7 +47,9 @@ ROLLOUT_NAME = "isreshape_hf"
 """The `actor_rollout_ref.rollout.name` of this engine."""
 
 BATCH_GATHER_SECONDS = 0.01
-"""How long the server waits after the first queued request for others sent at the same time."""
+"""A batch starts once no request has arrived for this long after the first one queued..."""
+BATCH_GATHER_MAX_SECONDS = 0.5
+"""...or this long after it, whichever comes first."""
 
 
 def server_name(replica_rank: int, kind: str = "", suffix: str = "") -> str:
@@ -184,7 +186,11 @@ class HFRolloutServer:
     async def _batch_loop(self) -> None:
         while True:
             await self._wake.wait()
-            await asyncio.sleep(BATCH_GATHER_SECONDS)  # let requests sent together arrive together
+            # let requests sent together arrive together: wait until the queue stops growing (bounded)
+            deadline, seen = time.monotonic() + BATCH_GATHER_MAX_SECONDS, -1
+            while len(self._queue) != seen and time.monotonic() < deadline:
+                seen = len(self._queue)
+                await asyncio.sleep(BATCH_GATHER_SECONDS)
             self._wake.clear()
             async with self._batch_lock:
                 batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch:]
@@ -236,31 +242,34 @@ class HFRolloutServer:
 
         out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True)
         past, logits = out.past_key_values, out.logits[:, -1].float()  # (B, V)
+        step_tokens, step_log_probs = [], []  # one (B,) tensor per step; read back once at the end
+        lengths = torch.zeros(len(batch), dtype=torch.long, device=device)  # (B,) tokens each row keeps
         for step in range(int(limits.max())):
             if self._abort:
-                for i, r in enumerate(batch):
-                    if active[i]:
-                        r.stop_reason = "aborted"
-                return
+                break
             log_probs = torch.log_softmax(logits / scale, dim=-1)  # (B, V): what the actor recomputes
             sample_logits = _filter_top_k_top_p(logits / scale, top_k, top_p) if filtered else logits / scale
             sampled = torch.multinomial(sample_logits.softmax(-1), 1, generator=self.generator)[:, 0]  # (B,)
             tokens = torch.where(greedy, logits.argmax(-1), sampled)  # (B,)
-            token_log_probs = log_probs.gather(-1, tokens[:, None])[:, 0]  # (B,)
-            for i in active.nonzero()[:, 0].tolist():
-                batch[i].token_ids.append(int(tokens[i]))
-                batch[i].log_probs.append(float(token_log_probs[i]))
-            finished = (torch.isin(tokens, eos) & ~ignore_eos) | (step + 1 >= limits)
-            for i in (active & finished).nonzero()[:, 0].tolist():
-                batch[i].stop_reason = "completed"
-            active &= ~finished
+            step_tokens.append(tokens)
+            step_log_probs.append(log_probs.gather(-1, tokens[:, None])[:, 0])
+            lengths += active.long()
+            active &= ~((torch.isin(tokens, eos) & ~ignore_eos) | (step + 1 >= limits))
             if not bool(active.any()):
-                return
+                break
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             positions = positions[:, -1:] + 1
             out = self.model(input_ids=tokens[:, None], attention_mask=mask, position_ids=positions,
                              past_key_values=past, use_cache=True)
             past, logits = out.past_key_values, out.logits[:, -1].float()
+        if not step_tokens:
+            step_tokens = step_log_probs = [torch.zeros(len(batch), device=device)]
+        tokens_rows = torch.stack(step_tokens, 1).long().tolist()  # (B, steps)
+        log_prob_rows = torch.stack(step_log_probs, 1).tolist()
+        for request, row_tokens, row_log_probs, length, running in zip(
+                batch, tokens_rows, log_prob_rows, lengths.tolist(), active.tolist()):
+            request.token_ids, request.log_probs = row_tokens[:length], row_log_probs[:length]
+            request.stop_reason = "aborted" if running else "completed"  # still running: stopped by an abort
 
     # ---- control (verl's replica and trainer call these) ------------------------------------------
     async def abort_all_requests(self, reset_prefix_cache: bool = True, reject_request: bool = False) -> dict:
