@@ -31,8 +31,13 @@ usage: [KNOB=value ...] bash recipes/${1:-DATASET}/${2:-LOSS}.sh [--help] [hydra
 Runs verl 0.9.1 (python -m verl.trainer.main_ppo) with this recipe's settings; extra
 arguments are Hydra overrides appended last (they win). Knobs (environment variables):
 
+  device
+    DEVICE             gpu | cpu (gpu; tiny: cpu). cpu: verl's trainer on the host CPU, its own local Ray
+                       cluster with logical GPUs, laptop batch sizes unless set (see recipes/README.md)
+    ROLLOUT            rollout engine: gpu: vllm; cpu: hf (isreshape_hf, this package's HF generator)
   model and data
-    MODEL              HF id or path (gsm8k: Qwen/Qwen2.5-0.5B-Instruct, math: Qwen/Qwen2.5-1.5B-Instruct)
+    MODEL              HF id or path (gsm8k: Qwen/Qwen2.5-0.5B-Instruct, math: Qwen/Qwen2.5-1.5B-Instruct,
+                       tiny: DATA_DIR/model)
     DATA_DIR           folder with train.parquet and test.parquet (default: \$HOME/data/<dataset>)
     MAX_PROMPT_LEN     prompt tokens (gsm8k 512, math 1024)
     MAX_RESPONSE_LEN   response tokens (gsm8k 1024, math 3072)
@@ -42,7 +47,8 @@ arguments are Hydra overrides appended last (they win). Knobs (environment varia
     MICRO_BATCH        sequences per GPU per forward (16)
     ROLLOUT_N          answers per prompt, the GRPO group (8)
     LR                 actor learning rate (1e-6)
-    EPOCHS             passes over the train set (gsm8k 15, math 10)
+    EPOCHS             passes over the train set (gsm8k 15, math 10, tiny 1)
+    STEPS              stop after this many steps (unset: EPOCHS decide; tiny 60)
     LOSS_AGG_MODE      loss aggregation, same for all losses (seq-mean-token-mean)
     SEED               data, actor and rollout seed (42)
   rollout (vLLM)
@@ -55,7 +61,7 @@ arguments are Hydra overrides appended last (they win). Knobs (environment varia
     PARAM_SYNC_STEP    separate: local updates per weight sync (TRAIN_BATCH / MINI_BATCH)
     ROLLOUT_NODES      separate, NNODES > 1: nodes given to the standalone rollout (NNODES/2)
     ROLLOUT_GPUS       separate, NNODES = 1: GPUs of the node given to the rollout (GPUS_PER_NODE/2)
-    CKPT_BACKEND       separate: weight-sync backend (nccl)
+    CKPT_BACKEND       separate: weight-sync backend (nccl; DEVICE=cpu: isreshape_ray)
   cluster
     NNODES             nodes (1)
     GPUS_PER_NODE      GPUs per node (8)
@@ -171,6 +177,16 @@ cpu_mode() {
         "+ray_kwargs.ray_init.runtime_env.env_vars.VERL_USE_EXTERNAL_MODULES=isreshape_verl.cpu"
         "hydra.run.dir=$run_dir/hydra"
     )
+}
+
+# A local MODEL folder must hold a model (hub ids are left to verl, which downloads them).
+check_model_dir() {
+    local m=$MODEL
+    [[ $m == /* || $m == .* || $m == ~* || -e $m ]] || return 0
+    [[ -d $m ]] || die "MODEL='$m' is not a folder (a local Hugging Face model folder, or a hub id)"
+    [[ -f $m/config.json ]] || die "MODEL='$m' is not a model: it has no config.json"
+    compgen -G "$m/*.safetensors" >/dev/null || compgen -G "$m/*.bin" >/dev/null ||
+        die "MODEL='$m' has no weights (*.safetensors or *.bin)"
 }
 
 # Stop every process of this run's Ray cluster (found by its private temp folder), then remove the folder.
@@ -407,11 +423,18 @@ run_recipe() {
         [[ -f $DATA_DIR/$split.parquet ]] ||
             die "$DATA_DIR/$split.parquet not found: run python $DATA_PREP_SCRIPT (or set DATA_DIR)"
     done
+    check_model_dir
     if [[ $RECIPE_CHECK == 1 ]]; then
         "$PYTHON" -m isreshape_verl.recipe_check "${check_args[@]}" "${hydra_args[@]}" ||
             die "refusing to launch: the config does not pass isreshape_verl.recipe_check (RECIPE_CHECK=0 skips it)"
     fi
     mkdir -p "$run_dir"
+    if [[ -s $run_dir/metrics.jsonl ]]; then  # verl's file logger truncates it (a resumed run, a rerun)
+        local kept
+        kept="$run_dir/metrics.$(date -u +%Y%m%d-%H%M%S).jsonl"
+        mv "$run_dir/metrics.jsonl" "$kept"
+        echo "# the previous metrics.jsonl is kept as $kept"
+    fi
     print_command "${CMD[@]}" >"$run_dir/command.sh"
     export VERL_FILE_LOGGER_PATH="$run_dir/metrics.jsonl" TENSORBOARD_DIR="$run_dir/tensorboard"
     echo "# run dir: $run_dir (metrics.jsonl, tensorboard/, checkpoints/, train.log)"

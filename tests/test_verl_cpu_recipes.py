@@ -108,13 +108,14 @@ def test_sync_trains_two_steps_with_on_policy_log_probs_then_resumes(tiny_data, 
     assert "val-core/openai/gsm8k/acc/mean@1" in rows[0]  # validation before training, by data_source
     assert (run_dir / "checkpoints" / "global_step_2").is_dir()
 
-    logged_before = len((run_dir / "metrics.jsonl").read_text().splitlines())
     resumed, _ = _run("recipes/tiny/isreshape.sh", tmp_path, "trainer.resume_mode=auto",
                       **{**SMALL, "STEPS": "3"}, **data)
     assert resumed.returncode == 0, resumed.stdout[-4000:]
-    new_rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()[logged_before:]]
-    trained = [row["step"] for row in new_rows if "actor/ppo_kl" in row["data"]]
-    assert trained == [3]  # loaded step 2's checkpoint, trained step 3 only
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["step"] == 2 and "val-core/openai/gsm8k/acc/mean@1" in rows[0]["data"]  # validates step 2's weights
+    assert [row["step"] for row in rows if "actor/ppo_kl" in row["data"]] == [3]  # then trains step 3 only
+    kept = list(run_dir.glob("metrics.*.jsonl"))  # verl's file logger starts a new file: the first run's is kept
+    assert len(kept) == 1 and [json.loads(line)["step"] for line in kept[0].read_text().splitlines()][-1] == 2
 
 
 @pytest.mark.parametrize("mode", ["colocate", "separate"])
@@ -139,13 +140,29 @@ def test_gsm8k_recipe_runs_a_step_on_the_real_parquet(tiny_data, tmp_path):
 
 
 def test_a_failed_run_leaves_no_process(tiny_data, tmp_path):
-    """verl fails inside its workers (a model folder with no weights): exit non-zero, nothing left running."""
+    """verl fails inside its workers (unreadable weights): exit non-zero, nothing left running."""
     broken = tmp_path / "broken_model"
     broken.mkdir()
-    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json"):
-        (broken / name).write_bytes((tiny_data / "model" / name).read_bytes())
+    for item in (tiny_data / "model").iterdir():
+        (broken / item.name).write_bytes(item.read_bytes())
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
     proc, _ = _run("recipes/tiny/isreshape.sh", tmp_path, **SMALL, DATA_DIR=str(tiny_data), MODEL=str(broken))
     assert proc.returncode != 0
+
+
+@pytest.mark.parametrize("model,message", [
+    ("{tmp}/none", "MODEL='{tmp}/none' is not a folder"),
+    ("{tmp}", "MODEL='{tmp}' is not a model: it has no config.json"),
+    ("{tmp}/no_weights", "MODEL='{tmp}/no_weights' has no weights"),
+])
+def test_a_model_folder_that_is_not_a_model_is_named_before_launch(tiny_data, tmp_path, model, message):
+    (tmp_path / "no_weights").mkdir()
+    (tmp_path / "no_weights" / "config.json").write_text("{}")
+    proc = subprocess.run(["bash", "recipes/tiny/isreshape.sh"], cwd=REPO, capture_output=True, text=True,
+                          env=_env(RUN_ROOT=str(tmp_path / "runs"), DATA_DIR=str(tiny_data),
+                                   MODEL=model.format(tmp=tmp_path)), timeout=120)
+    assert proc.returncode == 2 and message.format(tmp=tmp_path) in proc.stderr, proc.stderr
+    assert not (tmp_path / "runs").exists()
 
 
 def test_ctrl_c_stops_every_process(tiny_data, tmp_path):
