@@ -161,10 +161,9 @@ class HFRolloutServer:
         if float(params.pop("repetition_penalty", 1.0)) != 1.0:
             raise NotImplementedError(f"{ROLLOUT_NAME} does not apply a repetition penalty (use 1.0)")
         prompt_ids = [int(t) for t in prompt_ids]
-        room = self.prompt_length + self.response_length - len(prompt_ids)
-        max_tokens = params.pop("max_tokens", params.pop("max_new_tokens", None))
-        max_tokens = min(self.response_length, room) if max_tokens is None else int(max_tokens)
-        max_tokens = max(1, min(max_tokens, self.response_length + self.prompt_length - len(prompt_ids)))
+        room = self.prompt_length + self.response_length - len(prompt_ids)  # the sequence budget, as vLLM's server
+        requested = params.pop("max_tokens", params.pop("max_new_tokens", None))
+        max_tokens = max(1, min(self.response_length if requested is None else int(requested), room))
         temperature = float(params.get("temperature", 1.0))
         top_k = int(params.get("top_k", -1) or -1)
         top_p = float(params.get("top_p", 1.0))
