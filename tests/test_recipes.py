@@ -275,7 +275,9 @@ def test_bad_knobs_are_named(tmp_path):
                          ({"ROLLOUT": "hf"}, "ROLLOUT='hf' is not allowed with DEVICE=gpu (vllm)"),
                          ({"DEVICE": "cpu", "ROLLOUT": "sglang"}, "ROLLOUT='sglang' is not allowed with DEVICE=cpu"),
                          ({"DEVICE": "cpu", "NNODES": "2"}, "NNODES=2 is not allowed with DEVICE=cpu"),
-                         ({"STEPS": "0"}, "STEPS='0' is not allowed; it must be a whole number >= 1")):
+                         ({"STEPS": "0"}, "STEPS='0' is not allowed; it must be a whole number >= 1"),
+                         ({"DEVICE": "cpu", "ASYNC": "separate", "GPUS_PER_NODE": "1"},
+                          "ASYNC=separate on one node needs GPUS_PER_NODE >= 2")):
         proc = _bash("recipes/gsm8k/grpo.sh", env=env, check=False)
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr
     # a real launch without prepared data stops before anything starts
