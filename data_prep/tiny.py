@@ -30,7 +30,7 @@ builds a ``Qwen2Tokenizer`` (qwen2 is in ``MODELS_WITH_INCORRECT_HUB_TOKENIZER_C
 in tokenizer_config.json is overridden), and Qwen2Tokenizer rebuilds a byte-level BPE from the saved vocabulary,
 whose "\\n" and " " are then missing ("\\n" is "Ċ" and " " is "Ġ" in byte-level form): they vanish. So the folder
 holds the same vocabulary (same ids) in byte-level form with no merges: Qwen2Tokenizer, a plain
-``PreTrainedTokenizerFast`` over tokenizer.json, and vLLM all give the sandbox's ids for any text over CHARSET.
+``PreTrainedTokenizerFast`` over tokenizer.json both give the sandbox's ids for any text over CHARSET.
 Text outside CHARSET is dropped instead of becoming ``<unk>`` (the procedural task has none). The chat template
 renders a user (or system) message as ``content + "\\n"`` and an assistant message as ``content + <eos>``, so
 verl's prompt for a row is exactly the sandbox's ``question + "\\n"``.
