@@ -3,7 +3,7 @@ with the `isreshape_hf` rollout, on CPU, through `bash recipes/tiny/isreshape.sh
 
 Each run is 2 steps of 4 prompts x 2 answers on a freshly initialised tiny Qwen2 (`data_prep/tiny.py
 --no-warm-start`): plumbing, not learning (`benchmarks/results/verl_cpu/` has the 40-step runs). About 70 s
-of every run is start-up (Ray, verl's workers, TransferQueue); the whole module takes ≈ 6 min on 2 cores.
+of every run is start-up (Ray, verl's workers, TransferQueue); the whole module takes 10.5 min on 2 idle cores.
 
 What is asserted: exit 0; every `actor/is_reshape/*` metric logged and finite; sync mode's first step has
 |ppo_kl| < 1e-4 (the rollout's log-probs are the actor's); an async mode trains on stale rollouts
