@@ -270,7 +270,8 @@ run_recipe() {
     : "${NNODES:=1}"
     case "$DEVICE" in
         gpu) : "${ROLLOUT:=vllm}"
-            [[ $ROLLOUT == vllm ]] || die "ROLLOUT='$ROLLOUT' is not allowed with DEVICE=gpu (vllm)" ;;
+            [[ $ROLLOUT == vllm ]] || die "ROLLOUT='$ROLLOUT' is not allowed with DEVICE=gpu (vllm)"
+            ROLLOUT_NAME=vllm ;;
         cpu) : "${ROLLOUT:=hf}"
             # laptop sizes, unless set: one logical GPU trains (and, separate mode, one rolls out)
             if [[ ${ASYNC:-sync} == separate ]]; then : "${GPUS_PER_NODE:=2}"; else : "${GPUS_PER_NODE:=1}"; fi
@@ -389,7 +390,7 @@ run_recipe() {
         actor_rollout_ref.actor.calculate_entropy=True
         "actor_rollout_ref.actor.loss_agg_mode=$LOSS_AGG_MODE"
         "actor_rollout_ref.actor.data_loader_seed=$SEED"
-        "actor_rollout_ref.rollout.name=${ROLLOUT_NAME:-vllm}"
+        "actor_rollout_ref.rollout.name=$ROLLOUT_NAME"
         "actor_rollout_ref.rollout.n=$ROLLOUT_N"
         "actor_rollout_ref.rollout.temperature=$TEMPERATURE"
         actor_rollout_ref.rollout.top_p=1.0
