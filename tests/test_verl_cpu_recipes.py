@@ -14,7 +14,6 @@ cluster (found by its private temp folder) is left after a run, a failure or Ctr
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import signal
@@ -25,77 +24,28 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED_GSM8K = REPO.parent / "shared" / "data" / "gsm8k"
+from isreshape_verl.testing.recipe_runs import (REPO, SMALL, assert_is_reshape_metrics, metrics_by_step,
+                                                processes_of, recipe_env, write_tiny_data)
+from isreshape_verl.testing.recipe_runs import run_recipe as _run_recipe
 
-IS_RESHAPE_METRICS = {  # verl_loss.py's docstring lists them
-    "weight_mean", "gamma_mean", "ess", "ratio_min", "ratio_p01", "ratio_p50", "ratio_p99", "ratio_max",
-    "pos_up_share", "pos_up_weight", "pos_down_share", "pos_down_weight", "neg_up_share", "neg_up_weight",
-    "neg_down_share", "neg_down_weight", "nonfinite_frac", "width", "width_neg", "width_stat",
-}
-SMALL = {"STEPS": "2", "TRAIN_BATCH": "4", "MINI_BATCH": "4", "MICRO_BATCH": "4", "ROLLOUT_N": "2",
-         "TEST_FREQ": "2", "LR": "1e-3", "MAX_RESPONSE_LEN": "16"}
+SHARED_GSM8K = REPO.parent / "shared" / "data" / "gsm8k"
 RUN_TIMEOUT = 600  # a hang guard; a run takes ≈ 90 s
 
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("tiny")
-    subprocess.run([sys.executable, "data_prep/tiny.py", "--output-dir", str(out), "--no-warm-start",
-                    "--n-train", "64", "--n-test", "8", "--quiet"], cwd=REPO, check=True, capture_output=True)
-    return out
-
-
-def _env(**knobs: str) -> dict:
-    keep = {k: v for k, v in os.environ.items() if not k.startswith(("IS_", "VERL_", "RAY_"))}
-    return {**keep, "PYTHON": sys.executable, **knobs}
-
-
-def _ray_folder(output: str) -> str:
-    match = re.search(r"Ray in (\S+)", output)
-    assert match, "the recipe did not say where its Ray cluster lives"
-    return match.group(1)
-
-
-def _processes_of(folder: str) -> list[int]:
-    """pids of processes whose command line names `folder` (the run's Ray processes)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and int(entry.name) != os.getpid():
-            try:
-                if folder.encode() in (entry / "cmdline").read_bytes():
-                    found.append(int(entry.name))
-            except OSError:
-                pass
-    return found
+    return write_tiny_data(tmp_path_factory.mktemp("tiny"))
 
 
 def _run(script: str, run_root: Path, *args: str, **knobs: str) -> tuple[subprocess.CompletedProcess, Path]:
-    exp = knobs.pop("EXP_NAME", "run")
-    proc = subprocess.run(["bash", script, *args], cwd=REPO, capture_output=True, text=True, timeout=RUN_TIMEOUT,
-                          env=_env(RUN_ROOT=str(run_root), EXP_NAME=exp, **knobs))
-    folder = _ray_folder(proc.stdout)
-    assert _processes_of(folder) == [], f"Ray processes left behind ({folder})"
-    assert not Path(folder).exists(), f"the run's Ray folder {folder} was not removed"
-    return proc, run_root / exp
-
-
-def _steps(run_dir: Path) -> dict[int, dict]:
-    rows = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        rows.setdefault(row["step"], {}).update(row["data"])
-    return rows
+    proc, run_dir, _ = _run_recipe(script, run_root, *args, timeout=RUN_TIMEOUT, **knobs)
+    return proc, run_dir
 
 
 def _assert_trained(proc: subprocess.CompletedProcess, run_dir: Path, steps: range) -> dict[int, dict]:
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    rows = _steps(run_dir)
-    for step in steps:
-        logged = {k.removeprefix("actor/is_reshape/"): v for k, v in rows[step].items()
-                  if k.startswith("actor/is_reshape/")}
-        assert set(logged) == IS_RESHAPE_METRICS, f"step {step}"
-        assert all(math.isfinite(v) for v in logged.values()), logged
+    rows = metrics_by_step(run_dir)
+    assert_is_reshape_metrics(rows, steps)
     return rows
 
 
@@ -159,7 +109,7 @@ def test_a_model_folder_that_is_not_a_model_is_named_before_launch(tiny_data, tm
     (tmp_path / "no_weights").mkdir()
     (tmp_path / "no_weights" / "config.json").write_text("{}")
     proc = subprocess.run(["bash", "recipes/tiny/isreshape.sh"], cwd=REPO, capture_output=True, text=True,
-                          env=_env(RUN_ROOT=str(tmp_path / "runs"), DATA_DIR=str(tiny_data),
+                          env=recipe_env(RUN_ROOT=str(tmp_path / "runs"), DATA_DIR=str(tiny_data),
                                    MODEL=model.format(tmp=tmp_path)), timeout=120)
     assert proc.returncode == 2 and message.format(tmp=tmp_path) in proc.stderr, proc.stderr
     assert not (tmp_path / "runs").exists()
@@ -168,7 +118,7 @@ def test_a_model_folder_that_is_not_a_model_is_named_before_launch(tiny_data, tm
 def test_ctrl_c_stops_every_process(tiny_data, tmp_path):
     proc = subprocess.Popen(["bash", "recipes/tiny/isreshape.sh"], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True,
-                            env=_env(RUN_ROOT=str(tmp_path), **SMALL, DATA_DIR=str(tiny_data)))
+                            env=recipe_env(RUN_ROOT=str(tmp_path), **SMALL, DATA_DIR=str(tiny_data)))
     seen, folder = [], None
     deadline = time.monotonic() + RUN_TIMEOUT
     for line in proc.stdout:  # wait until verl's workers run: the cluster is fully up
@@ -176,8 +126,8 @@ def test_ctrl_c_stops_every_process(tiny_data, tmp_path):
         folder = folder or (re.search(r"Ray in (\S+)", line) or [None, None])[1]
         if "WorkerDict" in line or time.monotonic() > deadline:
             break
-    assert folder and _processes_of(folder), "".join(seen[-50:])
+    assert folder and processes_of(folder), "".join(seen[-50:])
     os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole foreground group
     proc.communicate(timeout=120)
     assert proc.returncode == 130
-    assert _processes_of(folder) == []
+    assert processes_of(folder) == []
