@@ -18,15 +18,13 @@ vLLM's `VLLM::` engine processes) is left afterwards.
 from __future__ import annotations
 
 import importlib.util
-import json
-import math
-import os
-import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from isreshape_verl.testing.recipe_runs import (SMALL, assert_is_reshape_metrics, command_lines, metrics_by_step,
+                                                run_recipe, write_tiny_data)
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("vllm") is None,
@@ -34,63 +32,23 @@ pytestmark = pytest.mark.skipif(
            "that interpreter",
 )
 
-REPO = Path(__file__).resolve().parents[1]
-
-IS_RESHAPE_METRICS = {  # verl_loss.py's docstring lists them
-    "weight_mean", "gamma_mean", "ess", "ratio_min", "ratio_p01", "ratio_p50", "ratio_p99", "ratio_max",
-    "pos_up_share", "pos_up_weight", "pos_down_share", "pos_down_weight", "neg_up_share", "neg_up_weight",
-    "neg_down_share", "neg_down_weight", "nonfinite_frac", "width", "width_neg", "width_stat",
-}
-SMALL = {"STEPS": "2", "TRAIN_BATCH": "4", "MINI_BATCH": "4", "MICRO_BATCH": "4", "ROLLOUT_N": "2",
-         "TEST_FREQ": "2", "LR": "1e-3", "MAX_RESPONSE_LEN": "16", "DEVICE": "cpu", "ROLLOUT": "vllm"}
+VLLM_SMALL = {**SMALL, "DEVICE": "cpu", "ROLLOUT": "vllm"}
 RUN_TIMEOUT = 900  # a hang guard; a sync run takes ≈ 140 s on 2 cores
 
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("tiny")
-    subprocess.run([sys.executable, "data_prep/tiny.py", "--output-dir", str(out), "--no-warm-start",
-                    "--n-train", "64", "--n-test", "8", "--quiet"], cwd=REPO, check=True, capture_output=True)
-    return out
-
-
-def _env(**knobs: str) -> dict:
-    keep = {k: v for k, v in os.environ.items() if not k.startswith(("IS_", "VERL_", "RAY_", "VLLM_"))}
-    return {**keep, "PYTHON": sys.executable, **knobs}
-
-
-def _cmdlines() -> dict[int, bytes]:
-    found = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and int(entry.name) != os.getpid():
-            try:
-                found[int(entry.name)] = (entry / "cmdline").read_bytes()
-            except OSError:
-                pass
-    return found
+    return write_tiny_data(tmp_path_factory.mktemp("tiny"))
 
 
 def _run(tmp_path: Path, **knobs: str) -> tuple[subprocess.CompletedProcess, dict[int, dict]]:
-    vllm_before = {pid for pid, cmd in _cmdlines().items() if cmd.startswith(b"VLLM")}
-    proc = subprocess.run(["bash", "recipes/tiny/isreshape.sh"], cwd=REPO, capture_output=True, text=True,
-                          timeout=RUN_TIMEOUT, env=_env(RUN_ROOT=str(tmp_path), EXP_NAME="run", **SMALL, **knobs))
-    match = re.search(r"Ray in (\S+)", proc.stdout)
-    assert match, proc.stdout[-4000:] + proc.stderr[-4000:]
-    folder = match.group(1)
-    left = {pid: cmd for pid, cmd in _cmdlines().items()
-            if folder.encode() in cmd or (cmd.startswith(b"VLLM") and pid not in vllm_before)}
-    assert left == {}, f"processes left behind: {left}"  # vLLM renames its engine processes VLLM::...
-    assert not Path(folder).exists(), f"the run's Ray folder {folder} was not removed"
+    vllm_before = {pid for pid, cmd in command_lines().items() if cmd.startswith(b"VLLM")}
+    proc, run_dir, _ = run_recipe("recipes/tiny/isreshape.sh", tmp_path, timeout=RUN_TIMEOUT, **VLLM_SMALL, **knobs)
+    left = {pid: cmd for pid, cmd in command_lines().items() if cmd.startswith(b"VLLM") and pid not in vllm_before}
+    assert left == {}, f"vLLM engine processes left behind: {left}"  # vLLM renames them VLLM::...
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    rows: dict[int, dict] = {}
-    for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        rows.setdefault(row["step"], {}).update(row["data"])
-    for step in (1, 2):
-        logged = {k.removeprefix("actor/is_reshape/"): v for k, v in rows[step].items()
-                  if k.startswith("actor/is_reshape/")}
-        assert set(logged) == IS_RESHAPE_METRICS, f"step {step}"
-        assert all(math.isfinite(v) for v in logged.values()), logged
+    rows = metrics_by_step(run_dir)
+    assert_is_reshape_metrics(rows, (1, 2))
     return proc, rows
 
 
