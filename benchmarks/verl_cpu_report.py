@@ -12,20 +12,13 @@ to the last logged row: start-up, validations and the trainer's overhead between
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
 
+from isreshape_verl.testing.recipe_runs import metrics_by_step
+
 ACC = "val-core/openai/gsm8k/acc/mean@1"
-
-
-def load(run_dir: Path) -> dict[int, dict]:
-    rows: dict[int, dict] = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        rows.setdefault(row["step"], {}).update(row["data"])
-    return rows
 
 
 def median_of(rows: dict[int, dict], key: str) -> float:
@@ -34,7 +27,7 @@ def median_of(rows: dict[int, dict], key: str) -> float:
 
 
 def summarise(run_dir: Path) -> list[str]:
-    rows = load(run_dir)
+    rows = metrics_by_step(run_dir)
     train = sorted(s for s, r in rows.items() if "timing_s/step" in r)
     accs = {s: r[ACC] for s, r in rows.items() if ACC in r}
     first, last = min(accs), max(accs)
