@@ -20,6 +20,8 @@ from pathlib import Path
 import verl_format as vf  # the sibling module: `python data_prep/gsm8k.py` puts data_prep/ on sys.path
 
 SPLITS = ("train", "test")
+OFFLINE_HINT = ("offline? pass --local-dir DIR, a folder with train.jsonl and test.jsonl (JSON lines with the fields "
+                "'question' and 'answer', as in openai/gsm8k main)")
 
 
 def convert(row: vf.SourceRow, split: str, index: int) -> dict:
@@ -55,7 +57,11 @@ def main(argv: list[str] | None = None) -> int:
         return lambda: vf.read_hub("openai/gsm8k", "main", split)
 
     jobs = [(f"gsm8k {split}", split, reader(split), convert) for split in SPLITS]
-    return vf.convert_then_write(Path(args.output_dir).expanduser(), jobs, args.skip_bad, args.quiet)
+    try:
+        return vf.convert_then_write(Path(args.output_dir).expanduser(), jobs, args.skip_bad, args.quiet,
+                                     offline_hint=OFFLINE_HINT)
+    except KeyboardInterrupt:
+        return vf.interrupted("data_prep/gsm8k.py")
 
 
 if __name__ == "__main__":

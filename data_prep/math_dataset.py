@@ -26,6 +26,9 @@ from pathlib import Path
 import verl_format as vf  # the sibling module: `python data_prep/math_dataset.py` puts data_prep/ on sys.path
 
 TEST_SETS = ("math500", "full")
+OFFLINE_HINT = ("offline? pass --local-dir DIR, a folder with MATH train.jsonl and test.jsonl (JSON lines with the "
+                "fields 'problem' and 'solution', as in DigitalLearningGmbH/MATH-lighteval), and for --test-set math500 "
+                "--math500-dir DIR5 with MATH-500 test.jsonl (fields 'problem', 'solution', 'answer')")
 
 
 def convert_math(row: vf.SourceRow, split: str, index: int) -> dict:
@@ -100,7 +103,7 @@ def _sources(args) -> dict:
     elif local:
         guess = local.parent / "math500" / "test.jsonl"
         if not guess.is_file():
-            raise SystemExit(f"error: --test-set math500 with --local-dir needs --math500-dir (looked for {guess})")
+            raise FileNotFoundError(f"--test-set math500 with --local-dir needs --math500-dir (looked for {guess})")
         test = vf.read_jsonl(guess)
     else:
         test = vf.read_hub(vf.MATH500_SOURCE, None, "test")
@@ -110,13 +113,17 @@ def _sources(args) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        sources = _sources(args)
-    except FileNotFoundError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    jobs = [(f"math {split}" + (f" ({args.test_set})" if split == "test" else ""), split,
-             (lambda rows=rows: rows), converter) for split, (rows, converter) in sources.items()]
-    return vf.convert_then_write(Path(args.output_dir).expanduser(), jobs, args.skip_bad, args.quiet)
+        try:
+            sources = _sources(args)
+        except (FileNotFoundError, vf.InputError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        jobs = [(f"math {split}" + (f" ({args.test_set})" if split == "test" else ""), split,
+                 (lambda rows=rows: rows), converter) for split, (rows, converter) in sources.items()]
+        return vf.convert_then_write(Path(args.output_dir).expanduser(), jobs, args.skip_bad, args.quiet,
+                                     offline_hint=OFFLINE_HINT)
+    except KeyboardInterrupt:
+        return vf.interrupted("data_prep/math_dataset.py")
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ import json
 import os
 import re
 import sys
+import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,6 +77,15 @@ class BadRowError(ValueError):
     """A source row that cannot become a training row; the message names file and line."""
 
 
+class InputError(ValueError):
+    """An input or output the run cannot use at all (empty or binary file, failed download, unwritable
+    --output-dir); the message is the whole one-line error."""
+
+
+class DownloadError(InputError):
+    """The Hugging Face hub could not give a data set (offline, unreachable, unknown repo)."""
+
+
 @dataclass
 class ConvertStats:
     """What happened to one split: rows written, rows skipped (with the first few reasons)."""
@@ -108,32 +118,48 @@ def read_jsonl(path: str | os.PathLike) -> Iterator[SourceRow]:
     path = Path(path)
     if not path.is_file():  # raised here, when called, not at the first row
         raise FileNotFoundError(f"{path}: no such file (expected JSON lines)")
+    if not any(line.strip() for _, line in _lines(path)):  # stops at the first non-blank line
+        raise InputError(f"{path}: empty file (expected JSON lines, one object a line)")
     return _jsonl_rows(path)
 
 
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, text) of a UTF-8 text file; InputError naming the file if it is not text."""
+    lineno = 0
+    try:
+        with path.open(encoding="utf-8") as fh:
+            for lineno, line in enumerate(fh, start=1):
+                yield lineno, line
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: not a UTF-8 text file (line {lineno + 1}); expected JSON lines, "
+                         "one object a line") from None
+
+
 def _jsonl_rows(path: Path) -> Iterator[SourceRow]:
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                obj = BadRowError(f"{path}:{lineno}: not valid JSON ({exc.msg} at column {exc.colno})")
-            yield SourceRow(str(path), lineno, obj)
+    for lineno, line in _lines(path):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            obj = BadRowError(f"{path}:{lineno}: not valid JSON ({exc.msg} at column {exc.colno})")
+        yield SourceRow(str(path), lineno, obj)
 
 
 def read_hub(repo: str, config: str | None, split: str) -> Iterator[SourceRow]:
-    """Yield the rows of a Hugging Face hub data set split (needs network and ``datasets``)."""
+    """Yield the rows of a Hugging Face hub data set split (needs network and ``datasets``); DownloadError
+    (one line, naming the data set) when the hub cannot give it."""
+    where = f"hf://{repo}" + (f"/{config}" if config else "") + f"[{split}]"
     try:
         import datasets
-    except ImportError as exc:  # pragma: no cover - datasets is a declared dependency of the recipes
-        raise SystemExit(
-            "reading from the Hugging Face hub needs the `datasets` package (pip install datasets); "
-            "or pass --local-dir with JSON-lines copies"
-        ) from exc
-    ds = datasets.load_dataset(repo, config, split=split) if config else datasets.load_dataset(repo, split=split)
-    where = f"hf://{repo}" + (f"/{config}" if config else "") + f"[{split}]"
+    except ImportError:  # pragma: no cover - datasets is a declared dependency of the recipes
+        raise DownloadError(f"cannot read {where}: reading from the Hugging Face hub needs the `datasets` "
+                            "package (pip install datasets)") from None
+    try:
+        ds = datasets.load_dataset(repo, config, split=split) if config else datasets.load_dataset(repo, split=split)
+    except Exception as exc:  # noqa: BLE001 - offline, DNS, proxy, 404, cache: all end the same way
+        reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+        raise DownloadError(f"could not download {where} from the Hugging Face hub ({reason})") from None
     for i, row in enumerate(ds, start=1):
         yield SourceRow(where, i, dict(row))
 
@@ -251,29 +277,72 @@ def write_parquet(rows: list[dict], path: Path) -> None:
     pq.write_table(pa.Table.from_pylist(rows), path)
 
 
-def convert_then_write(out_dir: Path, jobs, skip_bad: bool, quiet: bool) -> int:
+def check_output_dir(folder: Path, flag: str = "--output-dir") -> None:
+    """InputError (one line, naming `folder`) unless `folder` is, or can be created as, a writable folder.
+
+    Creates nothing: the write probe is an unnamed temporary file in `folder` or its nearest existing parent."""
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"{flag} {str(folder)!r} exists and is not a folder")
+    base = folder
+    while not base.exists() and base != base.parent:
+        base = base.parent
+    if not base.is_dir():
+        raise InputError(f"{flag} {str(folder)!r} cannot be created: {str(base)!r} is a file, not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=base):
+            pass
+    except OSError as err:
+        raise InputError(f"{flag} {str(folder)!r} is not writable ({err.strerror or err})") from None
+
+
+def convert_then_write(out_dir: Path, jobs, skip_bad: bool, quiet: bool, offline_hint: str = "") -> int:
     """Convert every split, then write `<split>.parquet` for each; returns the exit code.
 
-    `jobs`: (name, split, read_rows, converter) with `read_rows()` giving the source rows. Every split is read and
-    checked before any file is written, so a bad row or a missing input leaves no half-written output; either
-    is reported in one line (exit 2).
+    `jobs`: (name, split, read_rows, converter) with `read_rows()` giving the source rows. `out_dir` is checked
+    first, and every split is read and checked before any file is written; the files are written under
+    temporary names and renamed into place together, so a bad row, an empty or missing input, a failed download
+    (reported with `offline_hint`), an unwritable `out_dir` or Ctrl-C leaves no half-written output. Each is
+    reported in one line (exit 2; Ctrl-C: KeyboardInterrupt, for the caller).
     """
     results = []
     try:
+        check_output_dir(out_dir)
         for name, split, read_rows, converter in jobs:
             converted, stats = convert_rows(read_rows(), converter, split, skip_bad, progress=None if quiet else name)
+            if not converted:
+                first = f"; first: {stats.reasons[0]}" if stats.reasons else ""
+                raise InputError(f"{name}: no rows left to write (skipped {stats.skipped} bad rows{first})")
             results.append((name, split, converted, stats))
-    except FileNotFoundError as exc:
+    except DownloadError as exc:
+        print(f"error: {exc}" + (f"; {offline_hint}" if offline_hint else ""), file=sys.stderr)
+        return 2
+    except (FileNotFoundError, InputError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except BadRowError as exc:
         print(f"error: {exc} (use --skip-bad to skip bad rows)", file=sys.stderr)
         return 2
-    for name, split, converted, stats in results:
-        path = out_dir / f"{split}.parquet"
-        write_parquet(converted, path)
-        print(report(name, path, stats))
+    temporary = {split: out_dir / f".{split}.parquet.tmp-{os.getpid()}" for _, split, _, _ in results}
+    try:
+        for _, split, converted, _ in results:
+            write_parquet(converted, temporary[split])
+        for _, split, _, _ in results:
+            os.replace(temporary[split], out_dir / f"{split}.parquet")
+    except OSError as exc:
+        print(f"error: cannot write to --output-dir {str(out_dir)!r} ({exc.strerror or exc})", file=sys.stderr)
+        return 2
+    finally:
+        for path in temporary.values():
+            path.unlink(missing_ok=True)
+    for name, split, _, stats in results:
+        print(report(name, out_dir / f"{split}.parquet", stats))
     return 0
+
+
+def interrupted(prog: str) -> int:
+    """Ctrl-C: one line, exit status 130 (nothing was written: every file is renamed into place at the end)."""
+    print(f"{prog}: interrupted; nothing written", file=sys.stderr)
+    return 130
 
 
 def report(name: str, path: Path, stats: ConvertStats) -> str:
