@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
-from isreshape_verl.cli_args import ArgumentParser, add_flags, build, check
+from isreshape_verl.cli_args import ArgumentParser, add_flags, build, check, fail
 from isreshape_verl.kernels import KERNEL_NAMES
 from isreshape_verl.reshape import ISReshapeParams, reshape_terms
 
@@ -49,7 +52,8 @@ class KernelsArgs:
     gamma: float = 1.0
     """Mixing γ in [0, 1] (1 = pure kernelized IS)."""
     plot: str | None = field(default=None, metadata={"metavar": "FILE"})
-    """Write a PNG of g(r), r ∈ (0, 4], to FILE."""
+    """Plot g(r), r ∈ (0, 4], to FILE; its extension picks the format (png, pdf, svg, ...; none: .png is added);
+    an existing folder (or a path ending in /) gets kernel_weights.png."""
 
     def __post_init__(self):
         check("r", self.r, bool(self.r) and all(math.isfinite(v) and v > 0 for v in self.r),
@@ -111,6 +115,39 @@ def format_table(computed, ratios, gamma) -> str:
     return "\n".join(lines)
 
 
+PROG = "isreshape-verl kernels"
+PLOT_NAME = "kernel_weights.png"  # the file name when --plot is a folder
+
+
+def plot_formats() -> list[str]:
+    """File extensions matplotlib's Agg canvas writes (pgf left out: it needs a LaTeX installation)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    return sorted(ext for ext in FigureCanvasAgg.get_supported_filetypes() if ext != "pgf")
+
+
+def plot_path(raw: str) -> Path:
+    """The file --plot RAW writes: RAW/kernel_weights.png for a folder, RAW.png without an extension, else RAW.
+    ValueError (one line, naming RAW and what is allowed) for an unknown extension or a missing folder."""
+    path = Path(raw).expanduser()
+    if path.is_dir() or raw.endswith(("/", os.sep)):
+        path = path / PLOT_NAME
+    elif not path.suffix:
+        path = path.with_name(path.name + ".png")
+    formats = plot_formats()
+    if path.suffix[1:].lower() not in formats:
+        raise ValueError(f"--plot {raw!r}: cannot write a {path.suffix!r} file; allowed extensions: "
+                         f"{', '.join('.' + f for f in formats)} (or a folder, which gets {PLOT_NAME})")
+    if not path.parent.is_dir():
+        raise ValueError(f"--plot {raw!r}: no such folder {str(path.parent)!r}")
+    try:  # an unnamed file: the probe leaves nothing behind
+        with tempfile.TemporaryFile(dir=path.parent):
+            pass
+    except OSError as err:
+        raise ValueError(f"--plot {raw!r}: folder {str(path.parent)!r} is not writable ({err.strerror or err})") from None
+    return path
+
+
 def plot_weights(rows, gamma, path) -> None:
     import matplotlib
 
@@ -128,26 +165,43 @@ def plot_weights(rows, gamma, path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    path = Path(path)
+    partial = path.with_name(f".{path.name}.tmp-{os.getpid()}")  # renamed into place once complete
+    try:
+        fig.savefig(partial, dpi=120, format=path.suffix[1:].lower() or "png")
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+        plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # Ctrl-C: one line (the plot is renamed into place only once complete)
+        fail(PROG, "interrupted")
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
     parser, flags = build_parser()
     ns = parser.parse_args(argv)
     try:
         args = build(KernelsArgs, vars(ns), flags)
     except ValueError as err:
         parser.error(str(err))
+    try:
+        path = plot_path(args.plot) if args.plot else None  # before any output
+    except ValueError as err:
+        return fail(PROG, str(err))
     rows = args.rows()
     print(format_table(table_rows(rows, args.r, args.gamma), args.r, args.gamma))
-    if args.plot:
+    if path is not None:
         try:
-            plot_weights(rows, args.gamma, args.plot)
+            plot_weights(rows, args.gamma, path)
         except OSError as err:
-            print(f"isreshape-verl kernels: cannot write --plot {args.plot!r}: {err}", file=sys.stderr)
-            return 1
-        print(f"wrote {args.plot}")
+            return fail(PROG, f"cannot write --plot {args.plot!r} ({err.strerror or err})")
+        print(f"wrote {path}")
     return 0
 
 

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import sys
 from collections.abc import Sequence
@@ -84,6 +85,10 @@ TRAIN_PANELS = (
     Panel("is_reshape_mean_g", "IS Reshape: mean weight g", "mean g", "mean g", ("actor/is_reshape/weight_mean",)),
     Panel("is_reshape_ess", "IS Reshape: ESS of g", "(Σg)² / (N·Σg²)", "ESS", ("actor/is_reshape/ess",)),
 )
+
+
+class NotMetricsError(ValueError):
+    """A path that holds no metrics file (binary, missing, empty folder); the message is one line naming it."""
 
 
 @dataclass
@@ -148,20 +153,25 @@ def _record(line: str) -> tuple[int, dict]:
 def read_run(path: Path, name: str | None = None) -> Run:
     """Read one JSON-lines file: verl FileLogger records or compare's metrics rows."""
     run = Run(name or (path.parent.name if path.name == "metrics.jsonl" else path.stem), path)
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                step, data = _record(line)
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-                run.bad_lines.append(lineno)
-                continue
-            merged = run.steps.setdefault(step, {})
-            for key, value in data.items():
-                f = _to_float(value)
-                if f is not None:
-                    merged[key] = f
+    lineno = 0
+    try:
+        with path.open(encoding="utf-8") as fh:
+            for lineno, line in enumerate(fh, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    step, data = _record(line)
+                except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+                    run.bad_lines.append(lineno)
+                    continue
+                merged = run.steps.setdefault(step, {})
+                for key, value in data.items():
+                    f = _to_float(value)
+                    if f is not None:
+                        merged[key] = f
+    except UnicodeDecodeError:
+        raise NotMetricsError(f"{path}: not a metrics.jsonl text file (line {lineno + 1} is not UTF-8 text); "
+                              "expected JSON lines from verl's FileLogger or compare") from None
     return run
 
 
@@ -178,11 +188,11 @@ def find_runs(paths: Sequence[str]) -> list[Run]:
             found = (sorted(p.glob("*/metrics.jsonl")) or sorted(p.glob("runs/*/metrics.jsonl"))
                      or sorted(p.glob("*.jsonl")))
             if not found:
-                raise FileNotFoundError(f"{p}: no metrics.jsonl, */metrics.jsonl, runs/*/metrics.jsonl (a compare "
+                raise NotMetricsError(f"{p}: no metrics.jsonl, */metrics.jsonl, runs/*/metrics.jsonl (a compare "
                                         "--out folder) or *.jsonl inside")
             files.extend((f, None) for f in found)
         else:
-            raise FileNotFoundError(f"{p}: no such file or folder")
+            raise NotMetricsError(f"{p}: no such file or folder")
     from tqdm import tqdm
 
     runs = [read_run(f, name) for f, name in tqdm(files, desc="reading runs", unit="run", disable=len(files) < 4)]
@@ -230,13 +240,26 @@ def _plot(out: Path, stem: str, title: str, ylabel: str, lines: list[tuple[str, 
     path = out / f"{stem}.png"
     if columns:  # the figure grows to the right to hold the legend; the axes keep their size
         ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0), ncol=columns, frameon=False)
-        fig.savefig(path, bbox_inches="tight")
+        save = dict(bbox_inches="tight")
     else:
         ax.legend(fontsize=8)
         fig.tight_layout()
-        fig.savefig(path)
-    plt.close(fig)
+        save = {}
+    try:
+        _write_whole(path, lambda partial: fig.savefig(partial, format="png", **save))
+    finally:
+        plt.close(fig)
     return path
+
+
+def _write_whole(path: Path, write) -> None:
+    """`write(partial)` to a temporary name beside `path`, then rename: `path` is whole or absent, never partial."""
+    partial = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(partial)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def _fmt(value: float | None) -> str:
@@ -302,11 +325,9 @@ def plot_runs(runs: Sequence[Run], out: Path, smooth_k: int = 1, last: int = 5) 
             title = panel.title + (f" (moving average of {smooth_k})" if smooth_k > 1 else "")
             written.append(_plot(out, panel.stem, title, panel.ylabel, lines))
     table = out / "summary.md"
-    table.write_text(
-        "# Runs\n\n" + summary_table(runs, last)
-        + f"\nval: verl's val-core mean@n score; training columns: mean of the last {last} logged points.\n",
-        encoding="utf-8",
-    )
+    text = ("# Runs\n\n" + summary_table(runs, last)
+            + f"\nval: verl's val-core mean@n score; training columns: mean of the last {last} logged points.\n")
+    _write_whole(table, lambda partial: partial.write_text(text, encoding="utf-8"))
     written.append(table)
     return written
 
@@ -330,30 +351,58 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
+PROG = "isreshape-verl plot-runs"
+
+
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # Ctrl-C: one line; every file is written whole or not at all
+        fail(PROG, "interrupted")
+        return 130
+
+
+def _missing_folders(folder: Path) -> list[Path]:
+    """`folder` and its parents that do not exist yet, deepest first."""
+    missing = []
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    return missing
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.smooth < 1:
         parser.error(f"--smooth must be >= 1; got {args.smooth}")
     if args.last < 1:
         parser.error(f"--last must be >= 1; got {args.last}")
+    out = Path(args.out).expanduser()
+    created = _missing_folders(out)
     try:
-        ensure_writable_dir(str(Path(args.out).expanduser()))
+        ensure_writable_dir(str(out))
     except ValueError as err:
-        return fail("isreshape-verl plot-runs", str(err))
+        return fail(PROG, str(err))
     try:
         runs = find_runs(args.paths)
-    except FileNotFoundError as exc:
-        return fail("isreshape-verl plot-runs", str(exc))
+        empty = [r for r in runs if not r.steps]
+        if empty:
+            raise NotMetricsError("no metrics in " + ", ".join(
+                f"{r.path}" + (f" ({len(r.bad_lines)} line{'s' * (len(r.bad_lines) != 1)}, none a FileLogger record or a compare row)"
+                               if r.bad_lines else "") for r in empty))
+    except NotMetricsError as exc:
+        for folder in created:  # the bad input leaves no empty --out behind
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        return fail(PROG, str(exc))
     for run in runs:
         if run.bad_lines:
             print(f"warning: {run.path}: skipped {len(run.bad_lines)} line(s) that are neither FileLogger records "
                   f"nor compare rows (lines {', '.join(map(str, run.bad_lines[:5]))})", file=sys.stderr)
-    empty = [str(r.path) for r in runs if not r.steps]
-    if empty:
-        print(f"isreshape-verl plot-runs: error: no metrics in {', '.join(empty)}", file=sys.stderr)
-        return 2
-    written = plot_runs(runs, Path(args.out).expanduser(), smooth_k=args.smooth, last=args.last)
+    written = plot_runs(runs, out, smooth_k=args.smooth, last=args.last)
     print(summary_table(runs, args.last), end="")
     for path in written:
         print(f"wrote {path}")
