@@ -73,6 +73,46 @@ def test_bad_value_in_hydra_config_fails_at_conversion_naming_the_key():
         compose_actor("kernel=triangle")
 
 
+LOSS_MODE_REFUSED = r"loss_mode='vanilla' is not allowed for ISReshapeLossConfig; it must be 'is_reshape'"
+
+
+def test_another_loss_mode_is_refused_in_python():
+    """With loss_mode=vanilla verl would train GRPO and ignore every IS Reshape key: refused, naming both."""
+    with pytest.raises(ValueError, match=LOSS_MODE_REFUSED):
+        ISReshapeLossConfig(loss_mode="vanilla")
+    with pytest.raises(ValueError, match=r"loss_mode='bypass_mode' is not allowed"):
+        ISReshapeLossConfig(loss_mode="bypass_mode", width=0.5)
+
+
+def test_another_loss_mode_is_refused_when_verl_builds_the_config():
+    overrides = ["actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=2",
+                 "actor_rollout_ref.actor.policy_loss._target_=isreshape_verl.config.ISReshapeLossConfig",
+                 "actor_rollout_ref.actor.policy_loss.loss_mode=vanilla",
+                 "+actor_rollout_ref.actor.policy_loss.width=0.5"]
+    with initialize_config_dir(config_dir=VERL_CONFIG_DIR, version_base=None):
+        cfg = compose(config_name="ppo_trainer", overrides=overrides)
+    with pytest.raises(Exception, match=LOSS_MODE_REFUSED):
+        omega_conf_to_dataclass(cfg.actor_rollout_ref.actor)
+
+
+def test_the_ways_verl_builds_and_copies_the_config_keep_is_reshape():
+    """verl 0.9.1 builds the policy-loss config with omega_conf_to_dataclass (by _target_, or by type from a
+    config without loss_mode: the dataclass default), and Ray pickles it to the workers: none of them trips
+    the loss_mode refusal."""
+    import pickle
+
+    from omegaconf import OmegaConf
+
+    built = omega_conf_to_dataclass(OmegaConf.create({"width": 0.5}), dataclass_type=ISReshapeLossConfig)
+    assert built.loss_mode == "is_reshape" and built.width == 0.5
+    by_target = omega_conf_to_dataclass(OmegaConf.create(
+        {"_target_": "isreshape_verl.config.ISReshapeLossConfig", "loss_mode": "is_reshape", "kernel": "cauchy"}))
+    assert type(by_target) is ISReshapeLossConfig and by_target.kernel == "cauchy"
+    assert pickle.loads(pickle.dumps(by_target)) == by_target
+    assert OmegaConf.to_object(OmegaConf.structured(by_target)) == by_target
+    assert compose_actor("width=0.5").policy_loss.loss_mode == "is_reshape"
+
+
 # One non-default value per key: each must change the gradient that verl's ppo_loss produces.
 KNOB_VALUES = {"kernel": "gaussian", "width": 0.3, "width_neg": 0.2, "one_sided": False, "gamma_mode": "fixed",
                "gamma": 0.4, "gamma_base": 0.1, "gamma_max": 0.8, "gamma_tau": 1.0, "gamma_beta": 4.0,
