@@ -240,7 +240,7 @@ def _plot(out: Path, stem: str, title: str, ylabel: str, lines: list[tuple[str, 
     path = out / f"{stem}.png"
     if columns:  # the figure grows to the right to hold the legend; the axes keep their size
         ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0), ncol=columns, frameon=False)
-        save = dict(bbox_inches="tight")
+        save = {"bbox_inches": "tight"}
     else:
         ax.legend(fontsize=8)
         fig.tight_layout()

@@ -22,9 +22,11 @@ import sys
 import time
 from pathlib import Path
 
-from isreshape_verl.cli_args import ArgumentParser, add_flags, build
+from isreshape_verl.cli_args import ArgumentParser, add_flags, build, fail
 from isreshape_verl.lab.experiment import Args
 from isreshape_verl.paths import ensure_writable_dir
+
+PROG = "isreshape-verl lab"
 
 
 def build_parser() -> tuple[ArgumentParser, list]:
@@ -56,6 +58,11 @@ def parse_args(argv: list[str]) -> tuple[Args, argparse.Namespace]:
         parser.error(f"--threads must be >= 1; got {ns.threads}")
     if ns.out.exists() and not ns.out.is_dir():
         parser.error(f"--out {ns.out} exists and is not a directory")
+    ns.created = []  # the folders of --out made here, deepest first: removed again if Ctrl-C comes before the results
+    folder = ns.out
+    while not folder.exists() and folder != folder.parent:
+        ns.created.append(folder)
+        folder = folder.parent
     try:  # before the experiment, not after it
         ensure_writable_dir(str(ns.out))
     except ValueError as err:
@@ -65,7 +72,25 @@ def parse_args(argv: list[str]) -> tuple[Args, argparse.Namespace]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    stage = {"out": None, "created": [], "writing": False}
+    try:
+        return _main(argv, stage)
+    except KeyboardInterrupt:  # Ctrl-C (the experiment may run minutes): one line, exit 130
+        if stage["writing"]:
+            fail(PROG, f"interrupted while writing to {stage['out']}; its files may be incomplete")
+        else:
+            for folder in stage["created"]:
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
+            fail(PROG, "interrupted; nothing written" + (f" to {stage['out']}" if stage["out"] else ""))
+        return 130
+
+
+def _main(argv: list[str], stage: dict) -> int:
     args, ns = parse_args(argv)
+    stage.update(out=ns.out, created=ns.created)
     import torch
 
     from isreshape_verl.lab.estimators import build_estimators
@@ -79,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = {k: getattr(args, k) for k in ("vocab", "length", "replicates", "batch_size", "group_size",
                                               "train_steps", "lr", "init_scale", "seed")}
     command = "isreshape-verl lab " + shlex.join(argv)
+    stage["writing"] = True
     paths = write_all(rows, ns.out, build_estimators(args.losses, args.references), command, wall, settings,
                       plots=not ns.no_plots)
     import pandas as pd

@@ -161,6 +161,16 @@ def run(args: Args, progress: bool = True) -> list[dict]:
         from tqdm import tqdm
 
         bar = tqdm(total=cells * len(estimators), desc="lab", unit="est", dynamic_ncols=True)
+    try:
+        rows = _rows(args, estimators, space, distances, bar)
+    finally:  # Ctrl-C too: the bar ends its line before the caller's message
+        if bar is not None:
+            bar.close()
+    settings = {k: v for k, v in asdict(args).items() if k in ("vocab", "length", "replicates", "batch_size", "group_size", "seed")}
+    return [{**row, **settings} for row in rows]
+
+
+def _rows(args: Args, estimators, space, distances, bar) -> list[dict]:
     rows = []
     for family in args.rewards:
         rewards = make_rewards(space, family, _generator(args.seed, "rewards", family), args.sparse_share)
@@ -208,7 +218,4 @@ def run(args: Args, progress: bool = True) -> list[dict]:
                                      "d_cosine": float(diff[1].mean()), "d_cosine_se": float(se[1])})
                         if bar is not None:
                             bar.update(1)
-    if bar is not None:
-        bar.close()
-    settings = {k: v for k, v in asdict(args).items() if k in ("vocab", "length", "replicates", "batch_size", "group_size", "seed")}
-    return [{**row, **settings} for row in rows]
+    return rows
