@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import re
 import sys
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -72,13 +73,64 @@ def compose(overrides: Sequence[str], config_name: str = "ppo_trainer"):
         return hydra_compose(config_name=config_name, overrides=list(overrides))
 
 
+def _one_line(exc: BaseException) -> str:
+    return " ".join(m.strip() for m in str(exc).strip().splitlines())
+
+
 def _try(problems: list[str], what: str, fn) -> Any:
+    """Run ``fn``; a failure becomes one line of ``problems``. A Hydra InstantiationException is reported by
+    the error of the constructor it wraps (``ValueError: width='abc' is not allowed ...``) and the config key;
+    the same error reached a second way (the dataclasses, then validate_config) is reported once."""
     try:
         return fn()
     except Exception as exc:  # noqa: BLE001 - every failure becomes a reported problem
-        msg = str(exc).strip().splitlines()
-        problems.append(f"{what}: {type(exc).__name__}: {' '.join(m.strip() for m in msg)[:600]}")
+        detail = f"{type(exc).__name__}: {_one_line(exc)}"
+        cause = exc.__cause__
+        if type(exc).__name__ == "InstantiationException" and cause is not None:
+            key = re.search(r"full_key: (\S+)", str(exc))
+            detail = (f"{key.group(1)}: " if key else "") + f"{type(cause).__name__}: {_one_line(cause)}"
+        detail = detail[:600]
+        if not any(p.endswith(detail) for p in problems):
+            problems.append(f"{what}: {detail}")
         return None
+
+
+IS_KNOB_PREFIX = "IS_"
+
+
+def check_is_knobs(knobs: dict[str, str]) -> list[str]:
+    """The recipes' IS Reshape knobs (``IS_WIDTH=0.5`` ...) -> problems, one line each, naming the knob.
+
+    Each value is parsed as Hydra parses ``+actor_rollout_ref.actor.policy_loss.width=0.5`` (the recipe passes
+    it so), then :class:`isreshape_verl.reshape.ISReshapeParams` -- the one owner of the keys, their types and
+    ranges -- is built from them. Light: imports neither verl nor the trainer."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from isreshape_verl.reshape import ISReshapeParams
+
+    keys = list(ISReshapeParams.__dataclass_fields__)
+    known = " ".join(IS_KNOB_PREFIX + k.upper() for k in keys)
+    parser = OverridesParser.create()
+    problems, values = [], {}
+    for knob, text in knobs.items():
+        key = knob[len(IS_KNOB_PREFIX):].lower() if knob.startswith(IS_KNOB_PREFIX) else ""
+        if key not in keys:
+            problems.append(f"{knob} is not an IS Reshape knob (known: {known})")
+            continue
+        try:
+            values[key] = parser.parse_override(f"{key}={text}").value()
+        except Exception as exc:  # noqa: BLE001
+            problems.append(f"{knob}={text!r} is not allowed: Hydra cannot parse it ({_one_line(exc)[:200]})")
+    if problems:
+        return problems
+    try:
+        ISReshapeParams(**values)
+    except (ValueError, TypeError) as exc:
+        message = _one_line(exc)
+        named = [k for k in values if re.match(rf"{k}=", message)]
+        where = ", ".join(f"{IS_KNOB_PREFIX}{k.upper()}={knobs[IS_KNOB_PREFIX + k.upper()]!r}" for k in named or values)
+        problems.append(f"{where} is not allowed: {message}")
+    return problems
 
 
 @dataclass
@@ -371,9 +423,19 @@ def bypass_mode_on(c: Launch) -> Iterator[str]:
         yield "comparison recipes need algorithm.rollout_correction.bypass_mode=True (r against the behaviour policy)"
 
 
+def _number(value) -> float | None:
+    """A config value as a number; None for anything else ('abc', a list, a bool)."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
 def untruncated_sampling(c: Launch) -> Iterator[str]:
     top_p, top_k = c.get("actor_rollout_ref.rollout.top_p"), c.get("actor_rollout_ref.rollout.top_k")
-    if float(top_p) != 1.0 or int(top_k) != -1:
+    if _number(top_p) != 1.0 or _number(top_k) != -1:
         yield (
             f"comparison recipes need top_p=1 and top_k=-1 (got top_p={top_p}, top_k={top_k}): "
             "truncated sampling makes the rollout log-probs those of another distribution and biases r"
@@ -381,8 +443,11 @@ def untruncated_sampling(c: Launch) -> Iterator[str]:
 
 
 def positive_temperature(c: Launch) -> Iterator[str]:
-    if float(c.get("actor_rollout_ref.rollout.temperature")) <= 0:
-        yield "rollout temperature must be > 0 for on-policy sampling"
+    temperature = c.get("actor_rollout_ref.rollout.temperature")
+    value = _number(temperature)
+    if value is None or not 0 < value < float("inf"):
+        yield (f"actor_rollout_ref.rollout.temperature={temperature!r} is not allowed; "
+               "it must be a finite number > 0 (on-policy sampling)")
 
 
 COMPARISON_CHECKS: tuple[Callable[[Launch], Iterator[str]], ...] = (
@@ -485,12 +550,33 @@ def build_parser() -> argparse.ArgumentParser:
         help="skip this project's comparison invariants (bypass_mode, rollout log-probs, top_p, top_k)",
     )
     parser.add_argument("--quiet", action="store_true", help="print nothing on success")
+    parser.add_argument("--one-line", action="store_true",
+                        help="on failure print one line: 'recipe check failed: PROBLEM | PROBLEM ...'")
+    parser.add_argument("--is-knobs", action="store_true",
+                        help="check the arguments as the recipes' IS Reshape knobs (IS_WIDTH=0.5 ...) instead of "
+                        "Hydra overrides: types and ranges of isreshape_verl.reshape.ISReshapeParams (no verl)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides as passed to verl.trainer.main_ppo")
     return parser
 
 
+def _report(problems: Sequence[str], one_line: bool) -> None:
+    if one_line:
+        print("recipe check failed: " + " | ".join(problems), file=sys.stderr)
+    else:
+        print(RecipeCheckError(problems), file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.is_knobs:
+        knobs = dict(a.split("=", 1) if "=" in a else (a, "") for a in args.overrides)
+        problems = check_is_knobs(knobs)
+        if problems:
+            _report(problems, args.one_line)
+            return 1
+        if not args.quiet:
+            print("recipe check OK: IS Reshape knobs " + " ".join(knobs))
+        return 0
     try:
         result = check_overrides(
             args.overrides,
@@ -499,7 +585,7 @@ def main(argv: list[str] | None = None) -> int:
             gpus_per_node=args.gpus_per_node,
         )
     except RecipeCheckError as exc:
-        print(exc, file=sys.stderr)
+        _report(exc.problems, args.one_line)
         return 1
     if not args.quiet:
         print("recipe check OK: " + "; ".join(result.checked))

@@ -24,6 +24,93 @@ is_reshape_knobs() {
     done
 }
 
+# Every knob of the recipes, in one place (the checks below, compare.sh and cluster/ray_job.sh read it).
+SHARED_KNOBS=(DEVICE ROLLOUT MODEL DATA_DIR MAX_PROMPT_LEN MAX_RESPONSE_LEN TRAIN_BATCH MINI_BATCH MICRO_BATCH
+    ROLLOUT_N LR EPOCHS STEPS LOSS_AGG_MODE SEED TEMPERATURE ROLLOUT_TP GPU_MEM_UTIL ASYNC STALENESS
+    PARAM_SYNC_STEP ROLLOUT_NODES ROLLOUT_GPUS CKPT_BACKEND NNODES GPUS_PER_NODE RUN_ROOT EXP_NAME PROJECT
+    TEST_FREQ SAVE_FREQ WANDB DRY_RUN RECIPE_CHECK PYTHON COMPARE_DIR LOSSES)
+GRPO_KNOBS=(CLIP_RATIO)
+SAPO_KNOBS=(SAPO_TAU_POS SAPO_TAU_NEG)
+
+# The knobs that only one loss's recipe reads: loss_knobs grpo | sapo | isreshape.
+loss_knobs() {
+    case "$1" in
+        grpo) printf '%s ' "${GRPO_KNOBS[@]}" ;;
+        sapo) printf '%s ' "${SAPO_KNOBS[@]}" ;;
+        isreshape) is_reshape_knobs ;;
+    esac
+}
+
+# All knob names, one line.
+recipe_knobs() {
+    printf '%s ' "${SHARED_KNOBS[@]}"
+    loss_knobs grpo; loss_knobs sapo; loss_knobs isreshape
+}
+
+# A misspelt knob is an environment variable the recipe never reads: it would silently keep the default.
+# The families below are the recipes' own, so an environment variable that starts with one of them and is
+# not a knob is taken as a typo (TRAIN_BATCHES, IS_WIDHT, ROLLOUT_NUM); other names (PYTHONPATH, WANDB_API_KEY,
+# RAY_ADDRESS, MODEL_NAME, ...) may belong to anything else and are left alone.
+KNOB_FAMILIES=(IS_ SAPO_ CLIP_RATIO ROLLOUT_ TRAIN_BATCH MINI_BATCH MICRO_BATCH MAX_PROMPT MAX_RESPONSE
+    GPUS_PER_NODE GPU_MEM PARAM_SYNC CKPT_ LOSS_AGG TEMPERATURE STALENESS TEST_FREQ SAVE_FREQ EPOCHS NNODES
+    RECIPE_ DRY_RUN COMPARE_)
+# In a family but not ours: IS_SANDBOX is set by the sandbox machines this project is developed on.
+FOREIGN_ENV=(IS_SANDBOX)
+
+# check_environment LOSS: no misspelt knob (see KNOB_FAMILIES) and no knob of another loss.
+check_environment() {
+    local loss=$1 name family knobs mine known
+    knobs=" $(recipe_knobs)" mine=" $(loss_knobs "$loss")"
+    while read -r name; do
+        [[ " ${FOREIGN_ENV[*]} " == *" $name "* ]] && continue
+        if [[ $knobs != *" $name "* ]]; then
+            for family in "${KNOB_FAMILIES[@]}"; do
+                [[ $name == "$family"* ]] || continue
+                if [[ $family == IS_ ]]; then
+                    known=$(is_reshape_knobs)
+                    die "$name is not an IS Reshape knob (known: ${known% }); unset it, a misspelt knob would be ignored"
+                fi
+                local same=() knob
+                for knob in $knobs; do [[ $knob == "$family"* ]] && same+=("$knob"); done
+                die "$name is not a recipe knob (known: ${same[*]}); unset it, a misspelt knob would be ignored"
+            done
+        fi
+    done < <(compgen -e)
+    local other
+    for other in grpo sapo isreshape; do
+        [[ $other == "$loss" ]] && continue
+        for name in $(loss_knobs "$other"); do
+            [[ -z ${!name:-} || $mine == *" $name "* ]] ||
+                die "$name='${!name}' only applies to $other.sh, not to $loss.sh; unset it"
+        done
+    done
+}
+
+# need_int KNOB MIN [NOTE]: a whole number >= MIN (MIN may be negative).
+need_int() {
+    local knob=$1 min=$2 value=${!1}
+    # Hydra reads 08 as a string: no leading zeros
+    if [[ ! $value =~ ^(0|-?[1-9][0-9]{0,14})$ ]] || ((value < min)); then
+        die "$knob='$value' is not allowed; it must be a whole number >= $min${3:+ ($3)}"
+    fi
+}
+
+# need_number KNOB CONDITION RANGE: a decimal number x as Hydra reads one (1e-6, 0.5, 2; not 01.5, inf) with the
+# awk CONDITION on x true;
+# RANGE says the condition in words.
+need_number() {
+    local knob=$1 value=${!1}
+    if [[ ! $value =~ ^[+-]?((0|[1-9][0-9]*)(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+)?$ ]] ||
+        ! awk -v x="$value" "BEGIN { x += 0; exit !($2) }"; then
+        die "$knob='$value' is not allowed; it must be a number $3"
+    fi
+}
+
+# need_flag KNOB: 0 or 1.
+need_flag() {
+    [[ ${!1} == 0 || ${!1} == 1 ]] || die "$1='${!1}' is not allowed; it must be 0 or 1"
+}
+
 recipe_usage() {
     cat <<EOF
 usage: [KNOB=value ...] bash recipes/${1:-DATASET}/${2:-LOSS}.sh [--help] [hydra.key=value ...]
@@ -251,6 +338,32 @@ loss_args() {
     esac
 }
 
+# recipe_check WHAT ARGS...: python -m isreshape_verl.recipe_check ARGS; a failure stops the recipe with
+# one line (WHAT: the problems), or with the checker's whole output if it crashed.
+recipe_check() {
+    local what=$1 out
+    shift
+    out=$("$PYTHON" -m isreshape_verl.recipe_check --one-line --quiet "$@" 2>&1 >/dev/null) && return 0
+    local last=${out##*$'\n'}
+    if [[ $last == "recipe check failed: "* ]]; then
+        die "$what: ${last#recipe check failed: }"
+    fi
+    printf '%s\n' "$out" >&2
+    die "$what: isreshape_verl.recipe_check did not run (see above)"
+}
+
+# The IS_<KEY> knobs that are set: their types and ranges are those of isreshape_verl.reshape.ISReshapeParams
+# (the one owner), checked in Python before anything starts (RECIPE_CHECK=0 skips it, like the config check).
+check_is_reshape_knobs() {
+    [[ $RECIPE_CHECK == 1 ]] || return 0
+    local knob set=()
+    for knob in $(is_reshape_knobs); do
+        [[ -z ${!knob:-} ]] || set+=("$knob=${!knob}")
+    done
+    ((${#set[@]})) || return 0
+    recipe_check "bad IS Reshape knob" --is-knobs -- "${set[@]}"
+}
+
 # run_recipe DATASET LOSS [hydra overrides...]
 run_recipe() {
     local dataset=$1 loss=$2
@@ -263,6 +376,7 @@ run_recipe() {
         fi
     done
 
+    check_environment "$loss"
     dataset_defaults "$dataset"
     loss_args "$loss"
 
@@ -302,16 +416,28 @@ run_recipe() {
     : "${DRY_RUN:=0}"
     : "${RECIPE_CHECK:=1}"
 
-    # integer knobs: a bad value is named here rather than as a ZeroDivisionError deep inside verl
+    # every numeric knob, type and range, one line each: named here rather than deep inside verl
     local knob
-    for knob in NNODES GPUS_PER_NODE TRAIN_BATCH MINI_BATCH MICRO_BATCH ROLLOUT_N ROLLOUT_TP SEED TEST_FREQ; do
-        [[ ${!knob} =~ ^[0-9]+$ ]] || die "$knob='${!knob}' is not allowed; it must be a whole number"
+    for knob in NNODES GPUS_PER_NODE TRAIN_BATCH MINI_BATCH MICRO_BATCH ROLLOUT_N ROLLOUT_TP EPOCHS MAX_PROMPT_LEN \
+        MAX_RESPONSE_LEN; do
+        need_int "$knob" 1
     done
-    for knob in NNODES GPUS_PER_NODE TRAIN_BATCH MINI_BATCH MICRO_BATCH ROLLOUT_N ROLLOUT_TP; do
-        (( ${!knob} >= 1 )) || die "$knob must be >= 1; got ${!knob}"
+    need_int SEED 0
+    need_int TEST_FREQ 0 "0: never"
+    need_int SAVE_FREQ -1 "-1: never"
+    [[ -z $STEPS ]] || need_int STEPS 1 "or empty: EPOCHS decide"
+    need_number LR 'x > 0 && x < 1' 'in (0, 1), e.g. 1e-6'
+    need_number TEMPERATURE 'x > 0' '> 0, e.g. 1.0'
+    need_number GPU_MEM_UTIL 'x > 0 && x <= 1' 'in (0, 1], e.g. 0.6'
+    case "$loss" in
+        grpo) CLIP_RATIO=${CLIP_RATIO:-0.2}; need_number CLIP_RATIO 'x > 0 && x < 1' 'in (0, 1), e.g. 0.2' ;;
+        sapo) SAPO_TAU_POS=${SAPO_TAU_POS:-1.0} SAPO_TAU_NEG=${SAPO_TAU_NEG:-1.05}
+            need_number SAPO_TAU_POS 'x > 0' '> 0, e.g. 1.0'
+            need_number SAPO_TAU_NEG 'x > 0' '> 0, e.g. 1.05' ;;
+    esac
+    for knob in WANDB DRY_RUN RECIPE_CHECK; do
+        need_flag "$knob"
     done
-    [[ $SAVE_FREQ =~ ^-?[0-9]+$ ]] || die "SAVE_FREQ='$SAVE_FREQ' is not allowed; it must be a whole number (-1: never)"
-    [[ -z $STEPS || $STEPS =~ ^[1-9][0-9]*$ ]] || die "STEPS='$STEPS' is not allowed; it must be a whole number >= 1 (or empty: EPOCHS decide)"
 
     local mode
     case "$ASYNC" in
@@ -320,6 +446,8 @@ run_recipe() {
         separate) mode=separate_async; : "${STALENESS:=2}" ;;
         *) die "ASYNC='$ASYNC' is not allowed (sync, colocate, separate)" ;;
     esac
+    need_int STALENESS 1 "model versions"
+    [[ $loss != isreshape ]] || check_is_reshape_knobs
 
     # absolute, so that every Ray worker writes to the same place (use a shared file system on clusters)
     local run_dir
@@ -341,15 +469,24 @@ run_recipe() {
         local train_nodes train_gpn roll_nodes roll_gpn
         if [[ $NNODES == 1 ]]; then
             (( GPUS_PER_NODE >= 2 )) || die "ASYNC=separate on one node needs GPUS_PER_NODE >= 2"
+            : "${ROLLOUT_GPUS:=$((GPUS_PER_NODE / 2))}"
+            need_int ROLLOUT_GPUS 1 "GPUs of the node given to the rollout"
+            ((ROLLOUT_GPUS < GPUS_PER_NODE)) ||
+                die "ROLLOUT_GPUS='$ROLLOUT_GPUS' is not allowed; it must be < GPUS_PER_NODE ($GPUS_PER_NODE): the trainer needs GPUs too"
             train_nodes=1 roll_nodes=1
-            roll_gpn=${ROLLOUT_GPUS:-$((GPUS_PER_NODE / 2))}
+            roll_gpn=$ROLLOUT_GPUS
             train_gpn=$((GPUS_PER_NODE - roll_gpn))
         else
-            roll_nodes=${ROLLOUT_NODES:-$((NNODES / 2))}
+            : "${ROLLOUT_NODES:=$((NNODES / 2))}"
+            need_int ROLLOUT_NODES 1 "nodes given to the rollout"
+            ((ROLLOUT_NODES < NNODES)) ||
+                die "ROLLOUT_NODES='$ROLLOUT_NODES' is not allowed; it must be < NNODES ($NNODES): the trainer needs nodes too"
+            roll_nodes=$ROLLOUT_NODES
             train_nodes=$((NNODES - roll_nodes))
             train_gpn=$GPUS_PER_NODE roll_gpn=$GPUS_PER_NODE
         fi
         : "${PARAM_SYNC_STEP:=$((TRAIN_BATCH / MINI_BATCH))}"
+        need_int PARAM_SYNC_STEP 1 "local updates per weight sync"
         resources=(
             "trainer.nnodes=$train_nodes"
             "trainer.n_gpus_per_node=$train_gpn"
@@ -421,27 +558,29 @@ run_recipe() {
     )
 
     local hydra_args=("${CMD[@]:3}")
-    local check_args=(--cluster-nodes "$NNODES" --gpus-per-node "$GPUS_PER_NODE" --quiet --)
+    local check_args=(--cluster-nodes "$NNODES" --gpus-per-node "$GPUS_PER_NODE" --)
     if [[ $DRY_RUN == 1 ]]; then
         echo "# DRY_RUN=1 recipe $dataset/$loss: ASYNC=$ASYNC, $NNODES node(s) x $GPUS_PER_NODE GPU(s), run dir $run_dir"
         print_command "${CMD[@]}"
         if [[ $RECIPE_CHECK == 1 ]]; then
-            "$PYTHON" -m isreshape_verl.recipe_check "${check_args[@]}" "${hydra_args[@]}" ||
-                die "the command above does not pass isreshape_verl.recipe_check"
+            recipe_check "the command above does not pass isreshape_verl.recipe_check" "${check_args[@]}" "${hydra_args[@]}"
             echo "# recipe check OK (verl config composes, dataclasses build, validate_config and v1 start-up checks pass)"
         fi
+        # a dry run may print a command for another machine's data (a cluster's shared file system): warn only
+        [[ -f $DATA_DIR/train.parquet && -f $DATA_DIR/test.parquet ]] ||
+            echo "warning: DATA_DIR='$DATA_DIR' has no train.parquet and test.parquet here; a real launch would stop (run python $DATA_PREP_SCRIPT, or set DATA_DIR)" >&2
         return 0
     fi
 
     local split
     for split in train test; do
         [[ -f $DATA_DIR/$split.parquet ]] ||
-            die "$DATA_DIR/$split.parquet not found: run python $DATA_PREP_SCRIPT (or set DATA_DIR)"
+            die "DATA_DIR='$DATA_DIR': $DATA_DIR/$split.parquet not found: run python $DATA_PREP_SCRIPT (or set DATA_DIR)"
     done
     check_model_dir
     if [[ $RECIPE_CHECK == 1 ]]; then
-        "$PYTHON" -m isreshape_verl.recipe_check "${check_args[@]}" "${hydra_args[@]}" ||
-            die "refusing to launch: the config does not pass isreshape_verl.recipe_check (RECIPE_CHECK=0 skips it)"
+        recipe_check "refusing to launch, the config does not pass isreshape_verl.recipe_check (RECIPE_CHECK=0 skips it)" \
+            "${check_args[@]}" "${hydra_args[@]}"
     fi
     mkdir -p "$run_dir"
     if [[ -s $run_dir/metrics.jsonl ]]; then  # verl's file logger truncates it (a resumed run, a rerun)
