@@ -16,6 +16,7 @@ import random
 import torch
 import torch.multiprocessing as mp
 
+from isreshape_verl.sandbox.interrupts import children_ignore_ctrl_c
 from isreshape_verl.sandbox.loop import generate_batch
 
 
@@ -61,7 +62,8 @@ class AsyncSource:
                   args.seed, threads),
             daemon=True,
         )
-        self.proc.start()
+        with children_ignore_ctrl_c():  # the trainer stops it; Ctrl-C in it would print its own traceback
+            self.proc.start()
 
     def next_batch(self, step: int):
         dropped = 0

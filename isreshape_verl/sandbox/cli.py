@@ -19,7 +19,7 @@ import sys
 from dataclasses import dataclass, field
 
 from isreshape_verl.cli_args import ArgumentParser, add_flags, build, check, fail
-from isreshape_verl.paths import ensure_writable_dir
+from isreshape_verl.paths import ensure_writable_dir, os_error_line, remove_created
 from isreshape_verl.sandbox.loop import RLArgs
 from isreshape_verl.sandbox.model import TinyModelArgs
 from isreshape_verl.sandbox.warmstart import WarmStartArgs
@@ -53,7 +53,8 @@ class CompareArgs:
     losses: list[str] = field(default_factory=lambda: ["vanilla", "sapo", "is_reshape"], metadata={"metavar": "SPEC"})
     """Loss specs MODE[:KEY=VALUE,...] (see isreshape_verl.specs); vanilla = GRPO's PPO-clip."""
     lags: list[int] = field(default_factory=lambda: [0, 4])
-    """Deterministic policy lags K: update t trains on rollouts of the policy after update t − K."""
+    """Deterministic policy lags K: update t trains on rollouts of the policy after update t − K (at most
+    steps − 1: from there on every update trains on the initial policy's rollouts, so a larger K is the same run)."""
     seeds: list[int] = field(default_factory=lambda: [0])
     """RL seeds (prompt order, sampling, shuffling); the warm start is shared."""
     out: str = "compare_out"
@@ -99,6 +100,12 @@ class CompareArgs:
         check("jobs", self.jobs, self.jobs >= 0, ">= 0 (0 = one per core)")
         check("threads", self.threads, self.threads > 0, "> 0")
         check("stop_after", self.stop_after, self.stop_after is None or self.stop_after > 0, "> 0")
+        # Lag K: update t trains on the batch made after update max(0, t − K). With K ≥ steps − 1 every update
+        # gets a batch of the initial policy, so larger lags only generate batches that are never used.
+        longest = self.rl.steps - 1
+        check("lags", [k for k in self.lags if k > longest] or self.lags, self.rl.async_mode or max(self.lags) <= longest,
+              f"at most --steps − 1 = {longest} (a larger lag trains on the same initial-policy rollouts as "
+              f"{longest}, only slower)")
 
 
 def _preset_notes() -> dict[str, str]:
@@ -124,7 +131,8 @@ def build_parser() -> tuple[ArgumentParser, list]:
 
 
 def resolve_args(argv: list[str]) -> tuple[CompareArgs, list]:
-    """Parse argv, apply the preset under explicit flags and validate everything; raises ValueError."""
+    """Parse argv, apply the preset under explicit flags and validate everything; raises ValueError. Writes
+    nothing: `main` creates --out."""
     from isreshape_verl.specs import parse_loss_specs
 
     parser, flags = build_parser()
@@ -135,6 +143,17 @@ def resolve_args(argv: list[str]) -> tuple[CompareArgs, list]:
     values["preset"] = preset
     args = build(CompareArgs, values, flags)
     specs = parse_loss_specs(args.losses)
+    if ns.max_staleness is not None and not args.rl.async_mode:
+        raise ValueError(f"--max-staleness {ns.max_staleness} applies only with --async (a fixed --lags K needs no "
+                         "bound: its lag is K); add --async or drop --max-staleness")
+    if ns.lags is not None and args.rl.async_mode:
+        raise ValueError(f"--lags {' '.join(map(str, ns.lags))} does not apply with --async (the generator's speed "
+                         "sets the lag, --max-staleness bounds it); drop one of them")
+    need = max(args.rl.prompts_per_step, args.warm.batch_size if args.warm.max_steps > 0 else 0)
+    if not args.data and args.n_train < need:  # random.sample of a batch from a smaller pool fails mid-run
+        raise ValueError(f"--n-train must be at least {need} (a step samples that many distinct problems: "
+                         f"--warm-batch-size {args.warm.batch_size}, --prompts-per-step {args.rl.prompts_per_step}); "
+                         f"got {args.n_train}")
     if args.model:
         from isreshape_verl.sandbox.model import check_model_dir
 
@@ -142,15 +161,9 @@ def resolve_args(argv: list[str]) -> tuple[CompareArgs, list]:
     if args.data:
         if not os.path.isfile(args.data):
             raise ValueError(f"--data {args.data!r} is not a file")
-        import pyarrow.parquet as pq
+        from isreshape_verl.sandbox.task import check_verl_parquet
 
-        try:
-            columns = set(pq.read_schema(args.data).names)
-        except Exception as err:  # noqa: BLE001 - any reader error means "not parquet"
-            raise ValueError(f"--data {args.data!r} is not a readable parquet file ({err})") from None
-        if not {"prompt", "reward_model"} <= columns:
-            raise ValueError(f"--data {args.data!r} is not verl-format: it needs columns prompt and reward_model")
-    ensure_writable_dir(args.out)
+        check_verl_parquet(args.data)
     if args.device == "cuda":
         import torch
 
@@ -159,20 +172,56 @@ def resolve_args(argv: list[str]) -> tuple[CompareArgs, list]:
     return args, specs
 
 
+PROG = "isreshape-verl compare"
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The command; returns its exit status. Every refusal and every failure of the environment (a full disk, a
+    damaged run file, a folder of another comparison) is one line and status 2; Ctrl-C 130, SIGTERM 143. A failed
+    command removes the --out folder when it created it and no run result is in it: nothing half-made is left."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    created: list[str | None] = [None]  # the outermost folder this command created, set once --out exists
+    try:
+        code = _compare(argv, created)
+    except KeyboardInterrupt as interrupt:  # before the comparison began (run_comparison handles its own)
+        from isreshape_verl.sandbox.interrupts import describe, exit_status
+
+        print(f"\n{describe(interrupt)}; no run had started, so there is nothing to resume", file=sys.stderr)
+        code = exit_status(interrupt)
+    if code != 0:
+        remove_created(created[0], keep=_is_run_result)
+    return code
+
+
+def _compare(argv: list[str], created: list) -> int:
+    """`main` without its clean-up: checks, the folder lock, the comparison; errors become one line."""
     try:
         args, specs = resolve_args(argv)
-    except ValueError as err:
-        return fail("isreshape-verl compare", str(err))
-    try:
+        created[0] = ensure_writable_dir(args.out)
         lock = lock_output(args.out)
     except ValueError as err:
-        return fail("isreshape-verl compare", str(err))
-    from isreshape_verl.sandbox.experiment import run_comparison
+        return fail(PROG, str(err))
+    except OSError as err:  # the lock file cannot be written: a full disk, say
+        return fail(PROG, os_error_line(err))
+    from isreshape_verl.sandbox.errors import CompareError
+    from isreshape_verl.sandbox.experiment import check_out_folder, run_comparison
 
     with lock:
-        return run_comparison(args, specs, command="isreshape-verl compare " + shlex.join(argv))
+        try:
+            check_out_folder(args, specs, build_parser()[1])
+            return run_comparison(args, specs, command=f"{PROG} " + shlex.join(argv))
+        except CompareError as err:  # bad input found while working (a damaged run file, data that does not fit)
+            return fail(PROG, str(err))
+        except OSError as err:  # a full disk, mostly; what was written whole is kept
+            kept = any(_is_run_result(os.path.join(root, name))
+                       for root, _, names in os.walk(os.path.join(args.out, "runs")) for name in names)
+            return fail(PROG, os_error_line(err, "; finished runs and checkpoints are kept, --resume continues"
+                                            if kept else ""))
+
+
+def _is_run_result(path: str) -> bool:
+    """A file a failed command must not delete: a run's metrics or checkpoint (`--resume` continues from them)."""
+    return os.path.basename(path) in ("metrics.jsonl", "checkpoint.pt") and os.path.getsize(path) > 0
 
 
 def lock_output(folder: str):

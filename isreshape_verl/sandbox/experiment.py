@@ -19,7 +19,10 @@ from dataclasses import asdict, replace
 
 import torch
 
-from isreshape_verl.sandbox.loop import RLArgs, Trainer, read_metrics
+from isreshape_verl.paths import write_atomic
+from isreshape_verl.sandbox.errors import CompareError, RunFileError
+from isreshape_verl.sandbox.interrupts import children_ignore_ctrl_c, describe, exit_status, sigterm_interrupts
+from isreshape_verl.sandbox.loop import RLArgs, Trainer, load_checkpoint, read_metrics
 from isreshape_verl.sandbox.model import build_policy
 from isreshape_verl.sandbox.report import summarize_run, terminal_table, table_rows, write_report
 from isreshape_verl.sandbox.task import fit_task, parquet_task, procedural_task
@@ -96,8 +99,95 @@ def _is_finished(run_dir: str, steps: int) -> bool:
     path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.exists(path) or os.path.exists(os.path.join(run_dir, "checkpoint.pt")):
         return False
-    rows = read_metrics(path)
+    rows = read_metrics(path, partial_tail=True)
     return bool(rows) and rows[-1]["step"] == steps
+
+
+def _has_results(run_dir: str) -> bool:
+    """Whether a run folder holds results (metrics rows or a checkpoint) that a new comparison would overwrite."""
+    return any(os.path.isfile(p) and os.path.getsize(p) > 0
+               for p in (os.path.join(run_dir, "metrics.jsonl"), os.path.join(run_dir, "checkpoint.pt")))
+
+
+# Flags that change how a comparison runs, not what it computes: --resume may differ in them. Losses, lags and
+# seeds name the runs (a resume may add some); every other flag must match the folder's runs.
+RESUME_MAY_CHANGE = frozenset({"losses", "lags", "seeds", "out", "resume", "stop_after", "jobs", "threads",
+                               "no_progress", "device"})
+
+
+def _settings(compare: dict, flags) -> dict:
+    """{flag: value} of a comparison's settings (`asdict(CompareArgs)` as config.json stores it)."""
+    values = {}
+    for flag in flags:
+        value = compare
+        for key in flag.path:
+            if not isinstance(value, dict) or key not in value:
+                break  # a setting that did not exist when the run was made: nothing to compare
+            value = value[key]
+        else:
+            values[flag.option] = value
+    return values
+
+
+def check_out_folder(args, specs, flags) -> None:
+    """Refuse, before any work, an --out folder this comparison must not write into (CompareError/RunFileError):
+
+    * without --resume, a folder with runs that have results: they would be overwritten silently;
+    * with --resume, runs made with other settings (another --lr, another preset...): the report would mix
+      them and claim this command made them. The first differing setting is named, with both values;
+    * with --resume, a damaged metrics.jsonl or checkpoint.pt of a run to continue: named now, not after the
+      warm start.
+    """
+    runs_dir = os.path.join(args.out, "runs")
+    existing = sorted(d for d in os.listdir(runs_dir) if os.path.isdir(os.path.join(runs_dir, d))) \
+        if os.path.isdir(runs_dir) else []
+    if not args.resume:
+        held = [d for d in existing if _has_results(os.path.join(runs_dir, d))]
+        if held:
+            finished = sum(_is_finished(os.path.join(runs_dir, d), _steps_of(runs_dir, d)) for d in held)
+            raise CompareError(f"--out {args.out!r} already holds {len(held)} run(s) ({finished} finished, e.g. "
+                               f"runs/{held[0]}) that this command would overwrite; continue them with --resume, "
+                               "choose another --out, or delete the folder to start over")
+        return
+    now = _settings(json.loads(json.dumps(asdict(args), default=str)), flags)
+    for d in existing:
+        config_path = os.path.join(runs_dir, d, "config.json")
+        if not os.path.exists(config_path):
+            continue
+        try:
+            with open(config_path) as f:
+                then = _settings(json.load(f)["compare"], flags)
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise RunFileError(f"{config_path} is not a readable run configuration ({err}); delete the run's folder "
+                               f"{os.path.join(runs_dir, d)!r} to run it again") from None
+        for option, value in now.items():
+            if option.lstrip("-").replace("-", "_") in RESUME_MAY_CHANGE or option not in then:
+                continue
+            if then[option] != value:
+                raise CompareError(f"--resume: {option} is {_shown(value)} now but {_shown(then[option])} in the runs "
+                                   f"of {args.out!r} (e.g. runs/{d}); resume with the folder's settings, or choose "
+                                   "another --out for the new ones")
+    planned = {run_name(spec, lag, seed) for spec in specs for seed in args.seeds
+               for lag in (["async"] if args.rl.async_mode else args.lags)}
+    for d in sorted(planned & set(existing)):
+        metrics, checkpoint = os.path.join(runs_dir, d, "metrics.jsonl"), os.path.join(runs_dir, d, "checkpoint.pt")
+        if os.path.exists(metrics):
+            read_metrics(metrics, partial_tail=True)
+        if os.path.exists(checkpoint):
+            load_checkpoint(checkpoint)
+
+
+def _steps_of(runs_dir: str, name: str) -> int:
+    """The steps a run was made for (its config.json), -1 when unknown."""
+    try:
+        with open(os.path.join(runs_dir, name, "config.json")) as f:
+            return int(json.load(f)["rl"]["steps"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return -1
+
+
+def _shown(value) -> str:
+    return " ".join(map(str, value)) if isinstance(value, list) else repr(value)
 
 
 def machine_description() -> str:
@@ -112,15 +202,18 @@ def machine_description() -> str:
     return f"{cpu}, {cores} cores{gpu}, torch {torch.__version__}, {platform.system()}"
 
 
-def estimate_step_seconds(policy, task, spec, rl: RLArgs, warm_state: dict) -> float:
-    """Seconds of one RL step (generate + log-probs + update), measured on a throwaway run of the real thing."""
+def estimate_step_seconds(policy, task, spec, rl: RLArgs, warm_state: dict) -> tuple[float, float]:
+    """Seconds to generate one rollout batch (with its log-probs) and to train on it, measured on a throwaway
+    run of the real thing. Apart: a run at lag K generates K batches more than it trains on."""
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(policy, task, spec, replace(rl, lag=0, async_mode=False), tmp, warm_state)
         t0 = time.perf_counter()
-        trainer.update(trainer.generate(0))
-        return time.perf_counter() - t0
+        batch = trainer.generate(0)
+        t1 = time.perf_counter()
+        trainer.update(batch)
+        return t1 - t0, time.perf_counter() - t1
 
 
 def run_name(spec, lag, seed) -> str:
@@ -129,20 +222,29 @@ def run_name(spec, lag, seed) -> str:
 
 
 def run_comparison(args, specs, command: str) -> int:
-    """Run every (loss, lag, seed) and write the report. SIGTERM (a scheduler, `kill`) stops it like Ctrl-C,
-    so that its workers stop too; the caller's SIGTERM handler is restored afterwards."""
-    import threading
+    """Run every (loss, lag, seed) and write the report; returns the exit status.
 
-    if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread
-        return _run_comparison(args, specs, command)
-    previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
-    try:
-        return _run_comparison(args, specs, command)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    Ctrl-C or SIGTERM (a scheduler, `kill`) at any point stops the workers too and prints one line saying what
+    is kept and how to continue; exit 130 (Ctrl-C) or 143 (SIGTERM). The caller's SIGTERM handler is restored
+    afterwards. Bad input found on the way raises CompareError; a file that cannot be written, OSError."""
+    phase = ["the setup"]  # what was running when interrupted: the message says what is kept
+    with sigterm_interrupts():
+        try:
+            return _run_comparison(args, specs, command, phase)
+        except KeyboardInterrupt as interrupt:
+            resume = f"{command} --resume" + ("" if "--out" in command else f" --out {args.out}")
+            if phase[0] == "runs":
+                what = (f"; finished runs and checkpoints (every {args.rl.ckpt_every} steps) are kept; "
+                        f"continue with: {resume}")
+            elif phase[0] == "report":
+                what = f" while writing the report; every run is finished, so {resume} writes it"
+            else:
+                what = f" during {phase[0]}; no run had started, so there is nothing to resume"
+            print(f"\n{describe(interrupt)}{what}", file=sys.stderr)
+            return exit_status(interrupt)
 
 
-def _run_comparison(args, specs, command: str) -> int:
+def _run_comparison(args, specs, command: str, phase: list[str]) -> int:
     wall0 = time.perf_counter()
     device = device_of(args)
     cores = os.cpu_count() or 1
@@ -161,13 +263,14 @@ def _run_comparison(args, specs, command: str) -> int:
     try:  # a data source verl cannot score, or no problem that fits the model: refused before any work
         task = fit_task(build_task(args), policy, args.rl.max_new_tokens)
     except ValueError as err:
-        print(f"isreshape-verl compare: error: {err}", file=sys.stderr)
-        return 2
+        raise CompareError(str(err)) from None
+    check_train_pool(task, args)
     print(f"policy: {policy.description}, {policy.num_parameters / 1e6:.2f} M parameters on {device}")
     print(f"task: {task.source}: {len(task.train)} train / {len(task.test)} test problems")
     identity = {"model": model_identity(args), "task": task_identity(args)}
     if device == "cpu":  # one process trains the warm start: give it every core
         torch.set_num_threads(cores)
+    phase[0] = "the warm start"
     warm = load_or_train(policy, identity, task.train, task.test, args.warm, args.rl.max_new_tokens,
                          progress=not args.no_progress)
     if threads:
@@ -177,12 +280,15 @@ def _run_comparison(args, specs, command: str) -> int:
     warm_state = {k: v.detach().clone() for k, v in policy.model.state_dict().items()}
 
     plan = [(spec, lag, seed) for seed in args.seeds for lag in lags for spec in specs]
-    step_s = estimate_step_seconds(policy, task, specs[0], rl_args(args, 0, args.seeds[0]), warm_state)
+    phase[0] = "the timing of one step"
+    gen_s, train_s = estimate_step_seconds(policy, task, specs[0], rl_args(args, 0, args.seeds[0]), warm_state)
     evals = args.rl.steps // args.rl.eval_every + 2
     eval_s = _time_eval(policy, task, args)
-    estimate = n_runs * (args.rl.steps * step_s + evals * eval_s) / (jobs if device == "cpu" else 1)
+    # a run at lag K generates K batches before its first update (the FIFO), so K more than it trains on
+    batches = sum(args.rl.steps + (0 if lag == "async" else lag) for _, lag, _ in plan)
+    estimate = (batches * gen_s + n_runs * (args.rl.steps * train_s + evals * eval_s)) / (jobs if device == "cpu" else 1)
     print(f"plan: {len(specs)} loss(es) × lags {lags} × seeds {args.seeds} = {n_runs} runs of {args.rl.steps} steps; "
-          f"{step_s:.2f} s/step measured, {jobs} job(s) × {threads or '-'} thread(s); "
+          f"{gen_s + train_s:.2f} s/step measured, {jobs} job(s) × {threads or '-'} thread(s); "
           f"estimated time {estimate / 60:.1f} min")
 
     todo, done_names = [], []
@@ -194,22 +300,17 @@ def _run_comparison(args, specs, command: str) -> int:
             done_names.append(name)
             continue
         rl = rl_args(args, 0 if lag == "async" else lag, seed)
-        with open(os.path.join(run_dir, "config.json"), "w") as f:
-            json.dump({"loss": str(spec), "lag": lag, "seed": seed, "rl": asdict(rl), "compare": asdict(args),
-                       "warm_start": {k: v for k, v in warm.items() if k != "history"}, "command": command},
-                      f, indent=1, default=str)
+        config = {"loss": str(spec), "lag": lag, "seed": seed, "rl": asdict(rl), "compare": asdict(args),
+                  "warm_start": {k: v for k, v in warm.items() if k != "history"}, "command": command}
+        write_atomic(os.path.join(run_dir, "config.json"), lambda f: json.dump(config, f, indent=1, default=str))
         todo.append({"name": name, "args": args, "spec": spec, "rl": rl, "task": task, "dir": run_dir,
                      "warm_path": warm["path"], "device": device, "resume": args.resume,
                      "stop_after": args.stop_after, "threads": threads})
     if done_names:
         print(f"--resume: {len(done_names)} finished run(s) kept")
 
-    try:
-        results = _run_all(todo, jobs, args)
-    except KeyboardInterrupt:
-        print(f"\ninterrupted; finished runs and checkpoints (every {args.rl.ckpt_every} steps) are kept. Continue with:"
-              f"\n  {command} --resume" + ("" if "--out" in command else f" --out {args.out}"), file=sys.stderr)
-        return 130
+    phase[0] = "runs"
+    results = _run_all(todo, jobs, args)
     if not all(r["finished"] for r in results):
         print(f"stopped after {args.stop_after} steps (--stop-after); continue with --resume")
         return 0
@@ -220,6 +321,7 @@ def _run_comparison(args, specs, command: str) -> int:
         rows = read_metrics(os.path.join(args.out, "runs", name, "metrics.jsonl"))
         runs.append({"name": name, "loss": str(spec), "lag": lag, "seed": seed, "rows": rows,
                      "summary": summarize_run(rows)})
+    phase[0] = "report"
     rl0 = rl_args(args, 0, 0)
     context = {
         "command": command,
@@ -254,8 +356,16 @@ def _ignore_interrupts() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def _raise_keyboard_interrupt(signum, frame):
-    raise KeyboardInterrupt
+def check_train_pool(task, args) -> None:
+    """The train pool must hold the distinct problems one step samples (`random.sample` without replacement): a
+    warm-start batch and a rollout batch. CompareError names the limit and the flag that sets the pool."""
+    need = max(args.rl.prompts_per_step, args.warm.batch_size if args.warm.max_steps > 0 else 0)
+    if len(task.train) >= need:
+        return
+    source = f"--data {args.data!r} leaves" if args.data else f"--n-train {args.n_train} gives"
+    raise CompareError(f"{source} {len(task.train)} train problem(s); a step samples {need} distinct ones "
+                       f"(--warm-batch-size {args.warm.batch_size}, --prompts-per-step {args.rl.prompts_per_step}): "
+                       f"at least {need} are needed")
 
 
 def _run_all(todo: list[dict], jobs: int, args) -> list[dict]:
@@ -296,13 +406,21 @@ def _run_all(todo: list[dict], jobs: int, args) -> list[dict]:
         import queue as queue_lib
         from concurrent.futures import ProcessPoolExecutor
 
+        from multiprocessing.managers import SyncManager
+
         ctx = mp.get_context("spawn")
-        with ctx.Manager() as manager, ProcessPoolExecutor(max_workers=jobs, mp_context=ctx,
-                                                           initializer=_ignore_interrupts) as pool:
+        with children_ignore_ctrl_c():  # Ctrl-C is the parent's to handle: no traceback from any child
+            manager = SyncManager(ctx=ctx)
+            manager.start(_ignore_interrupts)
+        with manager, ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_ignore_interrupts) as pool:
             try:
                 events = manager.Queue()
-                futures = [pool.submit(_execute, job, events) for job in todo]
+                with children_ignore_ctrl_c():  # workers start on submit
+                    futures = [pool.submit(_execute, job, events) for job in todo]
                 while not all(f.done() for f in futures):
+                    failed = next((f for f in futures if f.done() and f.exception() is not None), None)
+                    if failed is not None:  # a full disk, say: stop the other runs now, keep what is written
+                        failed.result()
                     try:
                         name, kw = events.get(timeout=0.5)
                         on_progress(name, kw)

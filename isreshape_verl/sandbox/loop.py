@@ -37,6 +37,8 @@ import torch
 
 from isreshape_verl.cli_args import check
 from isreshape_verl.diagnostics import effective_weights, kish_ess, quantiles
+from isreshape_verl.paths import naming, write_atomic
+from isreshape_verl.sandbox.errors import RunFileError
 from isreshape_verl.sandbox.rollout import Rollout, decode, greedy_accuracy, sample, sequence_log_probs, token_log_probs
 from isreshape_verl.sandbox.task import score
 
@@ -308,14 +310,13 @@ class Trainer:
             "reward_ema": self.reward_ema,
             "source": self.source.state(),
         }
-        tmp = self.ckpt_path + ".tmp"
-        torch.save(state, tmp)
-        os.replace(tmp, self.ckpt_path)
+        # through a Python file object: a full disk then raises OSError(ENOSPC), not torch's opaque RuntimeError
+        write_atomic(self.ckpt_path, lambda f: torch.save(state, f), "wb")
 
     def load(self) -> bool:
         if not os.path.exists(self.ckpt_path):
             return False
-        state = torch.load(self.ckpt_path, map_location="cpu", weights_only=False)
+        state = load_checkpoint(self.ckpt_path)
         self.step = state["step"]
         self.policy.model.load_state_dict(state["model"])
         self.opt.load_state_dict(state["opt"])
@@ -324,26 +325,31 @@ class Trainer:
         self.shuffle.set_state(state["shuffle"])
         self.reward_ema = state["reward_ema"]
         self.source.load_state(state["source"])
-        kept = []  # metrics written after the checkpoint are dropped: they will be recomputed identically
+        # metrics written after the checkpoint are dropped: they will be recomputed identically (a last line cut
+        # short by a full disk or a kill is one of them)
+        kept = []
         if os.path.exists(self.metrics_path):
-            with open(self.metrics_path) as f:
-                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= self.step]
-        with open(self.metrics_path, "w") as f:
-            f.writelines(kept)
+            kept = [row for row in read_metrics(self.metrics_path, partial_tail=True) if row["step"] <= self.step]
+        from isreshape_verl.sandbox.report import strict_json
+
+        write_atomic(self.metrics_path, lambda f: f.writelines(
+            json.dumps(strict_json(row), allow_nan=False) + "\n" for row in kept))
         return True
 
     # ---- the run ---------------------------------------------------------------------------------------
     def _write(self, row: dict) -> None:
         from isreshape_verl.sandbox.report import strict_json
 
-        with open(self.metrics_path, "a") as f:  # NaN (no token with A ≠ 0, say) is written as null
+        # NaN (no token with A ≠ 0, say) is written as null
+        with naming(self.metrics_path), open(self.metrics_path, "a") as f:
             f.write(json.dumps(strict_json(row), allow_nan=False) + "\n")
 
     def run(self, resume: bool = False, stop_after: int | None = None) -> bool:
         """Train to `args.steps`; returns False when stopped early by `stop_after` (checkpointed)."""
         args = self.args
         if not (resume and self.load()):
-            open(self.metrics_path, "w").close()
+            with naming(self.metrics_path):
+                open(self.metrics_path, "w").close()
             t0 = time.perf_counter()
             acc = self.evaluate()
             self._write({"step": 0, "test_acc": acc, "time_eval": time.perf_counter() - t0})
@@ -389,9 +395,47 @@ class Trainer:
         return True
 
 
-def read_metrics(path: str) -> list[dict]:
+def read_metrics(path: str, partial_tail: bool = False) -> list[dict]:
+    """The rows of a metrics.jsonl; RunFileError names the file and line of a row that is not a metrics row.
+
+    `partial_tail`: a last line without its newline that does not parse is dropped, not an error: it is a row
+    whose write was cut short (a full disk, a kill), which a resumed run recomputes."""
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        lines = f.readlines()
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            if partial_tail and number == len(lines) and not line.endswith("\n"):
+                break
+            raise RunFileError(f"{path}, line {number}: not a JSON metrics row ({err.msg}); delete the run's folder "
+                               f"{os.path.dirname(path)!r} to run it again") from None
+        if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+            raise RunFileError(f"{path}, line {number}: not a metrics row (a JSON object with an integer step "
+                               f"is expected); delete the run's folder {os.path.dirname(path)!r} to run it again")
+        rows.append(row)
+    return rows
+
+
+CHECKPOINT_KEYS = ("step", "model", "opt", "rng", "gen", "shuffle", "reward_ema", "source")
+
+
+def load_checkpoint(path: str) -> dict:
+    """A run's checkpoint.pt (as `Trainer.save` writes it); RunFileError names the file when it is damaged."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # noqa: BLE001 - zip, pickle and EOF errors all mean "damaged"
+        reason = " ".join(str(err).split())[:120] or type(err).__name__
+        raise RunFileError(f"{path} is not a readable checkpoint ({reason}); delete it to restart that run from "
+                           "step 0") from None
+    missing = [key for key in CHECKPOINT_KEYS if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise RunFileError(f"{path} is not a sandbox checkpoint (no {', '.join(missing)}); delete it to restart "
+                           "that run from step 0")
+    return state
 
 
 def without_timings(rows: list[dict]) -> list[dict]:

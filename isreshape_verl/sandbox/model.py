@@ -93,6 +93,10 @@ def build_tiny_qwen2(vocab_size: int, args: TinyModelArgs, pad_id: int, eos_id: 
     return Qwen2ForCausalLM(config)
 
 
+# what transformers' from_pretrained loads a PyTorch model from (besides any *.safetensors shard)
+WEIGHT_FILES = ("pytorch_model.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
 def check_model_dir(path: str) -> None:
     """Fail early (before any work) unless `path` looks like a local Hugging Face causal-LM folder."""
     if not os.path.isdir(path):
@@ -109,6 +113,9 @@ def check_model_dir(path: str) -> None:
         raise ValueError(f"--model {path!r}: config.json has no model_type; not a transformers model")
     if not any(os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json")):
         raise ValueError(f"--model {path!r} has no tokenizer (tokenizer.json or tokenizer_config.json)")
+    if not any(name in WEIGHT_FILES or name.endswith(".safetensors") for name in os.listdir(path)):
+        raise ValueError(f"--model {path!r} has no weights (model.safetensors, pytorch_model.bin or a sharded "
+                         "*.index.json); save the model with save_pretrained, or finish its download")
 
 
 class Policy:

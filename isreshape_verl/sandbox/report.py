@@ -15,12 +15,14 @@ import os
 
 import numpy as np
 
+from isreshape_verl.paths import write_atomic
 from isreshape_verl.sandbox.stats import area_under_curve, excludes_zero, verdict_rows
 
 REPORT_MD, SUMMARY_JSON = "report.md", "summary.json"
 ACCURACY_PNG, RATIOS_PNG, G_CURVES_PNG = "accuracy.png", "ratios.png", "g_curves.png"
 REPORT_FILES = (REPORT_MD, SUMMARY_JSON, ACCURACY_PNG, RATIOS_PNG, G_CURVES_PNG)  # what write_report writes
 ACC_THRESHOLD_GAIN = 0.05  # "steps to threshold": first evaluation ≥ start accuracy + 5 points
+G_CURVE_R_MAX = 5.0  # g_curves.png's r axis: past the dual clip at r = 3 (clip_ratio_c), so its effect shows
 COLLAPSE_DROP = 0.10  # collapse: final accuracy ≥ 10 points below the start, or non-finite metrics
 
 
@@ -210,6 +212,16 @@ def _loss_order(runs):
     return losses
 
 
+def save_figure(fig, path: str) -> None:
+    """Save a PNG whole or not at all (a full disk leaves no 0-byte plot), and free the figure either way."""
+    import matplotlib.pyplot as plt
+
+    try:
+        write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=90), "wb")
+    finally:
+        plt.close(fig)
+
+
 def plot_accuracy(runs: list[dict], path: str) -> None:
     import matplotlib
 
@@ -247,8 +259,7 @@ def plot_accuracy(runs: list[dict], path: str) -> None:
     fig.set_figheight(4.2 + 0.25 * legend_rows)
     fig.legend(handles, labels, loc="lower center", ncol=columns, fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.25 * legend_rows / fig.get_figheight() + 0.02, 1, 1))
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_ratios(runs: list[dict], path: str) -> None:
@@ -277,8 +288,7 @@ def plot_ratios(runs: list[dict], path: str) -> None:
     axes[0][0].set_ylabel("share of training tokens")
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def g_curve(spec, ratios: np.ndarray, advantage: float) -> np.ndarray:
@@ -304,21 +314,22 @@ def plot_g_curves(specs, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    r = np.linspace(0.05, 3.0, 300)
+    # past r = 3, where the default's dual clip (clip_ratio_c = 3) acts: the axis shows it acting
+    r = np.linspace(0.05, G_CURVE_R_MAX, 400)
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
     for ax, adv in zip(axes, (1.0, -1.0)):
         for i, spec in enumerate(specs):
             note = " (adaptive width: at its widest)" if spec.drawn_at_fixed_width() != spec else ""
             ax.plot(r, g_curve(spec, r, adv), color=f"C{i}", label=spec.label + note)
         ax.axvline(1.0, color="gray", lw=0.5)
+        ax.set_xlim(0, G_CURVE_R_MAX)
         ax.set_title(f"A {'> 0' if adv > 0 else '< 0'}: weight g(r) on −A·∇log π_θ")
         ax.set_xlabel("r = π_θ/μ")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("g(r)  (1 = on-policy policy gradient)")
     axes[0].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def report_files(out_dir: str) -> list[str]:
@@ -394,10 +405,9 @@ def write_report(out_dir: str, runs: list[dict], specs, context: dict) -> str:
     lines += ["", "Per-run metrics are in `runs/*/metrics.jsonl`, settings in `runs/*/config.json`; "
               f"`isreshape-verl plot-runs {out_dir}` plots every run as a curve, beside cluster runs if given.", ""]
     path = os.path.join(out_dir, REPORT_MD)
-    with open(path, "w") as f:
-        f.write("\n".join(lines))
-    with open(os.path.join(out_dir, SUMMARY_JSON), "w") as f:
-        summary = {"table": rows, "verdict": verdict_rows(runs, runs[0]["loss"]) if runs else [],
-                   "runs": [{k: v for k, v in r.items() if k != "rows"} for r in runs]}
-        json.dump(strict_json(summary), f, indent=1, default=str, allow_nan=False)
+    write_atomic(path, lambda f: f.write("\n".join(lines)))
+    summary = {"table": rows, "verdict": verdict_rows(runs, runs[0]["loss"]) if runs else [],
+               "runs": [{k: v for k, v in r.items() if k != "rows"} for r in runs]}
+    write_atomic(os.path.join(out_dir, SUMMARY_JSON),
+                 lambda f: json.dump(strict_json(summary), f, indent=1, default=str, allow_nan=False))
     return path

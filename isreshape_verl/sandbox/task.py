@@ -213,7 +213,48 @@ def _check_scorers(path: str, problems: list[Problem]) -> None:
                              f"{first.answer!r}; the sandbox cannot learn from this data")
 
 
-def parquet_task(path: str, n_test: int, seed: int) -> TaskData:
+def _type_problem(field, expected: str, ok) -> str | None:
+    return None if ok(field.type) else f"column {field.name} is {field.type}; expected {expected}"
+
+
+def check_verl_parquet(path: str) -> None:
+    """Refuse, before any work, a parquet file that is not verl-format data, naming the column and the type
+    expected (verl's RL dataset reads these columns the same way):
+
+        prompt        list<struct<role: string, content: string>>   the chat messages
+        reward_model  struct<ground_truth: ...>                      the answer verl's scorer compares with
+        data_source   string (optional)                              picks verl's scorer
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        schema = pq.read_schema(path)
+    except Exception as err:  # noqa: BLE001 - any reader error means "not parquet"
+        raise ValueError(f"--data {path!r} is not a readable parquet file ({err})") from None
+    missing = [name for name in ("prompt", "reward_model") if name not in schema.names]
+    if missing:
+        raise ValueError(f"--data {path!r} is not verl-format: it needs columns prompt and reward_model "
+                         f"(missing {', '.join(missing)})")
+
+    def is_messages(kind):
+        return ((pa.types.is_list(kind) or pa.types.is_large_list(kind)) and pa.types.is_struct(kind.value_type)
+                and {"role", "content"} <= {f.name for f in kind.value_type})
+
+    checks = [(schema.field("prompt"), "a list of chat messages, list<struct<role: string, content: string>>",
+               is_messages),
+              (schema.field("reward_model"), "struct<ground_truth: ...> (e.g. {'style': 'rule', 'ground_truth': "
+               "'42'})", lambda kind: pa.types.is_struct(kind) and "ground_truth" in {f.name for f in kind})]
+    if "data_source" in schema.names:
+        checks.append((schema.field("data_source"), "string",
+                       lambda kind: pa.types.is_string(kind) or pa.types.is_large_string(kind)))
+    for field, expected, ok in checks:
+        problem = _type_problem(field, expected, ok)
+        if problem:
+            raise ValueError(f"--data {path!r}: {problem}")
+
+
+def parquet_task(path: str, n_test: int, seed: int, log=print) -> TaskData:
     """verl-format parquet (prompt = chat messages, reward_model.ground_truth); a seeded hold-out is the test split.
 
     The prompt's last user message is the question; `extra_info.answer` (GSM8K's worked solution) is used
@@ -241,5 +282,8 @@ def parquet_task(path: str, n_test: int, seed: int) -> TaskData:
     if len(problems) < 2:
         raise ValueError(f"{path} has {len(problems)} rows; need at least 2")
     random.Random(seed).shuffle(problems)
-    n_test = min(n_test, len(problems) // 5 or 1)
+    wanted, n_test = n_test, min(n_test, len(problems) // 5 or 1)
+    if n_test < wanted:  # say so: an accuracy on a handful of problems moves in big steps
+        log(f"warning: {path}: {n_test} test problems instead of the {wanted} asked for (at most a fifth of its "
+            f"{len(problems)} rows is held out); one problem is {100 / n_test:.1f} accuracy points")
     return TaskData(problems[n_test:], problems[:n_test], f"parquet({path})")

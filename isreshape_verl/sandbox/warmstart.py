@@ -144,11 +144,24 @@ def load_or_train(policy, identity: dict, train, test, args: WarmStartArgs, max_
         log(f"warm start: training (cache key {key}); this happens once per model/task config")
         meta = train_warm_start(policy, train, test, args, max_new_tokens, log, progress)
         meta.update(key=key, identity=identity)
-        tmp = f"{weights}.tmp{os.getpid()}"
-        torch.save({k: v.cpu() for k, v in policy.model.state_dict().items()}, tmp)
-        os.replace(tmp, weights)
-        with open(f"{meta_path}.tmp{os.getpid()}", "w") as f:
-            json.dump(meta, f, default=str)
-        os.replace(f"{meta_path}.tmp{os.getpid()}", meta_path)
+        state = {k: v.cpu() for k, v in policy.model.state_dict().items()}
+        _write_cached(weights, lambda f: torch.save(state, f), "wb")  # a file object: ENOSPC is an OSError
+        _write_cached(meta_path, lambda f: json.dump(meta, f, default=str), "w")
         meta.update(cached=False, path=weights)
         return meta
+
+
+def _write_cached(path: str, write, mode: str) -> None:
+    """Write a cache file through a per-process temporary file and an atomic rename; a failure (full disk,
+    Ctrl-C) removes the temporary file, so the cache never holds a partial entry or leftovers."""
+    from isreshape_verl.paths import naming
+
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with naming(path), open(tmp, mode) as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
