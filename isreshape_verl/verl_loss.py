@@ -27,6 +27,26 @@ when it is larger; quadrant "pos" = A > 0, "neg" = A ≤ 0, "up" = r > 1, "down"
     actor/is_reshape/width, width_neg   kernel widths used (the adaptive ones with width_mode=adaptive)
     actor/is_reshape/width_stat         Σ K(r − 1)·(log r)² / N over the tokens the kernel acts on: the
                                         statistic width_mode=adaptive holds at width_target
+
+Step values (verl's engine workers). verl logs the unweighted mean of every micro-batch's value over
+micro-batches and data-parallel ranks (`Metric(MEAN)`, `verl/workers/utils/losses.py`; `aggregate_dp`,
+`verl/utils/metric/utils.py`). So that a micro-batch counts by its tokens, and one without valid tokens
+(rejection sampling, overlong filtering, dynamic batching's padding) counts for nothing instead of
+logging inf/NaN or dragging the means toward 0, each micro-batch i returns its statistic m_i times
+
+    share_i = n_i · k·D / N        n_i its valid tokens, k micro-batches per rank, D ranks,
+                                   N = batch_num_tokens, the mini-batch's valid tokens on all ranks
+
+and verl's mean (1/kD)·Σ share_i·m_i = Σ n_i·m_i / N is the token-weighted mean over the mini-batch,
+whatever its split into micro-batches and ranks. For the token means (ppo_kl, pg_clipfrac, weight_mean,
+gamma_mean, the quadrant shares, width_stat, nonfinite_frac) that is the mean over all of the step's
+tokens; ess, the ratio quantiles and extremes and the quadrant weights become the token-weighted mean of
+their micro-batch values. The widths are weighted by response tokens, so a fixed width logs itself.
+k = global_batch_size / (D · rows) is known only for fixed-size micro-batches; with
+`use_dynamic_bsz=True`, or outside verl's engine, values are the micro-batch's own, as verl's losses log
+them, and a micro-batch without valid tokens logs 0 for its token statistics. Tokens dropped as
+non-finite are in N but not in n_i: the token means are then per response token of the step, diluted by
+(1 − nonfinite_frac).
 """
 
 from __future__ import annotations
@@ -46,6 +66,16 @@ SOFT_CLIP_THRESHOLD = 0.5  # K below this counts toward pg_clipfrac
 _METRIC_TOKENS = 1 << 16  # metrics cover every sequence up to this many tokens, then every s-th sequence
 _QUANTILE_SAMPLE = 8_192
 _QUADRANTS = ("neg_down", "neg_up", "pos_down", "pos_up")
+WIDTH_METRICS = ("actor/is_reshape/width", "actor/is_reshape/width_neg")
+# every metric of a token statistic (`_MetricSums.sync` builds them); the keys never vary, as
+# verl's aggregation over ranks needs the same keys from every micro-batch
+TOKEN_METRICS = (
+    "actor/ppo_kl", "actor/pg_clipfrac",
+    *(f"actor/is_reshape/{name}" for name in ("weight_mean", "gamma_mean", "ess", "ratio_min", "ratio_p01",
+                                              "ratio_p50", "ratio_p99", "ratio_max", "width_stat")),
+    *(f"actor/is_reshape/{q}_share" for q in _QUADRANTS),
+    *(f"actor/is_reshape/{q}_weight" for q in _QUADRANTS),
+)
 
 
 def params_from_actor_config(config) -> ISReshapeParams:
@@ -153,6 +183,7 @@ class _MetricSums:
             width_neg = p.width if p.width_neg is None else p.width_neg
             scale = self._as_metric(self.width_scale, n_valid)  # one conversion for both widths
             metrics = {
+                "sampled": s["n"],
                 "actor/ppo_kl": s["neg_log_r"] / n_safe,
                 "actor/pg_clipfrac": s["soft_clipped"] / n_safe,
                 "actor/is_reshape/weight_mean": s["g_sum"] / n_safe,
@@ -175,6 +206,8 @@ class _MetricSums:
         values = torch.stack([v.to(n_valid.dtype) for v in (*head.values(), *metrics.values())]).tolist()  # one sync
         out = dict(zip(names, values))
         finite, n_valid = bool(out.pop("finite")), out.pop("n_valid")
+        if metrics and out.pop("sampled") == 0:  # the sampled rows hold no valid token: nothing was measured
+            return finite, n_valid, None
         if metrics:  # the widths are multiplied here, after the read: two fewer ops on the device per call
             out["actor/is_reshape/width"] *= self.params.width
             out["actor/is_reshape/width_neg"] *= width_neg
@@ -242,9 +275,43 @@ def compute_policy_loss_is_reshape(
         advantages = torch.where(ok, advantages, torch.zeros_like(advantages))
         pg_loss, finite, n_valid, metrics = _loss_and_sums(old_log_prob, log_prob, advantages, response_mask & ok, *args)
 
-    if metrics is None:
-        out = {"actor/ppo_kl": 0.0, "actor/pg_clipfrac": 0.0}
+    return pg_loss, step_metrics(metrics, n_valid, n_response, params, step_share(config, log_prob.shape[0]))
+
+
+def step_share(config, rows: int) -> float | None:
+    """k·D/N, the factor that turns a micro-batch's token count into its share of verl's step mean (module
+    docstring); None where it is unknown: dynamic batch sizes, or a caller that is not verl's engine.
+
+    verl's engine splits each rank's mini-batch of global_batch_size / D sequences into k equal micro-batches
+    of ppo_micro_batch_size_per_gpu rows (`prepare_micro_batches`, verl/workers/engine/utils.py), and sets
+    dp_size, batch_num_tokens and global_batch_size in `config.global_batch_info` before every call.
+    """
+    info = getattr(config, "global_batch_info", None) or {}
+    ranks, tokens, sequences = info.get("dp_size"), info.get("batch_num_tokens"), info.get("global_batch_size")
+    micro = getattr(config, "ppo_micro_batch_size_per_gpu", None)
+    if getattr(config, "use_dynamic_bsz", True) or micro != rows or not (ranks and tokens and sequences):
+        return None
+    if sequences % (ranks * rows):
+        return None
+    return sequences // (ranks * rows) * ranks / tokens
+
+
+def step_metrics(metrics: dict[str, float] | None, n_valid: float, n_response: float, params: ISReshapeParams,
+                 share: float | None) -> dict[str, float]:
+    """The metrics one micro-batch hands to verl: always the same keys, never inf/NaN, each weighted by
+    the micro-batch's share of the step's tokens when `share` (= k·D/N, see `step_share`) is known."""
+    if n_valid == 0 or metrics is None:  # no token measured: the extremes would be ±inf, the means 0/0
+        out = dict.fromkeys(TOKEN_METRICS, 0.0)
+        width_neg = params.width if params.width_neg is None else params.width_neg
+        out.update(zip(WIDTH_METRICS, (params.width, width_neg)))
     else:
-        out = metrics
-    out["actor/is_reshape/nonfinite_frac"] = 1.0 - n_valid / n_response if n_response else 0.0
-    return pg_loss, out
+        out = dict(metrics)
+    if share is None:
+        out["actor/is_reshape/nonfinite_frac"] = 1.0 - n_valid / n_response if n_response else 0.0
+        return out
+    for name in TOKEN_METRICS:
+        out[name] *= n_valid * share
+    for name in WIDTH_METRICS:
+        out[name] *= n_response * share
+    out["actor/is_reshape/nonfinite_frac"] = (n_response - n_valid) * share
+    return out

@@ -527,3 +527,97 @@ def test_gradient_weight_is_bounded(kernel, one_sided, gamma_mode, log_r, adv, w
     if one_sided and adv <= 0:
         bound = max(bound, math.exp(log_r))
     assert -1e-12 <= g <= bound * (1 + 1e-12)
+
+
+# ------------------------------- step metrics, aggregated by verl's own code -------------------------------
+def verl_step_metrics(config, batch, ranks: int, rows: int) -> dict[str, float]:
+    """The step values verl's engine logs for one mini-batch `batch` = (old, log_prob, adv, mask), split into
+    `ranks` contiguous shares and micro-batches of `rows` sequences: global_batch_info as
+    `verl/workers/utils/losses.py` sets it, each micro-batch's metrics wrapped as `Metric(MEAN)` and
+    collected per rank (`postprocess_batch_func`), then `Metric.aggregate_dp` over ranks (engine_workers)."""
+    from verl.utils.metric import AggregationType, Metric
+    from verl.utils.py_functional import append_to_dict
+
+    old, log_prob, adv, mask = batch
+    config.ppo_micro_batch_size_per_gpu = rows
+    config.global_batch_info.update(dp_size=ranks, batch_num_tokens=int(mask.sum()), global_batch_size=mask.shape[0],
+                                    loss_scale_factor=None)
+    per_rank = mask.shape[0] // ranks
+    collected = []
+    for rank in range(ranks):
+        rank_metrics = {}
+        for start in range(rank * per_rank, (rank + 1) * per_rank, rows):
+            s = slice(start, start + rows)
+            _, _, metrics = loss_and_grad(IS_RESHAPE, config, old[s], log_prob[s], adv[s], mask[s])
+            append_to_dict(rank_metrics, Metric.from_dict(metrics, aggregation=AggregationType.MEAN))
+        collected.append(rank_metrics)
+    return {key: float(Metric.aggregate_dp([c[key] for c in collected])) for key in collected[0]}
+
+
+def _with_empty_rows(batch, empty: int):
+    """The batch with `empty` all-masked sequences in front (their tokens exist, their response_mask is 0)."""
+    old, log_prob, adv, mask = (t.clone() for t in batch)
+    extra = random_batch(seed=99, B=empty, T=old.shape[1])
+    return (*(torch.cat([e, t]) for e, t in zip(extra[:3], (old, log_prob, adv))),
+            torch.cat([torch.zeros_like(extra[3]), mask]))
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_step_token_means_are_over_all_tokens_of_the_step(ranks):
+    """ppo_kl, weight_mean and the quadrant shares verl logs are the token means over the whole mini-batch
+    (not the unweighted mean of micro-batch means), for any split into micro-batches and ranks."""
+    batch = random_batch(seed=61, B=8)
+    config = spec_config("is_reshape")
+    logged = verl_step_metrics(config, batch, ranks=ranks, rows=2)
+    old, log_prob, adv, mask = batch
+    log_r = (log_prob - old)[mask]
+    assert logged["actor/ppo_kl"] == pytest.approx(float(-log_r.mean()), rel=1e-12)
+    g = expected_weight(config.policy_loss.reshape_params(), log_prob, old, adv)[mask]
+    assert logged["actor/is_reshape/weight_mean"] == pytest.approx(float(g.mean()), rel=1e-12)
+    up_share = float((log_r > 0).double().mean())
+    assert logged["actor/is_reshape/pos_up_share"] + logged["actor/is_reshape/neg_up_share"] == pytest.approx(up_share)
+    # a fixed width logs itself; verl's unweighted mean of micro-batch means differs for this batch
+    assert logged["actor/is_reshape/width"] == pytest.approx(config.policy_loss.width, rel=1e-12)
+    micro_means = [float(-(log_prob - old)[s][mask[s]].mean()) for s in (slice(i, i + 2) for i in range(0, 8, 2))]
+    assert abs(sum(micro_means) / 4 - logged["actor/ppo_kl"]) > 1e-3
+
+
+@pytest.mark.parametrize("ranks, empty", [(1, 2), (2, 2), (2, 4)])
+@pytest.mark.parametrize("spec", ["is_reshape", "is_reshape:width_mode=adaptive", "is_reshape:kernel=box,one_sided=true"])
+def test_an_empty_micro_batch_does_not_move_the_step_metrics(ranks, empty, spec):
+    """An all-masked micro-batch (on one rank only, when `empty` < rows per rank) leaves every logged value
+    as it is without it, and none is inf/NaN; verl requires the same keys from every micro-batch."""
+    batch = random_batch(seed=62, B=8)
+    if ranks == 2 and empty == 2:  # rank 0: [empty, 2 rows]... needs equal shares: 2 + 6 = 8 = 2 × 4 rows
+        batch = tuple(t[:6] for t in batch)
+    config = spec_config(spec)
+    padded = _with_empty_rows(batch, empty)
+    with_empty = verl_step_metrics(config, padded, ranks=ranks, rows=2)
+    reference = verl_step_metrics(config, batch, ranks=1, rows=2)
+    assert with_empty.keys() == reference.keys()
+    assert all(math.isfinite(v) for v in with_empty.values()), with_empty
+    for key, value in reference.items():
+        assert with_empty[key] == pytest.approx(value, rel=1e-12, abs=1e-15), key
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_a_non_finite_micro_batch_dilutes_the_step_metrics_by_its_token_share(ranks):
+    """A micro-batch whose every token is NaN: nothing logged is inf/NaN, nonfinite_frac is its share of the
+    step's tokens, the widths are unchanged and every token statistic is the clean step's times
+    N_clean / N (the dropped tokens stay in verl's count N, which the loss cannot see past)."""
+    from isreshape_verl.verl_loss import TOKEN_METRICS, WIDTH_METRICS
+
+    clean = tuple(t[:6] for t in random_batch(seed=63, B=8))
+    old, log_prob, adv, mask = _with_empty_rows(clean, 2)
+    mask[:2] = torch.ones_like(mask[:2])
+    old[:2] = float("nan")
+    config = spec_config("is_reshape")
+    logged = verl_step_metrics(config, (old, log_prob, adv, mask), ranks=ranks, rows=2)
+    reference = verl_step_metrics(config, clean, ranks=1, rows=2)
+    assert all(math.isfinite(v) for v in logged.values()), logged
+    n_clean, n_all = int(clean[3].sum()), int(mask.sum())
+    assert logged["actor/is_reshape/nonfinite_frac"] == pytest.approx((n_all - n_clean) / n_all, rel=1e-12)
+    for key in WIDTH_METRICS:
+        assert logged[key] == pytest.approx(reference[key], rel=1e-12)
+    for key in TOKEN_METRICS:
+        assert logged[key] == pytest.approx(reference[key] * n_clean / n_all, rel=1e-12, abs=1e-15), key

@@ -16,6 +16,7 @@ of magnitude above it.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shlex
@@ -82,10 +83,13 @@ SINGLE_CASES = {
     "default": is_reshape_overrides(),
     "default_micro8": is_reshape_overrides() + micro(8),
     # identities
+    # one micro-batch: verl logs vanilla's clip fraction as the unweighted mean of micro-batch means, ours is
+    # token-weighted (isreshape_verl.verl_loss, "Step values"); they agree where there is one micro-batch
     "ppo_as_is_reshape": is_reshape_overrides(kernel="box", one_sided=True, gamma_mode="fixed", gamma=1.0,
                                               width_mode="fixed", localize_sft=False, width=CLIP_HIGH,
-                                              width_neg=CLIP_LOW),
-    "vanilla": verl_loss_overrides("vanilla", clip_ratio_low=CLIP_LOW, clip_ratio_high=CLIP_HIGH, clip_ratio_c=1e9),
+                                              width_neg=CLIP_LOW) + micro(8),
+    "vanilla": verl_loss_overrides("vanilla", clip_ratio_low=CLIP_LOW, clip_ratio_high=CLIP_HIGH,
+                                   clip_ratio_c=1e9) + micro(8),
     "sapo_as_is_reshape": is_reshape_overrides(kernel="sech2", one_sided=False, gamma_mode="fixed", gamma=1.0,
                                                width_mode="fixed", width=2 / TAU_POS, width_neg=2 / TAU_NEG),
     "sapo": verl_loss_overrides("sapo", tau_pos=TAU_POS, tau_neg=TAU_NEG),
@@ -99,6 +103,19 @@ SINGLE_CASES = {
     "fixed_no_rmpad": FIXED + ["actor_rollout_ref.model.use_remove_padding=False"],
     **{f"fixed_{mode}": FIXED + agg(mode) for mode in DP_AGG_MODES if mode != "seq-mean-token-mean"},
 }
+# an all-masked or all-NaN micro-batch (rows 0-1, micro-batch 2) among others, and the same step without it
+# (rows 2-7, a mini-batch of 6); token-mean keeps the updates equal (seq-mean would count the masked rows)
+TOKEN_MEAN = agg("token-mean")
+WITHOUT_ROWS_0_1 = {"keep_rows": list(range(2, 8)), "overrides": [f"{ACTOR}.ppo_mini_batch_size=6"]}
+EMPTY_MICRO_BATCH_CASES = {
+    "empty_micro_batch": {"overrides": is_reshape_overrides() + TOKEN_MEAN, "mask_rows": [0, 1]},
+    "nonfinite_micro_batch": {"overrides": is_reshape_overrides() + TOKEN_MEAN, "nonfinite_rows": [0, 1]},
+    "without_micro_batch": {**WITHOUT_ROWS_0_1, "overrides": is_reshape_overrides() + TOKEN_MEAN
+                            + WITHOUT_ROWS_0_1["overrides"]},
+    "fixed_without_micro_batch": {**WITHOUT_ROWS_0_1, "overrides": FIXED + TOKEN_MEAN
+                                  + WITHOUT_ROWS_0_1["overrides"]},
+}
+
 # data parallel: each rank holds 4 of the 8 sequences
 DP_CASES = {
     **{f"dp_fixed_{mode}": FIXED + agg(mode) for mode in DP_AGG_MODES},
@@ -131,6 +148,7 @@ def checkpoint(model_dir):
 @pytest.fixture(scope="module")
 def single(model_dir):
     cases = [{"name": n, "overrides": o} for n, o in SINGLE_CASES.items()]
+    cases += [{"name": n, **case} for n, case in EMPTY_MICRO_BATCH_CASES.items()]
     # the recipe's exact overrides, with only the batch sizes fitted to the 8-sequence batch (rollout.n = 8)
     cases.append({"name": "recipe", "base": recipe_overrides(),
                   "overrides": [f"{ACTOR}.ppo_mini_batch_size=1", *micro(4)]})
@@ -140,6 +158,9 @@ def single(model_dir):
 @pytest.fixture(scope="module")
 def dp(model_dir):
     cases = [{"name": n, "overrides": o} for n, o in DP_CASES.items()]
+    # rank 0's first micro-batch is all masked, rank 1's are not; a fixed width (the adaptive one is solved
+    # over both ranks' micro-batch i, which pairs other sequences than one rank does)
+    cases.append({"name": "dp_empty_micro_batch", "overrides": FIXED + TOKEN_MEAN, "mask_rows": [0, 1]})
     return run_cases(cases, model_dir=model_dir, world_size=2, batch=BATCH)
 
 
@@ -281,3 +302,65 @@ def test_two_ranks_adaptive_width_is_the_global_one(dp, single):
     one, two = single["default_micro8"]["metrics"], dp["dp_default"]["metrics"]
     for step in range(2):
         assert math.isclose(two["actor/is_reshape/width"][step], one["actor/is_reshape/width"][step], rel_tol=RTOL)
+
+
+# --- step metrics with an all-masked or all-NaN micro-batch --------------------------------------------
+
+STEP_METRICS = ["actor/ppo_kl", "actor/pg_clipfrac", *(f"actor/is_reshape/{m}" for m in sorted(IS_RESHAPE_METRICS))]
+
+
+def assert_same_step_metrics(a, b, steps=(0, 1), scale=1.0):
+    for name in STEP_METRICS:
+        for step in steps:
+            got, want = a["metrics"][name][step], b["metrics"][name][step] * scale
+            assert math.isfinite(got), (name, a["metrics"][name])
+            assert math.isclose(got, want, rel_tol=RTOL, abs_tol=1e-7), (name, step, got, want)
+
+
+def harness_batch(model_dir):
+    """The batch `run_cases` trains on (the same seed and vocabulary)."""
+    from isreshape_verl.testing.verl_worker import make_batch
+
+    return make_batch(BATCH, vocab_size=json.loads((model_dir / "config.json").read_text())["vocab_size"])
+
+
+def first_step_kl(model_dir, rows) -> float:
+    """ppo_kl of the first optimizer step in closed form: there π_θ = π_θ₀, so −log r = log μ − log π_θ₀ is
+    the harness's behaviour shift, and its mean over the valid tokens of `rows` is the step's value."""
+    batch = harness_batch(model_dir)
+    shift, mask = batch["behaviour_shift"][rows], batch["response_mask"][rows].bool()
+    return float(shift[mask].mean())
+
+
+def test_an_empty_micro_batch_leaves_the_step_metrics_unchanged(single, model_dir):
+    """One all-masked micro-batch among four logs what the step without it logs (both optimizer steps), and
+    ppo_kl is the token mean over the step's valid tokens; the default (adaptive-width) loss."""
+    with_empty, without = single["empty_micro_batch"], single["without_micro_batch"]
+    assert_same_update(with_empty, without)
+    assert_same_step_metrics(with_empty, without)
+    kl = first_step_kl(model_dir, slice(2, 8))
+    assert math.isclose(with_empty["metrics"]["actor/ppo_kl"][0], kl, rel_tol=1e-4, abs_tol=1e-6), kl
+
+
+def test_an_empty_micro_batch_on_one_of_two_ranks_leaves_the_step_metrics_unchanged(dp, single):
+    """Rank 0's first micro-batch is all masked, rank 1's are full: the step logs what one rank logs for the
+    six other sequences (verl averages micro-batches and ranks; each micro-batch counts by its tokens)."""
+    assert_same_update(dp["dp_empty_micro_batch"], single["fixed_without_micro_batch"])
+    assert_same_step_metrics(dp["dp_empty_micro_batch"], single["fixed_without_micro_batch"])
+
+
+def test_a_non_finite_micro_batch_logs_finite_values_diluted_by_its_share(single, model_dir):
+    """A micro-batch whose behaviour log-probs are NaN: every value finite; on the first step (same weights)
+    the token statistics are those without it times N_clean / N, nonfinite_frac = 1 − N_clean / N."""
+    bad, without = single["nonfinite_micro_batch"], single["without_micro_batch"]
+    for name in STEP_METRICS:
+        assert all(math.isfinite(v) for v in bad["metrics"][name]), (name, bad["metrics"][name])
+    mask = harness_batch(model_dir)["response_mask"]
+    kept = float(mask[2:].sum() / mask.sum())
+    assert math.isclose(bad["metrics"]["actor/is_reshape/nonfinite_frac"][0], 1 - kept, rel_tol=1e-6)
+    for name in STEP_METRICS:
+        if name.endswith(("/width", "/width_neg", "/nonfinite_frac")):
+            continue  # the widths are weighted by response tokens, the NaN ones included
+        got, want = bad["metrics"][name][0], without["metrics"][name][0] * kept
+        assert math.isclose(got, want, rel_tol=RTOL, abs_tol=1e-7), (name, got, want)
+

@@ -250,6 +250,9 @@ def run_case(case: dict, model_dir: str, spec: BatchSpec, rank: int, world_size:
     temperature = arr.rollout.temperature
 
     full = make_batch(spec, vocab_size=worker.actor.model_config.hf_config.vocab_size)
+    if "keep_rows" in case:  # the same sequences without the others (a batch of fewer rows)
+        full = full[torch.tensor(case["keep_rows"])]
+    full["response_mask"][case.get("mask_rows", [])] = 0  # as rejection sampling or overlong filtering leave them
     shift = full.pop("behaviour_shift")
     advantages = full.pop("advantages")
 
@@ -263,6 +266,9 @@ def run_case(case: dict, model_dir: str, spec: BatchSpec, rank: int, world_size:
     share = _dispatch(full.clone(), rank, world_size)
     rows = slice(rank * share.shape[0], (rank + 1) * share.shape[0])
     old_log_probs = (log_probs + shift[rows]) * share["response_mask"]
+    for row in case.get("nonfinite_rows", []):  # a behaviour policy that returned NaN log-probs
+        if rows.start <= row < rows.stop:
+            old_log_probs[row - rows.start] = float("nan")
 
     # 2. update (RayPPOTrainer._update_actor): this rank's rows of the trainer's batch
     batch = share.clone()
@@ -315,6 +321,8 @@ def run_cases(cases: list[dict], *, model_dir: str | os.PathLike, world_size: in
               env: dict | None = None) -> dict[str, dict]:
     """Run each case ({"name", "overrides": [hydra overrides]}, optional "base" replacing
     `harness_overrides`) in fresh processes, one per rank; return name → result of `run_case`.
+    Optional batch edits, by row of the `BatchSpec` batch: "keep_rows" (train on these rows only), then,
+    by row of what is kept, "mask_rows" (response_mask 0) and "nonfinite_rows" (old log-probs NaN).
 
     Raises RuntimeError with the processes' output when a process fails or `timeout` seconds pass (a hang
     guard: the ~1 min of CPU the tests need can take many times longer on a machine shared with other jobs).
