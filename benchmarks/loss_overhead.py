@@ -241,7 +241,7 @@ def main():
     parser.add_argument("--losses", nargs="+", default=DEFAULT_LOSSES,
                         help="loss specs; the first is the baseline of the ratios (default: vanilla first)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--reps", type=int, default=25, help="timed repetitions (>= 20 for the README figures)")
+    parser.add_argument("--reps", type=int, default=25, help="timed repetitions (>= 20 for the figures in docs/performance.md)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     parser.add_argument("--no-progress", action="store_true")

@@ -15,7 +15,7 @@ prompt tokens, the same weights. The task, the model and the warm start are the 
 identity, so the warm start comes from the sandbox's cache (``$ISRESHAPE_CACHE``, default
 ``~/.cache/isreshape-verl``) when a ``compare`` run with the same settings has trained it, and lands there
 otherwise (minutes the first time: 500 steps, 5.6 min on 2 cores shared with another job;
-the sandbox's README says ≈ 2 min on 2 idle cores).
+152 s from a fresh clone on 2 cores, as the README's timing of `compare` measured).
 
 Rows follow ``verl_format`` (data_source, prompt, ability, reward_model, extra_info), except that the user
 message is the bare question ("13-9-3=?"), with no instruction: the tiny model was warm-started on

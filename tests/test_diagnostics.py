@@ -98,7 +98,7 @@ def _read_off(spec_text, sign):
 
 @pytest.mark.parametrize("sign", [1.0, -1.0])
 def test_read_off_g_equals_the_closed_form_for_vanilla_ppo_clip(sign):
-    # PPO-clip (no dual-clip below r = 3) is one-sided box, γ = 1, widths ε_high = ε_low = 0.2 (README):
+    # PPO-clip (no dual-clip below r = 3) is one-sided box, γ = 1, widths ε_high = ε_low = 0.2 (docs/math.md):
     #   A > 0: g = r for r ≤ 1.2, 0 above;   A < 0: g = r for r ≥ 0.8, 0 below
     params = ISReshapeParams(kernel="box", width=0.2, one_sided=True, gamma_mode="fixed", gamma=1.0,
                              localize_sft=False, width_mode="fixed")
