@@ -41,15 +41,14 @@ if [[ $DRY_RUN != 1 && -z ${RUN_ROOT:-} && -z ${COMPARE_DIR:-} ]]; then
     exit 2
 fi
 
-# the recipe knobs set here travel into the job
-KNOBS=(MODEL DATA_DIR MAX_PROMPT_LEN MAX_RESPONSE_LEN TRAIN_BATCH MINI_BATCH MICRO_BATCH ROLLOUT_N LR
-    EPOCHS LOSS_AGG_MODE SEED TEMPERATURE ROLLOUT_TP GPU_MEM_UTIL ASYNC STALENESS PARAM_SYNC_STEP
-    ROLLOUT_NODES ROLLOUT_GPUS CKPT_BACKEND NNODES GPUS_PER_NODE RUN_ROOT EXP_NAME PROJECT TEST_FREQ
-    SAVE_FREQ WANDB WANDB_API_KEY SAPO_TAU_POS SAPO_TAU_NEG CLIP_RATIO COMPARE_DIR LOSSES RECIPE_CHECK)
+# the recipe knobs set here travel into the job (recipes/common.sh lists them; DRY_RUN and PYTHON are this
+# machine's), and wandb's key
 # shellcheck source=SCRIPTDIR/../common.sh
 source "$REPO/recipes/common.sh"
-read -r -a is_knobs <<<"$(is_reshape_knobs)"
-KNOBS+=("${is_knobs[@]}")
+KNOBS=(WANDB_API_KEY)
+for var in $(recipe_knobs); do
+    [[ $var == DRY_RUN || $var == PYTHON ]] || KNOBS+=("$var")
+done
 entry=(env)
 for var in "${KNOBS[@]}"; do
     [[ -n ${!var:-} ]] && entry+=("$var=${!var}")
