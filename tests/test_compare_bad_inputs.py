@@ -204,24 +204,26 @@ def test_a_full_disk_at_the_first_write_leaves_nothing(tmp_path, monkeypatch, ca
 
 
 # ---- Ctrl-C and SIGTERM (row 7): real signals, so real processes -------------------------------------------------
-def _start(argv, cache, tmp_path):
+def _start(argv, cache):
     env = {**os.environ, "ISRESHAPE_CACHE": str(cache), "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen([sys.executable, "-m", "isreshape_verl.sandbox", *argv], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True, cwd=tmp_path)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
 def _wait_for(proc, ready, what):
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None and not ready():
         time.sleep(0.2)
-    assert proc.poll() is None and ready(), f"{what} never came"
+    if proc.poll() is not None or not ready():
+        proc.kill()
+        raise AssertionError(f"{what} never came: {proc.communicate()[1][-2000:]}")
 
 
 def test_ctrl_c_during_the_warm_start_is_one_line_and_exit_130(tmp_path):
     """Row 7: a cold cache and an unreachable target keep the warm start busy; Ctrl-C (SIGINT to the process group,
     as a terminal sends it) ends it with one line, exit 130, and the --out folder it created is gone."""
     out, cache = tmp_path / "out", tmp_path / "cold"
-    proc = _start(TINY + ["--warm-max-steps", "5000", "--warm-target", "1.0", "--out", str(out)], cache, tmp_path)
+    proc = _start(TINY + ["--warm-max-steps", "5000", "--warm-target", "1.0", "--out", str(out)], cache)
     _wait_for(proc, lambda: any(cache.rglob("*.lock")), "the warm start")
     time.sleep(1.0)
     os.killpg(proc.pid, signal.SIGINT)
@@ -242,7 +244,7 @@ def test_a_signal_during_the_runs_is_one_line_from_the_parent(mode, sig, code, m
     how to resume (130). SIGTERM (`kill PID`) says so too, with exit 143."""
     out = tmp_path / "out"
     argv = TINY + mode + ["--out", str(out)]
-    proc = _start(argv, cache, tmp_path)
+    proc = _start(argv, cache)
     _wait_for(proc, lambda: any(p.stat().st_size > 0 for p in out.glob("runs/*/metrics.jsonl")), "a run")
     (os.killpg if sig == signal.SIGINT else os.kill)(proc.pid, sig)
     _, err = proc.communicate(timeout=60)

@@ -50,3 +50,21 @@ def test_terminal_summary_lists_the_written_report_and_plots(tmp_path):
     assert text.splitlines()[-len(REPORT_FILES) - 1:] == [f"written to {tmp_path}:"] + [
         f"  {os.path.join(tmp_path, name)}" for name in REPORT_FILES]
     assert "written to" not in terminal_table(table_rows(runs))  # without out_dir: the table only
+
+
+def test_g_curves_reach_past_the_dual_clip(tmp_path):
+    """g_curves.png's r axis goes past r = 3, where verl's dual clip (clip_ratio_c) zeroes GRPO's weight of A < 0
+    tokens: the plot shows the clip acting, not the axis ending on it."""
+    import numpy as np
+
+    from isreshape_verl.sandbox.report import G_CURVE_R_MAX, g_curve, plot_g_curves
+    from isreshape_verl.specs import parse_loss_specs
+
+    specs = parse_loss_specs(["vanilla", "sapo", "is_reshape"])
+    clip = specs[0].actor_config().clip_ratio_c
+    assert G_CURVE_R_MAX >= clip + 1
+    g = g_curve(specs[0], np.array([clip - 0.5, clip + 0.5]), -1.0)
+    assert g[0] > 0 and g[1] == 0  # what the extended axis makes visible
+    plot_g_curves(specs, str(tmp_path / "g_curves.png"))
+    assert (tmp_path / "g_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["g_curves.png"]  # no temporary file left

@@ -322,6 +322,11 @@ def plot_g_curves(specs, path: str) -> None:
             note = " (adaptive width: at its widest)" if spec.drawn_at_fixed_width() != spec else ""
             ax.plot(r, g_curve(spec, r, adv), color=f"C{i}", label=spec.label + note)
         ax.axvline(1.0, color="gray", lw=0.5)
+        if adv < 0:  # verl's dual clip bounds the loss of A < 0 tokens at clip_ratio_c: g = 0 past it
+            for c in sorted({getattr(spec.actor_config(), "clip_ratio_c", None) for spec in specs} - {None}):
+                ax.axvline(c, color="gray", lw=0.8, ls=":")
+                ax.annotate(f"dual clip\nclip_ratio_c = {c:g}", (c, 0.98), xycoords=("data", "axes fraction"),
+                            xytext=(4, 0), textcoords="offset points", va="top", fontsize=7, color="gray")
         ax.set_xlim(0, G_CURVE_R_MAX)
         ax.set_title(f"A {'> 0' if adv > 0 else '< 0'}: weight g(r) on −A·∇log π_θ")
         ax.set_xlabel("r = π_θ/μ")
