@@ -169,8 +169,13 @@ arguments are Hydra overrides appended last (they win). Knobs (environment varia
                                           these keys take '++' (actor_rollout_ref.actor.policy_loss.KEY)
   script
     DRY_RUN            1: print the command, check it, do not launch
-    RECIPE_CHECK       0: skip the config check (also before a real launch)
+    RECIPE_CHECK       0: skip the config check and the IS_* value check (also before a real launch)
     PYTHON             interpreter (python3)
+
+Every knob is checked before anything starts (exit 2, one line naming the value and what is allowed):
+numbers for type and range; a knob of another loss (IS_* to grpo.sh) is refused; so is a variable of the
+recipes' families that is no knob (IS_*, SAPO_*, ROLLOUT_*, TRAIN_BATCH*, RECIPE_*, ...: a typo such as
+IS_WIDHT or TRAIN_BATCHES would silently keep a default). DRY_RUN only warns when DATA_DIR lacks the data.
 EOF
 }
 

@@ -51,6 +51,19 @@ def test_the_recipes_knob_list_is_the_dataclass():
     assert proc.stdout.split() == [f"IS_{name.upper()}" for name in ISReshapeParams.__dataclass_fields__]
 
 
+def test_every_knob_is_documented_and_forwarded_from_one_list():
+    """recipes/common.sh's recipe_knobs is the one list: --help documents each knob (compare.sh's own two
+    in its help) and cluster/ray_job.sh forwards it."""
+    knobs = subprocess.run(["bash", "-c", "source recipes/common.sh && recipe_knobs"], cwd=REPO,
+                           capture_output=True, text=True, check=True).stdout.split()
+    assert {"LR", "TEMPERATURE", "CLIP_RATIO", "SAPO_TAU_POS", "IS_WIDTH", "COMPARE_DIR"} <= set(knobs)
+    helps = {script: subprocess.run(["bash", f"recipes/gsm8k/{script}", "--help"], cwd=REPO, capture_output=True,
+                                    text=True, check=True).stdout for script in ("grpo.sh", "compare.sh")}
+    for knob in knobs:
+        assert re.search(rf"\b{knob}\b", helps["compare.sh" if knob in ("COMPARE_DIR", "LOSSES") else "grpo.sh"]), knob
+    assert "recipe_knobs" in (REPO / "recipes/cluster/ray_job.sh").read_text()
+
+
 def _commands(stdout: str) -> list[list[str]]:
     """The `python3 -m verl.trainer.main_ppo ...` commands printed by DRY_RUN (continued lines joined)."""
     text = stdout.replace("\\\n", " ")
@@ -266,7 +279,7 @@ def test_dry_run_runs_the_check_and_fails_on_a_bad_config(tmp_path):
 def test_bad_knobs_are_named(tmp_path):
     proc = _bash("recipes/gsm8k/grpo.sh", env={"ASYNC": "fast"}, check=False)
     assert proc.returncode == 2 and "ASYNC='fast' is not allowed (sync, colocate, separate)" in proc.stderr
-    for env, message in (({"NNODES": "0"}, "NNODES must be >= 1; got 0"),
+    for env, message in (({"NNODES": "0"}, "NNODES='0' is not allowed; it must be a whole number >= 1"),
                          ({"TRAIN_BATCH": "abc"}, "TRAIN_BATCH='abc' is not allowed; it must be a whole number"),
                          ({"SAVE_FREQ": "often"}, "SAVE_FREQ='often' is not allowed")):
         proc = _bash("recipes/gsm8k/grpo.sh", env=env, check=False)
