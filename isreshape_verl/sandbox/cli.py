@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as interrupt:  # before the comparison began (run_comparison handles its own)
         from isreshape_verl.sandbox.interrupts import describe, exit_status
 
-        print(f"\n{describe(interrupt)}; no run had started, so there is nothing to resume", file=sys.stderr)
+        print(f"\n{describe(interrupt)} before the comparison began; no run was changed", file=sys.stderr)
         code = exit_status(interrupt)
     if code != 0:
         remove_created(created[0], keep=_is_run_result)
