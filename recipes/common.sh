@@ -54,7 +54,7 @@ recipe_knobs() {
 KNOB_FAMILIES=(IS_ SAPO_ CLIP_RATIO ROLLOUT_ TRAIN_BATCH MINI_BATCH MICRO_BATCH MAX_PROMPT MAX_RESPONSE
     GPUS_PER_NODE GPU_MEM PARAM_SYNC CKPT_ LOSS_AGG TEMPERATURE STALENESS TEST_FREQ SAVE_FREQ EPOCHS NNODES
     RECIPE_ DRY_RUN COMPARE_)
-# In a family but not ours: IS_SANDBOX is set by the sandbox machines this project is developed on.
+# In a family but not ours: IS_SANDBOX, a marker some sandboxed shells export.
 FOREIGN_ENV=(IS_SANDBOX)
 
 # check_environment LOSS: no misspelt knob (see KNOB_FAMILIES) and no knob of another loss.
