@@ -32,7 +32,7 @@ PRESETS = {
         steps=6, prompts_per_step=8, samples_per_prompt=4, mini_batches=2, eval_every=3, eval_problems=64,
         lags=[0, 2], seeds=[0], max_new_tokens=24, n_train=2000, ckpt_every=3, lr=5e-4,
     )),
-    "default": ("3 losses × lags 0, 4, 1 seed: ≈ 8 min on 2 cores with a cold cache (≈ 3 min of it warm start)", {}),
+    "default": ("3 losses × lags 0, 4, 1 seed: ≈ 8 min on 2 cores with a cold cache (≈ 2 min of it warm start), ≈ 6 min warm", {}),
     "full": ("3 seeds × lags 0 2 4 8 16, 150 steps: ≈ 2 h on 2 cores; prints its estimate first", dict(
         seeds=[0, 1, 2], lags=[0, 2, 4, 8, 16], steps=150, eval_problems=1000,
     )),
