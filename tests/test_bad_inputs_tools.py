@@ -269,7 +269,9 @@ def test_lab_ctrl_c_is_one_line_and_exit_130(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
-    assert proc.returncode == 130, stderr
+    # 130, or killed by SIGINT (-2) after the handler ran: a Ctrl-C that lands while torch is still importing can
+    # make CPython end the process by SIGINT on exit (seen once in a fresh venv); a shell reports 130 for both
+    assert proc.returncode in (130, -signal.SIGINT), stderr
     assert one_line(stderr) == f"isreshape-verl lab: error: interrupted; nothing written to {out}"
     assert not (tmp_path / "lab").exists()
 
