@@ -38,6 +38,9 @@ GAMMA_MODES = ("fixed", "correctness", "magnitude", "combined")
 CPU_CHUNK_TOKENS = 1 << 16
 ACCELERATOR_CHUNK_TOKENS = 1 << 24
 WIDTH_MODES = ("fixed", "adaptive")
+LOSS_AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+"""How a token loss such as `is_reshape_token_loss`'s becomes one number: verl's `agg_loss` modes (the
+`loss_agg_mode` of verl's actor config and of a loss spec)."""
 
 
 @dataclass

@@ -26,6 +26,10 @@ verl's registry, so a caller computes the loss exactly as verl's trainer would:
     spec = parse_loss_spec("sapo:tau_pos=2")
     loss, metrics = spec.loss_fn(old_log_prob=..., log_prob=..., advantages=..., response_mask=...,
                                  loss_agg_mode=spec.loss_agg_mode, config=spec.actor_config())
+
+The dependency goes one way: this module reads verl's registry as any verl user does and never imports
+`isreshape_verl.verl_loss`, which registers `is_reshape` through verl's plugin entry point and imports
+nothing from here.
 """
 
 from __future__ import annotations
@@ -34,9 +38,7 @@ import math
 from dataclasses import dataclass, fields
 
 from isreshape_verl.kernels import KERNEL_NAMES
-from isreshape_verl.reshape import GAMMA_MODES, WIDTH_MODES, ISReshapeParams
-
-LOSS_AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+from isreshape_verl.reshape import GAMMA_MODES, LOSS_AGG_MODES, WIDTH_MODES, ISReshapeParams
 
 
 def _positive(v):
@@ -90,11 +92,10 @@ LOSS_MODES = tuple(_BUILTIN_KEYS) + ("is_reshape",)  # the modes a spec names wi
 
 
 def registered_losses() -> tuple[str, ...]:
-    """Every policy loss in verl's registry that a spec can select (imports verl and its plugins)."""
-    import verl  # noqa: F401  (loads the plugin entry points: other plugins' losses)
+    """Every policy loss in verl's registry that a spec can select (imports verl and its plugins, this
+    package's `is_reshape` among them)."""
+    import verl  # noqa: F401  (loads the plugin entry points, as for any verl user)
     from verl.trainer.ppo.core_algos import POLICY_LOSS_REGISTRY
-
-    import isreshape_verl.verl_loss  # noqa: F401  (registers is_reshape, also with plugin discovery off)
 
     return tuple(name for name in POLICY_LOSS_REGISTRY if name not in _NOT_SPEC_LOSSES)
 
@@ -194,12 +195,19 @@ class LossSpec:
 
     @property
     def loss_fn(self):
-        """The policy-loss function registered in verl under this mode."""
-        import verl  # noqa: F401  (loads the plugin entry points: other plugins' losses)
-        from verl.trainer.ppo.core_algos import get_policy_loss_fn
+        """The policy-loss function registered in verl under this mode.
 
-        import isreshape_verl.verl_loss  # noqa: F401  (registers is_reshape, also with plugin discovery off)
+        Looked up as any verl user would: `import verl` loads the `verl.plugins` entry points, which
+        register `is_reshape` (`isreshape_verl.verl_loss`). With discovery off
+        (`VERL_USE_EXTERNAL_PLUGINS=none`) the error says how to load it.
+        """
+        import verl  # noqa: F401  (loads the plugin entry points, as for any verl user)
+        from verl.trainer.ppo.core_algos import POLICY_LOSS_REGISTRY, get_policy_loss_fn
 
+        if self.mode == "is_reshape" and self.mode not in POLICY_LOSS_REGISTRY:
+            raise ValueError("is_reshape is not in verl's policy-loss registry: verl's plugin discovery is off "
+                             "(VERL_USE_EXTERNAL_PLUGINS); allow the is_reshape plugin, or import "
+                             "isreshape_verl.verl_loss first")
         return get_policy_loss_fn(self.mode)
 
     def actor_config(self):

@@ -58,8 +58,7 @@ import torch
 from verl.trainer.ppo.core_algos import agg_loss, register_policy_loss
 
 from isreshape_verl.diagnostics import ess_from_sums, quantiles
-from isreshape_verl.reshape import ISReshapeParams, is_reshape_token_loss
-from isreshape_verl.specs import LOSS_AGG_MODES
+from isreshape_verl.reshape import LOSS_AGG_MODES, ISReshapeParams, is_reshape_token_loss
 
 LOSS_NAME = "is_reshape"
 SOFT_CLIP_THRESHOLD = 0.5  # K below this counts toward pg_clipfrac
