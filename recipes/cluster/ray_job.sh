@@ -41,12 +41,10 @@ if [[ $DRY_RUN != 1 && -z ${RUN_ROOT:-} && -z ${COMPARE_DIR:-} ]]; then
     exit 2
 fi
 
-# the recipe knobs set here travel into the job (recipes/common.sh lists them; DRY_RUN and PYTHON are this
-# machine's), and wandb's key
-# shellcheck source=SCRIPTDIR/../common.sh
-source "$REPO/recipes/common.sh"
+# the recipe knobs set here travel into the job (isreshape_verl/launch/knobs.py lists them; DRY_RUN and PYTHON
+# are this machine's), and wandb's key
 KNOBS=(WANDB_API_KEY)
-for var in $(recipe_knobs); do
+for var in $(PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" "${PYTHON:-python3}" -m isreshape_verl.launch knobs); do
     [[ $var == DRY_RUN || $var == PYTHON ]] || KNOBS+=("$var")
 done
 entry=(env)

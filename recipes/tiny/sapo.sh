@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # SAPO (verl's sapo loss) on the tiny task: the CPU sandbox's problems and warm-started tiny Qwen2 (DEVICE=cpu by default).
-# Knobs: bash recipes/tiny/sapo.sh --help. Shared defaults: recipes/common.sh.
+# Knobs: bash recipes/tiny/sapo.sh --help. Defaults and checks: isreshape_verl/launch/.
 #   python data_prep/tiny.py && bash recipes/tiny/sapo.sh [hydra.key=value ...]
 #   ASYNC=separate bash recipes/tiny/sapo.sh        # standalone rollout, weights synced through Ray
 set -euo pipefail
-# shellcheck source=recipes/common.sh
-source "$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/common.sh"
-run_recipe tiny sapo "$@"
+# shellcheck source=recipes/launch.sh
+source "$(dirname "${BASH_SOURCE[0]}")/../launch.sh"
+launch recipe tiny sapo "$@"
