@@ -40,3 +40,67 @@ def test_loss_agg_modes_keep_their_old_name():
     from isreshape_verl import reshape, specs
 
     assert specs.LOSS_AGG_MODES is reshape.LOSS_AGG_MODES
+
+
+# Run in a fresh process: the state CPU mode could change, as JSON, before and after each import.
+CPU_IMPORTS = r'''
+import importlib, json, os, pkgutil, sys
+
+import verl
+from verl.checkpoint_engine.base import CheckpointEngineRegistry
+from verl.plugin.platform import platform_manager
+from verl.utils import distributed
+from verl.workers.rollout import base as rollout_base
+from verl.workers.rollout.replica import RolloutReplicaRegistry
+
+
+def state():
+    platform = platform_manager._current_platform  # read without get_platform(), which would choose one
+    return {
+        "platform": None if platform is None else type(platform).__name__,
+        "environ": dict(os.environ),
+        "process_group_fn": distributed.initialize_global_process_group_ray.__module__,
+        "replica_registry": sorted(RolloutReplicaRegistry._registry),
+        "adapter_registry": sorted(map(list, rollout_base._ROLLOUT_REGISTRY)),
+        "checkpoint_engines": sorted(CheckpointEngineRegistry._registry),
+        "meta_path": [type(finder).__name__ for finder in sys.meta_path],
+    }
+
+
+states = {"before": state()}
+import isreshape_verl.cpu
+
+modules = sorted(m.name for m in pkgutil.iter_modules(isreshape_verl.cpu.__path__) if m.name != "activate")
+for module in modules:
+    importlib.import_module(f"isreshape_verl.cpu.{module}")
+states["parts"] = state()
+from isreshape_verl.cpu import activate
+
+states["activated"] = state()
+activate.activate()
+states["again"] = state()
+print(json.dumps({"modules": modules, **states}))
+'''
+
+
+def test_importing_cpu_mode_parts_changes_nothing_and_activate_switches_the_process():
+    env = {k: v for k, v in os.environ.items() if k not in ("VERL_USE_EXTERNAL_MODULES", "VERL_ENGINE_DEVICE",
+                                                             "VLLM_TARGET_DEVICE")}
+    proc = subprocess.run([sys.executable, "-c", CPU_IMPORTS], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    before, parts, activated = out["before"], out["parts"], out["activated"]
+    assert {"hf_rollout", "patches", "platform", "vllm_cpu", "weight_sync"} <= set(out["modules"])
+
+    # weight_sync's import is verl's custom_backend_module hook: registering its backend is its job
+    assert set(parts.pop("checkpoint_engines")) - set(before.pop("checkpoint_engines")) == {"isreshape_ray"}
+    changed = {key for key in before if parts[key] != before[key]}
+    assert not changed, f"importing isreshape_verl.cpu.{{{', '.join(out['modules'])}}} changed {sorted(changed)}"
+
+    assert activated["platform"] == "CPUPlatform"
+    assert {k: v for k, v in activated["environ"].items() if before["environ"].get(k) != v} == \
+        {"VERL_ENGINE_DEVICE": "cuda"}
+    assert activated["process_group_fn"] == "isreshape_verl.cpu.patches"
+    assert "isreshape_hf" in set(activated["replica_registry"]) - set(before["replica_registry"])
+    assert ["isreshape_hf", "async"] in activated["adapter_registry"]
+    assert out["again"] == activated, "a second activate() changed the process again"

