@@ -131,6 +131,15 @@ def test_anything_else_is_the_last_exception_line():
         "RuntimeError: Distributed package doesn't have NCCL built in; see /runs/tiny-grpo/train.log")
 
 
+def test_an_actor_whose_creation_raised_is_told_by_its_error_not_as_killed():
+    """ActorDiedError "died because of an error raised in its creation task" (a real run whose rollout server
+    failed to import) is the ImportError, not a kill."""
+    assert failure_line(log("actor_creation_error"), RUN) == (
+        "ImportError: cannot import name 'ROLLOUT_NAME' from partially initialized module "
+        "'isreshape_verl.cpu.hf_rollout' (most likely due to a circular import) "
+        "(/work/main/isreshape_verl/cpu/hf_rollout.py); see /runs/tiny-grpo/train.log")
+
+
 def test_last_exception_unwraps_ray_and_keeps_one_line():
     text = ("ray.exceptions.RayTaskError(ValueError): \x1b[36mray::TaskRunnerV1.run()\x1b[39m (pid=1)\n"
             "(TaskRunnerV1 pid=7) ValueError: bad " + "x" * 1000 + "\n   second line\n")

@@ -210,7 +210,8 @@ def _worker_died(lines: list[str]) -> str | None:
     `class_name: create_colocated_worker_cls.<locals>.WorkerDict` and `pid: N`, then Ray's `Worker exit detail: ...`;
     the raylet's `A worker died or was killed while executing a task ...` line (`Worker PID: N`) stands in for it
     when the driver's part is missing."""
-    died = [i for i, line in enumerate(lines) if "ActorDiedError" in line]
+    # only a death without an error: an actor whose creation task raised is told by the last exception
+    died = [i for i, line in enumerate(lines) if "ActorDiedError" in line and "died unexpectedly" in line]
     block = lines[died[-1]:died[-1] + 12] if died else [
         line for line in lines if "A worker died or was killed" in line][-1:]
     if not block:
