@@ -10,6 +10,7 @@ Knobs come from the environment (`LR=2e-6 bash recipes/gsm8k/grpo.sh`). A refuse
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 import textwrap
@@ -234,3 +235,7 @@ def main(argv: list[str] | None = None, env: Mapping[str, str] | None = None, ou
     except KeyboardInterrupt:
         print("interrupted (Ctrl-C) before the launch: nothing was started", file=err)
         return 130
+    except OSError as exc:  # the run folder's own files (command.sh, launch.json, train.log)
+        what = "disk full" if exc.errno == errno.ENOSPC else exc.strerror
+        print(f"error: {what}: cannot write '{exc.filename}'", file=err)
+        return 2

@@ -289,11 +289,16 @@ def _supervise(knobs: Knobs, cmd: list[str], run_dir: Path, ray_tmp: str | None,
                 pass
 
     tail: list[str] = []
+    log_errors: list[OSError] = []
 
     def pump(log: TextIO) -> None:
         for line in proc.stdout:
-            log.write(line)
-            log.flush()
+            if not log_errors:  # a full disk must not stop the reading: verl would block on a full pipe
+                try:
+                    log.write(line)
+                    log.flush()
+                except OSError as exc:
+                    log_errors.append(exc)
             tail.append(line)
             del tail[:-2000]
             shown = line if verbose else step_summary(line, knobs["STEPS"])
@@ -328,6 +333,8 @@ def _supervise(knobs: Knobs, cmd: list[str], run_dir: Path, ray_tmp: str | None,
         print(f"interrupted ({name}): the run stopped after {minutes:.1f} min, {stopped} of its processes "
               f"stopped; what it wrote is in {run_dir}", file=err)
         return 128 + signalled[0][0]
+    if log_errors:
+        print(f"warning: train.log is incomplete: writing it failed ({log_errors[0]})", file=err)
     if status != 0:
         from isreshape_verl.launch.diagnose import failure_line
 
