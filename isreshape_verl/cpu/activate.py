@@ -39,15 +39,15 @@ def activate() -> None:
 
     from verl.workers.rollout.replica import RolloutReplicaRegistry
 
-    from isreshape_verl.cpu.hf_rollout import ROLLOUT_NAME
+    from isreshape_verl.cpu.names import HF_ROLLOUT, HF_ROLLOUT_ADAPTER
 
-    def load_replica():
+    def load_replica():  # hf_rollout itself is imported only when verl asks for the engine (see names.py)
         from isreshape_verl.cpu.hf_rollout import HFReplica
 
         return HFReplica
 
-    RolloutReplicaRegistry.register(ROLLOUT_NAME, load_replica)
-    patches.register_rollout_adapter(ROLLOUT_NAME, "isreshape_verl.cpu.hf_rollout.HFServerAdapter")
+    RolloutReplicaRegistry.register(HF_ROLLOUT, load_replica)
+    patches.register_rollout_adapter(HF_ROLLOUT, HF_ROLLOUT_ADAPTER)
     if os.environ.get("VLLM_TARGET_DEVICE") == "cpu" and importlib.util.find_spec("vllm") is not None:
         patches.alias_vllm_distribution()
     _active = True

@@ -41,9 +41,11 @@ from verl.workers.rollout.base import BaseRollout
 from verl.workers.rollout.replica import RolloutReplica, TokenOutput
 from verl.workers.rollout.utils import ensure_async_iterator
 
+from isreshape_verl.cpu.names import HF_ROLLOUT
+
 logger = logging.getLogger(__name__)
 
-ROLLOUT_NAME = "isreshape_hf"
+ROLLOUT_NAME = HF_ROLLOUT
 """The `actor_rollout_ref.rollout.name` of this engine."""
 
 BATCH_GATHER_SECONDS = 0.01
