@@ -23,6 +23,7 @@ import pytest
 from isreshape_verl.launch import knobs as knobs_module
 from isreshape_verl.launch.knobs import KnobError, resolve
 from isreshape_verl.launch.run import RUN_MARKER, processes_of, step_summary, stop_processes
+from isreshape_verl.testing.recipe_runs import recipe_env
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -56,8 +57,8 @@ def fake(tmp_path) -> dict:
     trainer = tmp_path / "fakepython"
     trainer.write_text(FAKE_TRAINER.format(python=sys.executable))
     trainer.chmod(0o755)
-    return {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "PYTHON": str(trainer), "DATA_DIR": str(data),
-            "RUN_ROOT": str(tmp_path / "runs"), "RECIPE_CHECK": "0", "DEVICE": "gpu", "STEPS": "2"}
+    return recipe_env(HOME=str(tmp_path), PYTHON=str(trainer), DATA_DIR=str(data), RUN_ROOT=str(tmp_path / "runs"),
+                      RECIPE_CHECK="0", DEVICE="gpu", STEPS="2")
 
 
 def launch(script: str, env: dict, *args: str, **kw) -> subprocess.CompletedProcess:
@@ -102,7 +103,7 @@ def test_every_knob_has_a_doc_and_help_lists_this_datasets_defaults():
 
 
 def test_a_python_that_does_not_exist_is_one_line(tmp_path):
-    proc = launch("tiny/grpo.sh", {"PATH": os.environ["PATH"], "PYTHON": "/nonexistent/python"})
+    proc = launch("tiny/grpo.sh", recipe_env(PYTHON="/nonexistent/python"))
     assert proc.returncode == 2
     assert one_error_line(proc) == ("error: PYTHON='/nonexistent/python' is not an executable; set PYTHON to the "
                                     "Python that has this package (pip install -e .)")

@@ -3,19 +3,20 @@
 (RECIPE_CHECK=0, milliseconds); the IS Reshape value rows run the light `--is-knobs` check (ISReshapeParams,
 about 2 s) and the loss_mode rows verl's config check (about 10 s).
 
-The recipes run with a minimal environment (PATH, HOME and the row's knobs), so the caller's shell cannot
-change a row's outcome.
+The recipes run in `recipe_env`, the tests' one environment policy for recipe subprocesses, so the caller's
+shell cannot change a row's outcome.
 """
 
 from __future__ import annotations
 
-import os
 import shlex
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from isreshape_verl.testing.recipe_runs import recipe_env
 
 REPO = Path(__file__).resolve().parents[1]
 IS_KNOBS = ("IS_KERNEL IS_WIDTH IS_WIDTH_NEG IS_ONE_SIDED IS_DUAL_CLIP IS_GAMMA_MODE IS_GAMMA IS_GAMMA_BASE "
@@ -24,8 +25,7 @@ IS_KNOBS = ("IS_KERNEL IS_WIDTH IS_WIDTH_NEG IS_ONE_SIDED IS_DUAL_CLIP IS_GAMMA_
 
 
 def run(script: str, *args: str, tmp: Path, **knobs: str) -> subprocess.CompletedProcess:
-    env = {"PATH": os.environ["PATH"], "HOME": "/home/user", "DRY_RUN": "1", "RECIPE_CHECK": "0",
-           "PYTHON": sys.executable, "RUN_ROOT": str(tmp / "runs"), **knobs}
+    env = recipe_env(HOME="/home/user", DRY_RUN="1", RECIPE_CHECK="0", RUN_ROOT=str(tmp / "runs"), **knobs)
     return subprocess.run(["bash", f"recipes/{script}", *args], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=300)
 

