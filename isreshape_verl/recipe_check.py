@@ -1,7 +1,10 @@
 """Check a verl 0.9.1 launch on CPU, before it reaches a GPU cluster.
 
-``check_overrides(overrides)`` composes the Hydra overrides of a ``python -m verl.trainer.main_ppo``
-command with verl's own ``ppo_trainer`` config (exactly as ``main_ppo`` would), then
+``check_overrides(overrides)`` first checks the key of every override (:func:`check_keys`): a key that
+does not exist, or a new ``+key`` that verl would compose and then never read (a misspelt
+``+trainer.total_trainng_steps=3`` silently keeps the default), is refused, naming the nearest existing
+key. It composes the other overrides with verl's own ``ppo_trainer`` config (exactly as ``main_ppo``
+would), then
 
 1. builds the dataclasses verl builds at start-up: ``omega_conf_to_dataclass`` on
    ``actor_rollout_ref.actor`` (with our ``policy_loss._target_`` swap, so an unknown or
@@ -24,11 +27,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
+import difflib
+import functools
 import io
 import re
 import sys
+import types
+import typing
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -62,7 +70,10 @@ def verl_config_dir() -> Path:
 
 def compose(overrides: Sequence[str], config_name: str = "ppo_trainer"):
     """Compose verl's config with command-line overrides, the way ``@hydra.main`` does
-    (struct mode: unknown keys without ``+`` are an error)."""
+    (struct mode: unknown keys without ``+`` are an error).
+
+    The project's one way to compose verl's config: the recipe check, the CPU worker harness
+    (``isreshape_verl.testing.verl_worker``) and the tests call it."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -71,6 +82,249 @@ def compose(overrides: Sequence[str], config_name: str = "ppo_trainer"):
         GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(verl_config_dir()), version_base=None):
         return hydra_compose(config_name=config_name, overrides=list(overrides))
+
+
+# ---- keys: every key an override names must be one that verl (or this project's loss) reads ----
+FREE_FORM_MAPS = {
+    "ray_kwargs.ray_init": "main_ppo.run_ppo: ray.init(**ray_kwargs.ray_init); ray refuses unknown keywords itself",
+    "reward.custom_reward_function.reward_kwargs": "ppo/reward.get_custom_reward_fn: the reward function's kwargs",
+    "custom_reward_function.reward_kwargs": "the same, in verl's legacy top-level reward section",
+}
+"""Sections without a dataclass whose keys are someone else's keyword arguments: any key below is accepted."""
+
+KEYS_READ_OUTSIDE_THE_YAML = {
+    "data": ("cache_dir", "chat_template_func", "filter_prompts", "need_tools_kwargs"),  # RLHFDataset.__init__
+    "trainer": ("remove_previous_ckpt_in_save",),  # v1/trainer_base.py, deprecated but read
+}
+"""Keys verl 0.9.1 reads with ``.get(key, default)`` in sections that no dataclass describes, though its yaml
+lacks them (``+data.cache_dir=...`` is legitimate)."""
+
+_FREE = "free"  # any key below
+_LEAF = "leaf"  # no key below
+
+
+def _is_defaults_override(override) -> bool:
+    """``model_engine=megatron``, ``actor@actor_rollout_ref.actor=...``, ``group/option=...``: a choice in
+    the defaults list, which changes the config's structure rather than a value."""
+    key = override.key_or_group
+    return "/" in key or override.package is not None or ("." not in key and (verl_config_dir() / key).is_dir())
+
+
+def _is_hydra_key(key: str) -> bool:
+    return key == "hydra" or key.startswith(("hydra.", "hydra/"))
+
+
+@functools.lru_cache(maxsize=8)
+def _base_config(defaults_overrides: tuple[str, ...]):
+    """verl's config with only the defaults-list choices applied: the keys that exist before any override."""
+    from omegaconf import OmegaConf
+
+    cfg = compose(defaults_overrides)
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+@functools.cache
+def _dataclass_of(target: str):
+    """The class a ``_target_`` names, or None where it is no dataclass or does not import (the dataclass
+    build reports that)."""
+    from hydra.utils import get_class
+
+    try:
+        cls = get_class(target)
+    except Exception:  # noqa: BLE001
+        return None
+    return cls if dataclasses.is_dataclass(cls) else None
+
+
+@functools.cache
+def _field_kinds(cls) -> dict[str, Any]:
+    """Each field of a dataclass -> the dataclass it is built into, _FREE (dict, Mapping, Any) or _LEAF."""
+    try:
+        hints = typing.get_type_hints(cls)
+    except Exception:  # noqa: BLE001 - an unresolvable annotation: accept anything below that field
+        hints = {}
+    return {f.name: _kind_of_type(hints.get(f.name, Any)) for f in dataclasses.fields(cls)}
+
+
+def _kind_of_type(tp) -> Any:
+    if tp is Any:
+        return _FREE
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        kinds = {_kind_of_type(a) for a in typing.get_args(tp) if a is not type(None)}
+        return kinds.pop() if len(kinds) == 1 else _FREE
+    if dataclasses.is_dataclass(tp):
+        return tp
+    if tp in (dict, Mapping) or origin in (dict, Mapping):
+        return _FREE
+    return _LEAF
+
+
+@dataclass
+class KeyCheck:
+    """Which keys of verl's config exist, and which new ones verl would read.
+
+    A key exists when verl's composed config (with the overrides' defaults-list choices) has it. A new key
+    (``+key`` or ``++key``) is one verl reads when it is
+
+    * a field of the dataclass its section is built into (the section's ``_target_`` after the overrides:
+      ``+actor_rollout_ref.rollout.enable_sleep_mode`` is a RolloutConfig field; with
+      ``policy_loss._target_=isreshape_verl.config.ISReshapeLossConfig`` the IS Reshape keys are fields), or
+    * anywhere below a map meant to be filled: a field typed dict, Mapping or Any (``model.override_config``,
+      ``fsdp_config.mixed_precision``, ``rollout.engine_kwargs``), a map that verl's yaml leaves empty
+      (``data.apply_chat_template_kwargs``), a :data:`FREE_FORM_MAPS` entry, a section whose ``_target_`` is no
+      dataclass (its keys are a callable's arguments), or ``data`` when ``data.custom_cls.path`` hands it to
+      a user's dataset class, or
+    * one of :data:`KEYS_READ_OUTSIDE_THE_YAML`.
+
+    Anything else would be composed and then never read: a misspelt key silently keeps verl's default.
+    """
+
+    base: Any  # verl's config before the value overrides
+    values: dict[str, Any]  # key -> value of the last override that sets it
+
+    def value(self, key: str):
+        from omegaconf import OmegaConf
+
+        return self.values[key] if key in self.values else OmegaConf.select(self.base, key, default=None)
+
+    def exists(self, segments: Sequence[str]) -> bool:
+        from omegaconf import DictConfig
+
+        node = self.base
+        for seg in segments:
+            if not isinstance(node, DictConfig) or seg not in node.keys():  # noqa: SIM118 - `in` misses a ??? value
+                return False
+            node = node._get_node(seg)
+        return True
+
+    def children(self, path: str, node, kind) -> dict[str, tuple[Any, Any]] | None:
+        """The keys allowed right below ``path`` -> (base node, kind) of each; None: any key.
+        ``node``: the DictConfig at ``path`` in the base config (None where it has none); ``kind``: what the
+        parent's dataclass says the section is (a dataclass, _FREE, _LEAF or None)."""
+        from omegaconf import DictConfig
+
+        if kind == _FREE or path in FREE_FORM_MAPS:
+            return None
+        target = self.value(f"{path}._target_" if path else "_target_")
+        if target:
+            kind = _dataclass_of(str(target))
+            if kind is None:
+                return None
+        if path == "data" and self.value("data.custom_cls.path"):
+            return None
+        if isinstance(node, DictConfig) and len(node) == 0 and not dataclasses.is_dataclass(kind):
+            return None
+        fields = _field_kinds(kind) if dataclasses.is_dataclass(kind) else {}
+        out: dict[str, tuple[Any, Any]] = {}
+        if isinstance(node, DictConfig):
+            for key in node:
+                child = node._get_node(key)
+                out[str(key)] = (child if isinstance(child, DictConfig) and not child._is_none() else None,
+                                 fields.get(key))
+        for key, field_kind in fields.items():
+            out.setdefault(key, (None, field_kind))
+        for key in KEYS_READ_OUTSIDE_THE_YAML.get(path, ()):
+            out.setdefault(key, (None, _LEAF))
+        for free in FREE_FORM_MAPS:
+            parent, _, key = free.rpartition(".")
+            if parent == path:
+                out.setdefault(key, (None, _FREE))
+        return out
+
+    def _walk(self, segments: Sequence[str]) -> tuple[int, dict] | None:
+        """None when verl reads the key; else (index of the first unknown segment, the keys allowed there)."""
+        path, node, kind = "", self.base, None
+        for i, seg in enumerate(segments):
+            kids = {} if kind == _LEAF and node is None else self.children(path, node, kind)
+            if kids is None:
+                return None
+            if seg not in kids:
+                return i, kids
+            node, kind = kids[seg]
+            path = f"{path}.{seg}" if path else seg
+        return None
+
+    def known(self, segments: Sequence[str]) -> bool:
+        return self._walk(segments) is None
+
+    def nearest(self, segments: Sequence[str]) -> str | None:
+        """The existing key nearest to a misspelt one, segment by segment (difflib); None when a segment has
+        no close match."""
+        miss = self._walk(segments)
+        if miss is None:
+            return None
+        i, kids = miss
+        fixed = list(segments[:i])
+        for seg in segments[i:]:
+            if kids is None:  # below a free-form map: the rest stays as written
+                fixed.append(seg)
+                continue
+            match = seg if seg in kids else next(iter(difflib.get_close_matches(seg, list(kids), n=1)), None)
+            if match is None:
+                return None
+            fixed.append(match)
+            node, kind = kids[match]
+            kids = {} if kind == _LEAF and node is None else self.children(".".join(fixed), node, kind)
+        return ".".join(fixed)
+
+
+def check_keys(overrides: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Every key an override names -> (problems, the overrides refused), one problem per refused override.
+
+    ``+key`` / ``++key`` that verl would never read (see :class:`KeyCheck`): Hydra composes it and verl
+    silently keeps its default, so it is refused here, naming the nearest existing key. A plain ``key=value``
+    on a key that does not exist is one Hydra refuses too; it is reported the same way rather than with
+    Hydra's advice to add ``+`` (which would make the typo pass), or, for a key verl does read but its yaml
+    lacks, with that advice. ``hydra.*`` keys are Hydra's own and not checked; overrides Hydra cannot parse
+    are left to :func:`compose` to report."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import OverrideType
+
+    parser = OverridesParser.create()
+    parsed = []
+    for text in overrides:
+        try:
+            parsed.append((text, parser.parse_override(text)))
+        except Exception:  # noqa: BLE001, S112 - compose() reports what Hydra cannot parse
+            continue
+    defaults = tuple(t for t, o in parsed if _is_defaults_override(o) and not _is_hydra_key(o.key_or_group))
+    try:
+        base = _base_config(defaults)
+    except Exception:  # noqa: BLE001 - compose() reports it
+        return [], []
+    values = {}
+    for _, o in parsed:
+        if o.type != OverrideType.DEL and not _is_defaults_override(o):
+            try:
+                values[o.key_or_group] = o.value()
+            except Exception:  # noqa: BLE001, S110 - compose() reports it
+                pass
+    keys = KeyCheck(base, values)
+
+    problems, refused, earlier = [], [], []
+    for text, o in parsed:
+        key = o.key_or_group
+        if o.type == OverrideType.DEL or _is_defaults_override(o) or _is_hydra_key(key):
+            continue
+        segments = key.split(".")
+        new = o.type in (OverrideType.ADD, OverrideType.FORCE_ADD)
+        if keys.exists(segments) or (not new and any(key == k or key.startswith(k + ".") for k in earlier)):
+            earlier.append(key)
+        elif keys.known(segments):
+            if new:
+                earlier.append(key)
+            else:  # Hydra refuses a key its yaml lacks, however legitimate
+                problems.append(f"{text}: verl's yaml has no key {key} to set, though verl reads it; "
+                                f"add it with + (+{text})")
+                refused.append(text)
+        else:
+            nearest = keys.nearest(segments)
+            hint = f" (did you mean {nearest}?)" if nearest else ""
+            problems.append(f"{text}: verl has no key {key}{hint}" + ("; a new key would be ignored" if new else ""))
+            refused.append(text)
+    return problems, refused
 
 
 def _one_line(exc: BaseException) -> str:
@@ -525,15 +779,27 @@ def check_overrides(
     cluster_nodes: int | None = None,
     gpus_per_node: int | None = None,
 ) -> CheckResult:
-    """Compose ``overrides`` with verl's ``ppo_trainer`` config and :func:`check_config` it.
-    A composition error (typo in a key, a missing ``+``) is reported as a RecipeCheckError."""
+    """Check the keys the overrides name (:func:`check_keys`), compose the others with verl's ``ppo_trainer``
+    config and :func:`check_config` it; raise :class:`RecipeCheckError` listing every problem.
+
+    A refused override is left out of the composition, so the rest is checked as it would run (and a
+    misspelt IS Reshape key is reported once, by name, not again by the dataclass it would break). Any other
+    composition error (a value Hydra cannot parse, ``+`` on a key that exists) is reported as Hydra words it."""
+    problems, refused = check_keys(overrides)
     try:
-        cfg = compose(overrides)
+        cfg = compose([o for o in overrides if o not in refused])
     except Exception as exc:  # noqa: BLE001
-        raise RecipeCheckError([f"Hydra could not compose the overrides: {type(exc).__name__}: {exc}"]) from exc
-    return check_config(
-        cfg, comparison_invariants=comparison_invariants, cluster_nodes=cluster_nodes, gpus_per_node=gpus_per_node
-    )
+        problems.append(f"Hydra could not compose the overrides: {type(exc).__name__}: {_one_line(exc)}")
+        raise RecipeCheckError(problems) from exc
+    try:
+        result = check_config(
+            cfg, comparison_invariants=comparison_invariants, cluster_nodes=cluster_nodes, gpus_per_node=gpus_per_node
+        )
+    except RecipeCheckError as exc:
+        raise RecipeCheckError([*problems, *exc.problems]) from None
+    if problems:
+        raise RecipeCheckError(problems)
+    return result
 
 
 def build_parser() -> argparse.ArgumentParser:

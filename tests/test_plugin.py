@@ -8,17 +8,15 @@ from dataclasses import fields
 
 import pytest
 import torch
-import verl
-from hydra import compose, initialize_config_dir
 from tensordict import TensorDict
 from verl.utils import tensordict_utils as tu
 from verl.utils.config import omega_conf_to_dataclass
 from verl.workers.utils.losses import ppo_loss
 
 from isreshape_verl.config import ISReshapeLossConfig
+from isreshape_verl.recipe_check import compose
 from isreshape_verl.reshape import ISReshapeParams, is_reshape_token_loss
 
-VERL_CONFIG_DIR = os.path.join(os.path.dirname(verl.__file__), "trainer", "config")
 REGISTRY_CHECK = "from verl.trainer.ppo.core_algos import POLICY_LOSS_REGISTRY as R; print('is_reshape' in R)"
 
 
@@ -52,9 +50,7 @@ def compose_actor(*policy_loss_overrides):
         "actor_rollout_ref.actor.policy_loss.loss_mode=is_reshape",
         *(f"+actor_rollout_ref.actor.policy_loss.{o}" for o in policy_loss_overrides),
     ]
-    with initialize_config_dir(config_dir=VERL_CONFIG_DIR, version_base=None):
-        cfg = compose(config_name="ppo_trainer", overrides=overrides)
-    return omega_conf_to_dataclass(cfg.actor_rollout_ref.actor)
+    return omega_conf_to_dataclass(compose(overrides).actor_rollout_ref.actor)
 
 
 def test_verl_hydra_config_composes_and_converts_with_our_keys():
@@ -89,8 +85,7 @@ def test_another_loss_mode_is_refused_when_verl_builds_the_config():
                  "actor_rollout_ref.actor.policy_loss._target_=isreshape_verl.config.ISReshapeLossConfig",
                  "actor_rollout_ref.actor.policy_loss.loss_mode=vanilla",
                  "+actor_rollout_ref.actor.policy_loss.width=0.5"]
-    with initialize_config_dir(config_dir=VERL_CONFIG_DIR, version_base=None):
-        cfg = compose(config_name="ppo_trainer", overrides=overrides)
+    cfg = compose(overrides)
     with pytest.raises(Exception, match=LOSS_MODE_REFUSED):
         omega_conf_to_dataclass(cfg.actor_rollout_ref.actor)
 
