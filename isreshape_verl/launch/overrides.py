@@ -16,6 +16,18 @@ ENV_VARS = "+ray_kwargs.ray_init.runtime_env.env_vars"
 CPU_MODULE = "isreshape_verl.cpu.activate"
 """The module verl imports in every process (VERL_USE_EXTERNAL_MODULES) to run on the host CPU."""
 
+MODEL_SETTINGS = ("actor_rollout_ref.model.use_remove_padding=True",
+                  "actor_rollout_ref.model.enable_gradient_checkpointing=True")
+ACTOR_LOSS_SETTINGS = (f"{ACTOR}.use_kl_loss=False", f"{ACTOR}.entropy_coeff=0", f"{ACTOR}.calculate_entropy=True")
+"""No KL or entropy term: the policy loss alone (the entropy is still computed and logged)."""
+CPU_MODEL_SETTINGS = (
+    "+actor_rollout_ref.model.override_config.attn_implementation=sdpa",  # no flash-attn on a CPU
+    *(f"+{ACTOR}.fsdp_config.mixed_precision.{kind}=fp32" for kind in ("param_dtype", "reduce_dtype", "buffer_dtype")),
+    f"{ACTOR}.fsdp_config.use_torch_compile=False",  # no GPU compiler
+)
+"""What the actor needs on a CPU on top of any config (verl's default mixed precision computes in bf16); the
+test harness (isreshape_verl.testing.verl_worker) uses the same."""
+
 
 def base(k: Knobs) -> list[str]:
     """GRPO advantages, r against the behaviour policy (bypass mode), data, model, actor and rollout."""
@@ -33,14 +45,11 @@ def base(k: Knobs) -> list[str]:
         "data.truncation=error",
         f"data.seed={seed}",
         f"actor_rollout_ref.model.path={k['MODEL']}",
-        "actor_rollout_ref.model.use_remove_padding=True",
-        "actor_rollout_ref.model.enable_gradient_checkpointing=True",
+        *MODEL_SETTINGS,
         f"{ACTOR}.optim.lr={k['LR']}",
         f"{ACTOR}.ppo_mini_batch_size={k['MINI_BATCH']}",
         f"{ACTOR}.ppo_micro_batch_size_per_gpu={micro}",
-        f"{ACTOR}.use_kl_loss=False",
-        f"{ACTOR}.entropy_coeff=0",
-        f"{ACTOR}.calculate_entropy=True",
+        *ACTOR_LOSS_SETTINGS,
         f"{ACTOR}.loss_agg_mode={k['LOSS_AGG_MODE']}",
         f"{ACTOR}.data_loader_seed={seed}",
         f"{ROLLOUT}.name={rollout_name(k)}",
@@ -138,12 +147,9 @@ def cpu(k: Knobs, run_dir: str, ray_tmp: str) -> list[str]:
             f"{ENV_VARS}.VLLM_CPU_KVCACHE_SPACE='1'",  # GiB of KV cache (quoted: env values are strings)
             f"{ENV_VARS}.VLLM_CPU_OMP_THREADS_BIND=nobind",  # default: pin core 0, reserve core 1
         ]
-    mp = f"{ACTOR}.fsdp_config.mixed_precision"
     settings = [
         f"{ACTOR}.strategy=fsdp2",  # FSDP1's weight export builds the device string "cpu:cpu"
-        "+actor_rollout_ref.model.override_config.attn_implementation=sdpa",
-        f"+{mp}.param_dtype=fp32", f"+{mp}.reduce_dtype=fp32", f"+{mp}.buffer_dtype=fp32",
-        f"{ACTOR}.fsdp_config.use_torch_compile=False",
+        *CPU_MODEL_SETTINGS,
         f"{ROLLOUT}.dtype=float32",
         f"{ROLLOUT}.free_cache_engine=False",
         f"{ROLLOUT}.agent.num_workers=1",

@@ -270,8 +270,10 @@ def _supervise(knobs: Knobs, cmd: list[str], run_dir: Path, ray_tmp: str | None,
     verbose = knobs["VERBOSE"] == "1"
     print(f"# run dir: {run_dir} (metrics.jsonl, tensorboard/, checkpoints/, train.log)", file=out)
     if knobs.cpu:
-        print(f"# DEVICE=cpu: rollout {knobs['ROLLOUT']}, {knobs['GPUS_PER_NODE']} logical GPU(s), Ray in {ray_tmp}",
-              file=out)
+        from isreshape_verl.launch.overrides import rollout_name
+
+        print(f"# DEVICE=cpu: rollout {knobs['ROLLOUT']} ({rollout_name(knobs)}), {knobs['GPUS_PER_NODE']} logical "
+              f"GPU(s), Ray in {ray_tmp}", file=out)
     if not verbose:
         print("# starting verl (Ray, workers, validation before training); its whole output goes to train.log, "
               "VERBOSE=1 shows it here", file=out)

@@ -65,6 +65,24 @@ def processes_of(folder: str) -> list[int]:
     return [pid for pid, cmd in command_lines().items() if folder.encode() in cmd]
 
 
+def processes_of_run(run_root: Path) -> list[int]:
+    """pids of the processes a launch into `run_root` started: the launcher marks verl's environment
+    (`isreshape_verl.launch.run.RUN_MARKER`) and every process of the run inherits it, Ray's agents included,
+    which no longer name the Ray folder in their command line."""
+    from isreshape_verl.launch.run import RUN_MARKER
+
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                environ = (entry / "environ").read_bytes()
+            except OSError:
+                continue
+            if f"{RUN_MARKER}=".encode() in environ and f"RUN_ROOT={run_root}\0".encode() in environ:
+                found.append(int(entry.name))
+    return found
+
+
 def ray_folder(output: str) -> str:
     """The private Ray folder a DEVICE=cpu recipe announces ("Ray in <folder>")."""
     match = re.search(r"Ray in (\S+)", output)
@@ -81,6 +99,7 @@ def run_recipe(script: str, run_root: Path, *args: str, timeout: float = 900,
                           env=recipe_env(RUN_ROOT=str(run_root), EXP_NAME=exp, **knobs))
     folder = ray_folder(proc.stdout)
     assert processes_of(folder) == [], f"Ray processes left behind ({folder})"
+    assert processes_of_run(run_root) == [], "processes of the run left behind"
     assert not Path(folder).exists(), f"the run's Ray folder {folder} was not removed"
     return proc, run_root / exp, folder
 

@@ -50,6 +50,8 @@ from pathlib import Path
 
 import torch
 
+from isreshape_verl.launch.overrides import ACTOR_LOSS_SETTINGS, CPU_MODEL_SETTINGS, MODEL_SETTINGS
+
 IS_RESHAPE_TARGET = "isreshape_verl.config.ISReshapeLossConfig"
 ACTOR = "actor_rollout_ref.actor"
 
@@ -136,16 +138,13 @@ def harness_overrides(spec: BatchSpec, micro_batch: int = 2) -> list[str]:
     gradients (AdamW's first step is ≈ lr·sign(g), which hides differences in gradient size).
     """
     return [
-        "actor_rollout_ref.model.use_remove_padding=True",
-        "actor_rollout_ref.model.enable_gradient_checkpointing=True",
+        *MODEL_SETTINGS,
         "actor_rollout_ref.rollout.n=1",
         f"actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu={micro_batch}",
         f"{ACTOR}.ppo_mini_batch_size={spec.batch_size}",
         f"{ACTOR}.ppo_micro_batch_size_per_gpu={micro_batch}",
         f"{ACTOR}.ppo_epochs=2",
-        f"{ACTOR}.use_kl_loss=False",
-        f"{ACTOR}.entropy_coeff=0",
-        f"{ACTOR}.calculate_entropy=True",
+        *ACTOR_LOSS_SETTINGS,
         f"{ACTOR}.loss_agg_mode=seq-mean-token-mean",
         f"{ACTOR}.optim.optimizer=SGD",
         f"{ACTOR}.optim.lr=0.5",
@@ -155,15 +154,8 @@ def harness_overrides(spec: BatchSpec, micro_batch: int = 2) -> list[str]:
 
 
 def cpu_overrides(model_dir: str | os.PathLike) -> list[str]:
-    """What a CPU run needs on top of any config: the model folder, SDPA attention (no flash-attn), fp32
-    FSDP mixed precision (verl's default computes in bf16), and no torch.compile (no GPU compiler)."""
-    mp = f"+{ACTOR}.fsdp_config.mixed_precision"
-    return [
-        f"actor_rollout_ref.model.path={model_dir}",
-        "+actor_rollout_ref.model.override_config.attn_implementation=sdpa",
-        f"{mp}.param_dtype=fp32", f"{mp}.reduce_dtype=fp32", f"{mp}.buffer_dtype=fp32",
-        f"{ACTOR}.fsdp_config.use_torch_compile=False",
-    ]
+    """The model folder and what the recipes' DEVICE=cpu gives the actor (`launch.overrides.CPU_MODEL_SETTINGS`)."""
+    return [f"actor_rollout_ref.model.path={model_dir}", *CPU_MODEL_SETTINGS]
 
 
 def make_batch(spec: BatchSpec, vocab_size: int):
