@@ -1,7 +1,7 @@
 """A bad recipe input stops the recipe before anything launches: exit status 2 and ONE line on stderr
-(`error: ...`) that names the bad value and what is allowed. DRY_RUN-based: the bash rows need no Python
-(RECIPE_CHECK=0, milliseconds); the IS Reshape value rows run the light `--is-knobs` check (ISReshapeParams,
-about 2 s) and the loss_mode rows verl's config check (about 10 s).
+(`error: ...`) that names the bad value and what is allowed. DRY_RUN-based: the knob rows need no verl
+(RECIPE_CHECK=0); the IS Reshape value rows run ISReshapeParams' own checks and the loss_mode rows verl's config
+check (about 10 s).
 
 The recipes run in `recipe_env`, the tests' one environment policy for recipe subprocesses, so the caller's
 shell cannot change a row's outcome.
@@ -25,7 +25,8 @@ IS_KNOBS = ("IS_KERNEL IS_WIDTH IS_WIDTH_NEG IS_ONE_SIDED IS_DUAL_CLIP IS_GAMMA_
 
 
 def run(script: str, *args: str, tmp: Path, **knobs: str) -> subprocess.CompletedProcess:
-    env = recipe_env(HOME="/home/user", DRY_RUN="1", RECIPE_CHECK="0", RUN_ROOT=str(tmp / "runs"), **knobs)
+    env = recipe_env(**{"HOME": "/home/user", "DRY_RUN": "1", "RECIPE_CHECK": "0", "RUN_ROOT": str(tmp / "runs"),
+                        **knobs})
     return subprocess.run(["bash", f"recipes/{script}", *args], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=300)
 
@@ -115,7 +116,7 @@ def test_bad_knob_is_one_line_before_anything_launches(tmp_path, recipe, knobs, 
     assert not (tmp_path / "runs").exists()
 
 
-# IS Reshape values: their types and ranges are ISReshapeParams' (the --is-knobs check, no verl)
+# IS Reshape values: their types and ranges are ISReshapeParams' (no verl)
 IS_VALUE_ROWS = [
     ("is-width-word", {"IS_WIDTH": "abc"},
      "error: bad IS Reshape knob: IS_WIDTH='abc' is not allowed: width='abc' is not allowed; it must be a finite number > 0"),
@@ -133,11 +134,13 @@ def test_bad_is_reshape_value_is_one_line(tmp_path, knobs, message):
     assert "verl.trainer.main_ppo" not in proc.stdout
 
 
-def test_good_is_reshape_values_pass_the_light_check():
-    out = subprocess.run([sys.executable, "-m", "isreshape_verl.recipe_check", "--is-knobs", "--",
-                          "IS_WIDTH=0.5", "IS_WIDTH_NEG=null", "IS_ONE_SIDED=false", "IS_KERNEL=cauchy"],
-                         cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0 and out.stdout.startswith("recipe check OK"), out.stderr
+def test_good_is_reshape_values_pass_the_check():
+    from isreshape_verl.launch.knobs import check_is_knobs, resolve
+
+    knobs = resolve("gsm8k", "isreshape", {"IS_WIDTH": "0.5", "IS_WIDTH_NEG": "null", "IS_ONE_SIDED": "false",
+                                           "IS_KERNEL": "cauchy"})
+    assert check_is_knobs(knobs) is None
+    assert knobs["IS_WIDTH_NEG"] == "null"
 
 
 # rows 23 and 24: the ISReshapeLossConfig target with another loss_mode would train that loss and ignore
