@@ -130,6 +130,17 @@ def test_a_failed_run_ends_in_one_line_with_its_status(fake):
     assert one_error_line(proc) == f"error: ValueError: the stand-in failed on purpose; see {run_dir}/train.log"
 
 
+def test_a_failed_run_names_a_checkpoint_it_left_incomplete(fake):
+    """A run that dies while saving (a full disk) leaves a step folder verl never recorded as complete."""
+    run_dir = Path(fake["RUN_ROOT"]) / "partial"
+    proc = launch("tiny/grpo.sh", {**fake, "EXP_NAME": "partial", "FAKE_RC": "1",
+                                   "FAKE_SAVE": str(run_dir / "checkpoints")})
+    assert proc.returncode == 1
+    assert one_error_line(proc) == (
+        f"error: ValueError: the stand-in failed on purpose; see {run_dir}/train.log; global_step_1, "
+        f"global_step_2 in {run_dir}/checkpoints are incomplete (verl will not resume them): remove them")
+
+
 def test_a_changed_setting_never_silently_resumes(fake):
     """Issue 25, BAD 1: `SAVE_FREQ=1 STEPS=2`, then the same with `STEPS=3 LR=5e-4` resumed with lr 1e-4."""
     run_dir = Path(fake["RUN_ROOT"]) / "res"

@@ -85,6 +85,19 @@ def checkpoint_steps(run_dir: Path) -> list[int]:
                   if p.name.rsplit("_", 1)[1].isdigit())
 
 
+def incomplete_steps(run_dir: Path) -> list[Path]:
+    """Step folders newer than the last one verl recorded as complete (its tracker file is written after a
+    step's checkpoint is whole): a run that died while saving leaves one behind."""
+    from isreshape_verl.launch.diagnose import TRACKER
+
+    tracker = run_dir / "checkpoints" / TRACKER
+    try:
+        last = int(tracker.read_text().strip())
+    except (OSError, ValueError):
+        last = 0
+    return [run_dir / "checkpoints" / f"global_step_{s}" for s in checkpoint_steps(run_dir) if s > last]
+
+
 def _settings(knobs: Knobs, extra: list[str]) -> dict:
     """What launch.json records: the knobs and trailing overrides that decide what is computed."""
     return {"dataset": knobs.dataset, "loss": knobs.loss,
@@ -339,7 +352,12 @@ def _supervise(knobs: Knobs, cmd: list[str], run_dir: Path, ray_tmp: str | None,
     if status != 0:
         from isreshape_verl.launch.diagnose import failure_line
 
-        print(f"error: {failure_line(''.join(tail), run_dir)}", file=err)
+        partial = incomplete_steps(run_dir)
+        it = "them" if len(partial) > 1 else "it"
+        note = (f"; {', '.join(p.name for p in partial)} in {run_dir}/checkpoints "
+                f"{'are' if len(partial) > 1 else 'is'} incomplete (verl will not resume {it}): remove {it}"
+                if partial else "")
+        print(f"error: {failure_line(''.join(tail), run_dir)}{note}", file=err)
         return status
     steps = checkpoint_steps(run_dir)
     print(f"done: {run_dir} in {minutes:.1f} min{final_validation(run_dir)}"
