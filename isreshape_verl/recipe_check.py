@@ -349,44 +349,6 @@ def _try(problems: list[str], what: str, fn) -> Any:
         return None
 
 
-IS_KNOB_PREFIX = "IS_"
-
-
-def check_is_knobs(knobs: dict[str, str]) -> list[str]:
-    """The recipes' IS Reshape knobs (``IS_WIDTH=0.5`` ...) -> problems, one line each, naming the knob.
-
-    Each value is parsed as Hydra parses ``+actor_rollout_ref.actor.policy_loss.width=0.5`` (the recipe passes
-    it so), then :class:`isreshape_verl.reshape.ISReshapeParams` -- the one owner of the keys, their types and
-    ranges -- is built from them. Light: imports neither verl nor the trainer."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    from isreshape_verl.reshape import ISReshapeParams
-
-    keys = list(ISReshapeParams.__dataclass_fields__)
-    known = " ".join(IS_KNOB_PREFIX + k.upper() for k in keys)
-    parser = OverridesParser.create()
-    problems, values = [], {}
-    for knob, text in knobs.items():
-        key = knob[len(IS_KNOB_PREFIX):].lower() if knob.startswith(IS_KNOB_PREFIX) else ""
-        if key not in keys:
-            problems.append(f"{knob} is not an IS Reshape knob (known: {known})")
-            continue
-        try:
-            values[key] = parser.parse_override(f"{key}={text}").value()
-        except Exception as exc:  # noqa: BLE001
-            problems.append(f"{knob}={text!r} is not allowed: Hydra cannot parse it ({_one_line(exc)[:200]})")
-    if problems:
-        return problems
-    try:
-        ISReshapeParams(**values)
-    except (ValueError, TypeError) as exc:
-        message = _one_line(exc)
-        named = [k for k in values if re.match(rf"{k}=", message)]
-        where = ", ".join(f"{IS_KNOB_PREFIX}{k.upper()}={knobs[IS_KNOB_PREFIX + k.upper()]!r}" for k in named or values)
-        problems.append(f"{where} is not allowed: {message}")
-    return problems
-
-
 @dataclass
 class Launch:
     """A composed config, the dataclasses verl built from it, and the numbers the checks compare.
@@ -818,9 +780,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quiet", action="store_true", help="print nothing on success")
     parser.add_argument("--one-line", action="store_true",
                         help="on failure print one line: 'recipe check failed: PROBLEM | PROBLEM ...'")
-    parser.add_argument("--is-knobs", action="store_true",
-                        help="check the arguments as the recipes' IS Reshape knobs (IS_WIDTH=0.5 ...) instead of "
-                        "Hydra overrides: types and ranges of isreshape_verl.reshape.ISReshapeParams (no verl)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides as passed to verl.trainer.main_ppo")
     return parser
 
@@ -834,15 +793,6 @@ def _report(problems: Sequence[str], one_line: bool) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.is_knobs:
-        knobs = dict(a.split("=", 1) if "=" in a else (a, "") for a in args.overrides)
-        problems = check_is_knobs(knobs)
-        if problems:
-            _report(problems, args.one_line)
-            return 1
-        if not args.quiet:
-            print("recipe check OK: IS Reshape knobs " + " ".join(knobs))
-        return 0
     try:
         result = check_overrides(
             args.overrides,
