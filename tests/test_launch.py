@@ -162,6 +162,37 @@ def test_a_changed_setting_never_silently_resumes(fake):
     assert launch("tiny/grpo.sh", {**env, "LR": "5e-4"}, "trainer.resume_mode=disable").returncode == 0
 
 
+def test_a_damaged_checkpoint_is_named_before_the_launch(fake):
+    """Issue 25, BAD 6: a truncated checkpoint file made the rerun end in a Ray/Hydra traceback."""
+    import torch
+
+    run_dir = Path(fake["RUN_ROOT"]) / "dmg"
+    env = {**fake, "EXP_NAME": "dmg"}
+    assert launch("tiny/grpo.sh", env).returncode == 0  # launch.json of the run
+    actor = run_dir / "checkpoints" / "global_step_1" / "actor"
+    actor.mkdir(parents=True)
+    for kind in ("model", "optim", "extra_state"):
+        torch.save({"w": torch.ones(256)}, actor / f"{kind}_world_size_1_rank_0.pt")
+    (run_dir / "checkpoints" / "latest_checkpointed_iteration.txt").write_text("1")
+    with open(actor / "model_world_size_1_rank_0.pt", "r+b") as f:
+        f.truncate(300)
+    proc = launch("tiny/grpo.sh", env)
+    assert proc.returncode == 2
+    line = one_error_line(proc)
+    assert line.startswith(f"error: checkpoint {actor}/model_world_size_1_rank_0.pt is damaged"), line
+    assert "start a new EXP_NAME" in line and not (run_dir / "train.log").read_text().count("step:3")
+
+
+def test_a_hub_model_that_cannot_be_reached_is_refused_in_seconds(fake):
+    """Issue 25, BAD 7: verl retried the hub for 84 s and 1,092 lines; the launcher asks once, briefly."""
+    started = time.monotonic()
+    proc = launch("tiny/grpo.sh", {**fake, "EXP_NAME": "hub", "MODEL": "Qwen/Qwen2.5-0.5B-Instruct",
+                                   "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_CACHE": str(Path(fake["HOME"]) / "hf")})
+    assert proc.returncode == 2 and time.monotonic() - started < 30
+    assert one_error_line(proc).startswith("error: MODEL=Qwen/Qwen2.5-0.5B-Instruct is not in the Hugging Face cache")
+    assert not (Path(fake["RUN_ROOT"]) / "hub").exists()
+
+
 def test_one_run_folder_has_one_writer(fake):
     """Issue 25, BAD 2: two launches with the same RUN_ROOT and EXP_NAME at once."""
     env = {**fake, "EXP_NAME": "same", "FAKE_STEPS": "20", "FAKE_SLEEP": "0.2"}
