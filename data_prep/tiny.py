@@ -15,7 +15,7 @@ prompt tokens, the same weights. The task, the model and the warm start are the 
 identity, so the warm start comes from the sandbox's cache (``$ISRESHAPE_CACHE``, default
 ``~/.cache/isreshape-verl``) when a ``compare`` run with the same settings has trained it, and lands there
 otherwise (minutes the first time: 500 steps, 5.6 min on 2 cores shared with another job;
-152 s from a fresh clone on 2 cores, as the README's timing of `compare` measured).
+129 s on 2 idle Intel Xeon cores, as the README's timing of `compare` measured).
 
 Rows follow ``verl_format`` (data_source, prompt, ability, reward_model, extra_info), except that the user
 message is the bare question ("13-9-3=?"), with no instruction: the tiny model was warm-started on
@@ -281,19 +281,32 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     rc = 1
     try:
-        rc = write(args, out, argv)
+        rc = write(args, out, argv, n_train_given=ns.n_train is not None)
+        return rc
+    except OSError as err:  # a full disk, mostly (the cache, the parquet or the model folder): nothing was installed
+        from isreshape_verl.paths import DISK_FULL, os_error_line
+
+        if err.errno not in DISK_FULL and err.filename is None:
+            raise  # not a file of ours (a closed stdout pipe, say)
+        print(f"error: {os_error_line(err)}", file=sys.stderr)
+        rc = 2
         return rc
     finally:
         if rc != 0 and created and out.is_dir() and not any(out.iterdir()):
             out.rmdir()  # a folder this run created and left empty: leave nothing behind
 
 
-def write(args: Args, out: Path, argv: list[str]) -> int:
+def write(args: Args, out: Path, argv: list[str], n_train_given: bool = True) -> int:
     """Build the task and the (warm-started) policy, write everything into a temporary folder inside `out`,
-    check the model folder, then move the files into place. Returns the exit code."""
+    check the model folder, then move the files into place. Returns the exit code; a file that cannot be written
+    (a full disk) raises OSError naming the file of `out` it was for, with nothing installed.
+
+    `n_train_given`: --n-train was on the command line. Only then does a pool smaller than asked for get a note:
+    the default 20,000 is the sandbox's, whose difficulty-2 pool holds 19,873 (the module docstring says so)."""
     import torch
     import transformers
 
+    from isreshape_verl.paths import naming
     from isreshape_verl.sandbox.experiment import build_task, model_identity, task_identity
     from isreshape_verl.sandbox.model import build_policy
     from isreshape_verl.sandbox.rollout import greedy_accuracy
@@ -310,7 +323,7 @@ def write(args: Args, out: Path, argv: list[str]) -> int:
         print(f"error: --n-test {args.n_test} is too large for the task: {err}", file=sys.stderr)
         return 2
     train, test = task.train, task.test[: args.n_test]
-    if len(train) < args.n_train:
+    if n_train_given and len(train) < args.n_train:
         print(f"note: {task.source} has {len(train)} distinct train problems besides the test split "
               f"(--n-train {args.n_train} asked for more)")
     missed = unscored(train + test)
@@ -355,8 +368,10 @@ def write(args: Args, out: Path, argv: list[str]) -> int:
     tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=out))
     try:
         for split, problems in zip(SPLITS, (train, test)):
-            vf.write_parquet(verl_rows(problems, split, task.source), tmp / f"{split}.parquet")
-        save_model(policy, tmp / MODEL_DIR, info)
+            with naming(str(out / f"{split}.parquet"), str(tmp / f"{split}.parquet")):  # pyarrow names no file
+                vf.write_parquet(verl_rows(problems, split, task.source), tmp / f"{split}.parquet")
+        with naming(str(out / MODEL_DIR), str(tmp / MODEL_DIR)):  # safetensors says ENOSPC in words only
+            save_model(policy, tmp / MODEL_DIR, info)
         found = verify_folder(tmp / MODEL_DIR, policy, train + test)
         if found:
             print("error: the saved model folder does not reproduce the sandbox policy: " + "; ".join(found),

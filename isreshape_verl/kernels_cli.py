@@ -128,7 +128,10 @@ def plot_formats() -> list[str]:
 
 def plot_path(raw: str) -> Path:
     """The file --plot RAW writes: RAW/kernel_weights.png for a folder, RAW.png without an extension, else RAW.
-    ValueError (one line, naming RAW and what is allowed) for an unknown extension or a missing folder."""
+    ValueError (one line, naming RAW and what is allowed) for an empty path, an unknown extension or a missing
+    folder."""
+    if not raw.strip():  # `--plot ''` (an unset shell variable, say) asked for a plot: saying nothing would hide it
+        raise ValueError(f"--plot {raw!r}: an empty path; give a file (g.png) or a folder (which gets {PLOT_NAME})")
     path = Path(raw).expanduser()
     if path.is_dir() or raw.endswith(("/", os.sep)):
         path = path / PLOT_NAME
@@ -191,7 +194,7 @@ def _main(argv: list[str] | None) -> int:
     except ValueError as err:
         parser.error(str(err))
     try:
-        path = plot_path(args.plot) if args.plot else None  # before any output
+        path = plot_path(args.plot) if args.plot is not None else None  # before any output
     except ValueError as err:
         return fail(PROG, str(err))
     rows = args.rows()

@@ -10,6 +10,8 @@ import os
 import shutil
 
 DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
+# how libraries that do not raise OSError (safetensors' Rust writer) say the same
+DISK_FULL_WORDS = ("No space left on device", "Disk quota exceeded", "os error 28", "os error 122")
 
 
 def first_missing(folder: str) -> str | None:
@@ -61,16 +63,41 @@ def remove_created(created: str | None, keep=lambda path: False) -> bool:
     return True
 
 
+def os_error_behind(err: BaseException) -> OSError | None:
+    """The OSError that `err` stands for, or None: `err` itself; an OSError in its cause/context chain (torch.save
+    on a full disk reports the write's ENOSPC as the context of a RuntimeError 'unexpected pos …' raised while
+    closing the archive); or a full disk told only in words (safetensors: 'I/O error: No space left on device
+    (os error 28)'), which becomes OSError(ENOSPC)."""
+    seen, link = set(), err
+    while link is not None and id(link) not in seen:
+        if isinstance(link, OSError) and link.errno is not None:
+            return link
+        seen.add(id(link))
+        link = link.__cause__ or (None if link.__suppress_context__ else link.__context__)  # `from None` ends it
+    text = str(err)
+    if any(word in text for word in DISK_FULL_WORDS):
+        return OSError(errno.EDQUOT if "quota" in text or "os error 122" in text else errno.ENOSPC, text)
+    return None
+
+
 @contextlib.contextmanager
-def naming(path: str):
-    """Re-raise an OSError from the block with `path` as its file name when it has none (a failed write or
-    close: `[Errno 28] No space left on device` alone does not say where)."""
+def naming(path: str, temporary: str | None = None):
+    """Re-raise a failed write of the block as an OSError naming `path` (`[Errno 28] No space left on device`
+    alone does not say where; a file under the name `temporary`, by default `path.tmp…`, is named as `path`, the
+    file the user asked for), whatever library wrote: torch's RuntimeError and safetensors' error that hide a full
+    disk become the OSError behind them (`os_error_behind`). An error about another file keeps that file's name;
+    any other error passes as is."""
     try:
         yield
-    except OSError as err:
-        if err.filename is None and err.errno is not None:
-            raise OSError(err.errno, err.strerror or str(err), path) from None
-        raise
+    except Exception as err:  # anything but a failed write is re-raised as it is
+        cause = os_error_behind(err)
+        if cause is None:
+            raise
+        name = cause.filename
+        if name is None or os.fspath(name).startswith((os.fspath(path), os.fspath(temporary or path))):
+            name = path
+        strerror = os.strerror(cause.errno) if cause.errno in DISK_FULL else (cause.strerror or str(cause))
+        raise OSError(cause.errno, strerror, name) from None
 
 
 def write_atomic(path: str, write, mode: str = "w") -> None:
@@ -92,6 +119,6 @@ def write_atomic(path: str, write, mode: str = "w") -> None:
 def os_error_line(err: OSError, hint: str = "") -> str:
     """One line for an OSError met while working: 'disk full: cannot write PATH (...)' or 'cannot use PATH: ...'."""
     where = repr(os.fspath(err.filename)) if err.filename is not None else "a file"
-    if err.errno in DISK_FULL:
-        return f"disk full: cannot write {where} ({err.strerror}); free space or choose another folder{hint}"
+    if err.errno in DISK_FULL:  # pyarrow's strerror is 'Error writing bytes to file. Detail: [errno 28] …'
+        return f"disk full: cannot write {where} ({os.strerror(err.errno)}); free space or choose another folder{hint}"
     return f"cannot use {where}: {err.strerror or err}{hint}"

@@ -6,6 +6,7 @@ One tiny comparison (smoke preset, 1 loss × lags 0 and 2, a 25-step warm start 
 is made once and copied into the tests that need a folder of finished or interrupted runs."""
 
 import errno
+import io
 import json
 import os
 import shutil
@@ -162,26 +163,199 @@ def test_resume_names_a_damaged_run_file(which, damage, expected, made, tmp_path
 
 
 # ---- a full disk (row 1): /dev/full answers every write with ENOSPC, as a full tmpfs does -------------------------
-@pytest.mark.parametrize("site", ["checkpoint", "metrics", "report"])
-def test_a_full_disk_is_one_line_and_keeps_finished_runs(site, tmp_path, capsys):
-    """The first run finishes; then a write fails with ENOSPC: in the second run's checkpoint, its metrics, or the
-    report's first plot. One line names the file; the finished run is intact; no temporary or 0-byte file stays."""
+FULL = "(No space left on device)"
+KEPT = "; finished runs and checkpoints are kept, --resume continues"
+
+
+def _disk_full_line(capsys, named) -> str:
+    line = _one_error_line(capsys)
+    assert f"error: disk full: cannot write {str(named)!r} {FULL}; free space or choose another folder" in line, line
+    return line
+
+
+def _no_partial_files(out):
+    left = [p for p in out.rglob("*") if p.name.endswith(".tmp") or (p.suffix == ".png" and p.stat().st_size == 0)]
+    assert not left, left
+    assert not (out / "report.md").exists()  # written last: its presence would claim a complete report
+
+
+def _finished(out, run) -> bool:
+    rows = [json.loads(row) for row in (out / "runs" / run / "metrics.jsonl").read_text().splitlines()]
+    return rows[-1]["step"] == 6 and not (out / "runs" / run / "checkpoint.pt").exists()
+
+
+@pytest.mark.parametrize("site, jobs", [("checkpoint", 1), ("metrics", 1), ("config", 1), ("checkpoint", 2)],
+                         ids=["checkpoint", "metrics", "config", "checkpoint_jobs2"])
+def test_a_full_disk_during_the_runs_is_one_line_and_keeps_finished_runs(site, jobs, tmp_path, capfd):
+    """A write of the second run fails with ENOSPC: its checkpoint or metrics (the first run has finished), or its
+    config.json (written before any run starts). One line names the file, from the parent alone (capfd: a worker
+    of --jobs 2 writes to the same stderr); finished runs are intact; no temporary or 0-byte file stays."""
     out = tmp_path / "out"
     run2 = out / "runs" / RUNS[1]
     run2.mkdir(parents=True)
-    full = {"checkpoint": run2 / "checkpoint.pt.tmp", "metrics": run2 / "metrics.jsonl",
-            "report": out / "accuracy.png.tmp"}[site]
-    full.symlink_to("/dev/full")
-    named = {"checkpoint": run2 / "checkpoint.pt", "metrics": run2 / "metrics.jsonl",
-             "report": out / "accuracy.png"}[site]
+    name = {"checkpoint": "checkpoint.pt", "metrics": "metrics.jsonl", "config": "config.json"}[site]
+    (run2 / (name if site == "metrics" else name + ".tmp")).symlink_to("/dev/full")
+    assert main(BASE + ["--jobs", str(jobs), "--out", str(out)]) == 2
+    line = _disk_full_line(capfd, run2 / name)
+    if jobs == 1 and site != "config":
+        assert line.endswith(KEPT) and _finished(out, RUNS[0])
+    if site == "config":  # refused before any run: nothing to keep, nothing to resume
+        assert not line.endswith(KEPT) and not list(out.rglob("metrics.jsonl"))
+    _no_partial_files(out)
+
+
+@pytest.mark.parametrize("name", ["accuracy.png", "ratios.png", "g_curves.png", "summary.json", "report.md"])
+def test_a_full_disk_while_writing_the_report(name, made, tmp_path, capsys):
+    """Every run is finished (`--resume` goes straight to the report); each file of the report meets a full disk in
+    turn: one line naming it, the runs untouched, no report.md, and `--resume` writes the report once there is room."""
+    out = _copy(made, "finished", tmp_path)
+    for written in ("accuracy.png", "ratios.png", "g_curves.png", "summary.json", "report.md"):
+        (out / written).unlink()  # as if the comparison had stopped before its report
+    before = _snapshot(out)
+    (out / f"{name}.tmp").symlink_to("/dev/full")
+    assert main(BASE + ["--resume", "--out", str(out)]) == 2
+    assert _disk_full_line(capsys, out / name).endswith(KEPT)
+    assert _snapshot(out) == before
+    _no_partial_files(out)
+    assert main(BASE + ["--resume", "--out", str(out)]) == 0 and (out / "report.md").exists()
+
+
+def test_a_full_disk_when_resume_rewrites_the_metrics(made, tmp_path, capsys):
+    """--resume rewrites a stopped run's metrics.jsonl without the rows after its checkpoint; a full disk there
+    leaves the run's files as they were."""
+    out = _copy(made, "stopped", tmp_path)
+    def results():  # config.json records each command that continued the run
+        return {k: v for k, v in _snapshot(out).items() if k.name != "config.json"}
+
+    before = results()
+    (out / "runs" / RUNS[0] / "metrics.jsonl.tmp").symlink_to("/dev/full")
+    assert main(BASE + ["--resume", "--out", str(out)]) == 2
+    assert _disk_full_line(capsys, out / "runs" / RUNS[0] / "metrics.jsonl").endswith(KEPT)
+    assert results() == before and len(before) == 4  # 2 runs × metrics.jsonl, checkpoint.pt
+    _no_partial_files(out)
+
+
+class _FillsUp(io.RawIOBase):
+    """A file on a disk that fills up after `room` bytes: the write that crosses it stores what fits, the next one
+    fails with ENOSPC, as on a real full file system (where torch.save then raises RuntimeError 'unexpected pos',
+    the ENOSPC only its context; /dev/full refuses the very first byte, which torch reports as the OSError)."""
+
+    def __init__(self, path, room: int):
+        self.file, self.room = open(path, "wb", buffering=0), room  # noqa: SIM115 - closed by close()
+
+    def writable(self):
+        return True
+
+    def write(self, data):
+        if self.room <= 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        kept = bytes(data[: self.room])
+        self.file.write(kept)
+        self.room -= len(kept)
+        return len(kept)
+
+    def close(self):
+        self.file.close()
+        super().close()
+
+
+def _fills_up_at(module, suffix: str, monkeypatch):
+    """Make `open` in `module` give a _FillsUp file (4 kB of room) for the path ending in `suffix`."""
+    import builtins
+
+    def opener(file, mode="r", *args, **kwargs):
+        if str(file).endswith(suffix) and "w" in mode:
+            return io.BufferedWriter(_FillsUp(file, 4096))
+        return builtins.open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(module, "open", opener, raising=False)
+
+
+@pytest.mark.parametrize("where", ["checkpoint", "warm_start"])
+def test_a_disk_that_fills_up_inside_torch_save_is_one_line(where, tmp_path, monkeypatch, capsys):
+    """torch.save into a file that runs out of room mid-write raises RuntimeError('[enforce fail at
+    inline_container.cc] unexpected pos …'): the run's checkpoint and the warm-start cache (a cold one here) name
+    the file and the full disk all the same, and leave no partial file."""
+    import re
+
+    from isreshape_verl import paths
+    from isreshape_verl.sandbox import warmstart
+
+    out = tmp_path / "new" / "out"
+    if where == "checkpoint":
+        _fills_up_at(paths, f"{RUNS[1]}/checkpoint.pt.tmp", monkeypatch)
+        assert main(BASE + ["--out", str(out)]) == 2
+        assert _disk_full_line(capsys, out / "runs" / RUNS[1] / "checkpoint.pt").endswith(KEPT)
+        assert _finished(out, RUNS[0])
+        _no_partial_files(out)
+        return
+    cold = tmp_path / "cold"
+    monkeypatch.setenv("ISRESHAPE_CACHE", str(cold))
+    _fills_up_at(warmstart, f".pt.tmp{os.getpid()}", monkeypatch)
     assert main(BASE + ["--out", str(out)]) == 2
     line = _one_error_line(capsys)
-    assert f"disk full: cannot write {str(named)!r} (No space left on device)" in line, line
-    rows = [json.loads(row) for row in (out / "runs" / RUNS[0] / "metrics.jsonl").read_text().splitlines()]
-    assert rows[-1]["step"] == 6 and not (out / "runs" / RUNS[0] / "checkpoint.pt").exists()  # finished, whole
-    left = [p for p in out.rglob("*") if p.name.endswith(".tmp") or (p.suffix == ".png" and p.stat().st_size == 0)]
-    assert not left, left
-    assert not (out / "report.md").exists()
+    assert re.search(rf"disk full: cannot write '{re.escape(str(cold))}/warmstart/[0-9a-f]{{16}}\.pt' "
+                     rf"\(No space left on device\); free space or choose another folder$", line), line
+    assert sorted(p.suffix for p in (cold / "warmstart").iterdir()) == [".lock"]  # no weights, no .tmp
+    assert not (tmp_path / "new").exists()  # no run had started: the --out it created is gone
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1 MB tmpfs: room for one checkpoint of the smoke model (1.0 MB with its AdamW state), not two."""
+    where = tmp_path / "small"
+    where.mkdir()
+    mounted = os.geteuid() == 0 and subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(where)],
+                                                   capture_output=True, check=False).returncode == 0
+    if not mounted:
+        pytest.skip("a real full disk needs a small tmpfs: root and mount")
+    yield where
+    subprocess.run(["umount", str(where)], check=True)
+
+
+def test_a_real_full_disk_with_two_workers_is_one_line(small_disk, capfd):
+    """The user's case: --out on a file system that fills up while two workers checkpoint (torch's 'unexpected pos'
+    in a worker, which then crossed the process boundary as up to 4 tracebacks). One line naming the file, from
+    the parent; no temporary file left."""
+    import re
+
+    out = small_disk / "out"
+    assert main(BASE + ["--jobs", "2", "--out", str(out)]) == 2
+    line = _one_error_line(capfd)
+    assert re.search(rf"error: disk full: cannot write '{re.escape(str(out))}/runs/vanilla__lag[02]__seed0/"
+                     r"(checkpoint\.pt|metrics\.jsonl)' \(No space left on device\); free space or choose another "
+                     "folder", line), line
+    _no_partial_files(out)
+
+
+def test_a_full_disk_at_the_lock_file_is_one_line(tmp_path, monkeypatch, capsys):
+    """The folder lock records the pid in `.compare.lock`: the first write of a comparison, refused by a full disk
+    before any work, naming the file (a failed flush names none)."""
+    import builtins
+
+    from isreshape_verl.sandbox import cli
+
+    class FullText:
+        """The real lock file (flock works on it), whose writes a full disk refuses."""
+
+        def __init__(self, handle):
+            self.handle = handle
+
+        def __getattr__(self, name):
+            return getattr(self.handle, name)
+
+        def write(self, text):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def opener(file, mode="r", *args, **kwargs):
+        handle = builtins.open(file, mode, *args, **kwargs)  # noqa: SIM115 - the lock's handle, closed by main
+        return FullText(handle) if str(file).endswith(".compare.lock") else handle
+
+    monkeypatch.setattr(cli, "open", opener, raising=False)
+    out = tmp_path / "new" / "out"
+    assert main(BASE + ["--out", str(out)]) == 2
+    assert not _disk_full_line(capsys, out / ".compare.lock").endswith(KEPT)
+    assert not (tmp_path / "new").exists()
 
 
 def test_a_full_disk_at_the_first_write_leaves_nothing(tmp_path, monkeypatch, capsys):

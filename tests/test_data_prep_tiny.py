@@ -304,3 +304,79 @@ def test_warm_start_comes_from_the_sandbox_cache(tmp_path, monkeypatch, capsys):
     assert "warm start: loaded from cache" in capsys.readouterr().out
     again = load_file(tmp_path / "again" / "model" / "model.safetensors")
     assert all(torch.equal(again[k], saved[k]) for k in saved)
+
+
+class _Stop(Exception):
+    """Raised where the test has seen what it needs: the rest of the run (minutes with 20,000 rows) is not needed."""
+
+
+def _stop(*args, **kwargs):
+    raise _Stop
+
+
+@pytest.mark.parametrize("n_train", [None, "20000"], ids=["default", "asked_for"])
+def test_the_pool_note_is_only_for_an_n_train_that_was_asked_for(n_train, tmp_path, monkeypatch, capsys):
+    """The default --n-train is the sandbox's 20,000, whose difficulty-2 pool holds 19,873 problems (the docstring
+    says so): without the flag no note; `--n-train 20000` typed by the user gets it. The run stops right after the
+    note (at the reward check)."""
+    tiny = _load("tiny")
+    monkeypatch.setattr(tiny, "unscored", _stop)
+    argv = ["--output-dir", str(tmp_path / "out"), "--no-warm-start", "--quiet"]
+    with pytest.raises(_Stop):
+        tiny.main(argv + (["--n-train", n_train] if n_train else []))
+    out = capsys.readouterr().out
+    if n_train is None:
+        assert "note" not in out and "--n-train" not in out, out
+    else:
+        assert out == ("note: procedural(difficulty=2, seed=0) has 19873 distinct train problems besides the test "
+                       "split (--n-train 20000 asked for more)\n")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1 MB tmpfs: room for the folder probe and the parquet files of a small run, not for the 2.4 MB model."""
+    where = tmp_path / "small"
+    where.mkdir()
+    mounted = os.geteuid() == 0 and subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(where)],
+                                                   capture_output=True, check=False).returncode == 0
+    if not mounted:
+        pytest.skip("a real full disk needs a small tmpfs: root and mount")
+    yield where
+    subprocess.run(["umount", str(where)], check=True)
+
+
+def test_a_full_disk_at_the_parquet_is_one_line_and_installs_nothing(tmp_path, monkeypatch, capsys):
+    """train.parquet meets a full disk (/dev/full answers with ENOSPC, as a full tmpfs does; pyarrow's OSError names
+    no file): one line naming the file, exit 2, the folder's earlier files untouched, no temporary folder left."""
+    import tempfile
+
+    tiny = _load("tiny")
+    made = tempfile.mkdtemp
+
+    def full_temp_folder(*args, **kwargs):
+        folder = made(*args, **kwargs)
+        Path(folder, "train.parquet").symlink_to("/dev/full")
+        return folder
+
+    monkeypatch.setattr(tiny.tempfile, "mkdtemp", full_temp_folder)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "train.parquet").write_text("earlier")
+    assert tiny.main(_small(out, "--no-warm-start")) == 2
+    err = capsys.readouterr().err
+    assert err == (f"error: disk full: cannot write {str(out / 'train.parquet')!r} (No space left on device); free "
+                   "space or choose another folder\n")
+    assert sorted(p.name for p in out.iterdir()) == ["train.parquet"] and (out / "train.parquet").read_text() == "earlier"
+
+
+def test_a_real_full_disk_at_the_model_is_one_line_and_leaves_nothing(small_disk, capsys):
+    """On a 1 MB tmpfs the parquet files fit and the model does not (safetensors says ENOSPC only in words): one line
+    naming the model folder, exit 2, and the --output-dir this run created is gone."""
+    tiny = _load("tiny")
+    out = small_disk / "out"
+    assert tiny.main(_small(out, "--no-warm-start")) == 2
+    err = capsys.readouterr().err
+    assert err == (f"error: disk full: cannot write {str(out / 'model')!r} (No space left on device); free space or "
+                   "choose another folder\n")
+    assert list(small_disk.iterdir()) == []

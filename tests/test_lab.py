@@ -399,3 +399,26 @@ def test_dispatch_through_the_package_cli(tmp_path):
     out = tmp_path / "lab"
     assert top(["lab", *TINY, "--losses", "gpg", "--references", "--rewards", "sparse", "--no-plots", "--out", str(out)]) == 0
     assert (out / "lab.csv").exists() and not (out / "lab_weights.png").exists()
+
+
+@pytest.mark.parametrize("replicates", [2, 3])
+def test_standard_errors_need_three_replicates(tmp_path, replicates):
+    """The rule of compare's intervals (MIN_SEEDS = 3, sandbox/stats.py): with 2 replicates lab.md shows no ± column
+    and says why; with 3 the paired standard errors are there."""
+    from isreshape_verl.lab.report import write_markdown
+
+    args = Args(losses=["is_reshape", "vanilla"], references=[], rewards=["sparse"], kls=[0.05], lags=[2], vocab=3,
+                length=3, replicates=replicates, batch_size=8, group_size=4, train_steps=3)
+    write_markdown(pd.DataFrame(run(args, progress=False)), tmp_path / "lab.md", "lab", 1.0,
+                   {"replicates": replicates})
+    md = (tmp_path / "lab.md").read_text()
+    header = next(line for line in md.splitlines() if line.startswith("| loss | rel_mse |"))
+    regime = next(line for line in md.splitlines()
+                  if line.startswith(("| loss | near: rel_mse |", "| loss | far: rel_mse |")))
+    if replicates == 2:
+        assert "d_rel_mse_se" not in header and "±se" not in regime
+        assert ("± paired standard\nerrors, left out here: a standard error needs at least 3 replicates and this run "
+                "has 2, so no difference below comes with a ±.\n") in md
+    else:
+        assert "d_rel_mse_se" in header and "±se" in regime
+        assert "errors (the ± of a mean over cells combines the cells' SEs as independent)." in md

@@ -6,7 +6,14 @@ import math
 import pytest
 
 from isreshape_verl.sandbox.report import strict_json, verdict_table
-from isreshape_verl.sandbox.stats import area_under_curve, bootstrap_mean_ci, excludes_zero, verdict_rows
+from isreshape_verl.sandbox.stats import (
+    MIN_SEEDS,
+    area_under_curve,
+    bootstrap_mean_ci,
+    excludes_zero,
+    mean_interval,
+    verdict_rows,
+)
 
 
 def test_bootstrap_of_equal_values_is_a_point():
@@ -64,3 +71,19 @@ def test_differences_are_taken_at_the_same_lag_and_only_on_shared_seeds():
 def test_strict_json_writes_null_for_nan_and_inf():
     text = json.dumps(strict_json({"a": float("nan"), "b": [1.0, float("inf")], "c": (0.5,)}), allow_nan=False)
     assert json.loads(text) == {"a": None, "b": [1.0, None], "c": [0.5]}
+
+
+def test_fewer_than_three_seeds_give_the_mean_and_no_interval():
+    """One or two seeds: a bootstrap interval would be the value itself or the range of the two, so the bounds are
+    NaN and no Δ 'excludes 0'; from MIN_SEEDS = 3 on, the interval is back."""
+    assert MIN_SEEDS == 3
+    for n in (1, 2):
+        runs = [_run("a", 0, s, 0.5) for s in range(n)] + [_run("b", 0, s, 0.6 + 0.01 * s) for s in range(n)]
+        b = {r["loss"]: r for r in verdict_rows(runs, reference="a")}["b"]
+        assert (b["seeds"], b["paired"]) == (n, n)
+        mean, low, high = b["delta_final_acc"]
+        assert mean == pytest.approx(0.1 + 0.005 * (n - 1)) and math.isnan(low) and math.isnan(high)
+        assert math.isnan(b["final_acc"][1]) and not excludes_zero(b["delta_final_acc"])
+    assert mean_interval([0.1, 0.2, 0.3]) == bootstrap_mean_ci([0.1, 0.2, 0.3])
+    assert mean_interval([0.1, None, float("nan"), 0.3])[0] == pytest.approx(0.2)  # 2 finite values: no interval
+    assert math.isnan(mean_interval([0.1, None, float("nan"), 0.3])[1])

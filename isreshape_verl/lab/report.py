@@ -108,7 +108,21 @@ def behaviour_table(df: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
+def _without_se(table: pd.DataFrame) -> pd.DataFrame:
+    """`table` without its standard-error columns (d_rel_mse_se, 'far: ±se', ...)."""
+    return table[[c for c in table.columns if not (str(c).endswith("_se") or str(c).strip().endswith("±se"))]]
+
+
 def write_markdown(df: pd.DataFrame, path: Path, command: str, wall_s: float, settings: dict) -> None:
+    """lab.md. The ± columns are standard errors over the replicates; with fewer than MIN_SEEDS replicates they
+    are left out and the text says why (the same rule as compare's intervals, sandbox/stats.py)."""
+    from isreshape_verl.sandbox.stats import MIN_SEEDS
+
+    replicates = settings.get("replicates", MIN_SEEDS)
+    shown = _without_se if replicates < MIN_SEEDS else (lambda table: table)
+    errors = ("errors (the ± of a mean over cells combines the cells' SEs as independent)." if replicates >= MIN_SEEDS
+              else f"errors, left out here: a standard error needs at least {MIN_SEEDS} replicates and this run has "
+                   f"{replicates}, so no difference below comes with a ±.")
     parts = [
         "# Estimator lab",
         "",
@@ -120,17 +134,17 @@ def write_markdown(df: pd.DataFrame, path: Path, command: str, wall_s: float, se
         "MSE after the best scalar step-size multiplier (immune to plain shrinkage); cosine = E cos(ĝ, ∇J); ess = Kish",
         "ESS fraction of the token weights; zero_share / cut_share = tokens with weight 0 / weight < r/2;",
         "d_rel_mse / d_cosine = rel_mse / cosine minus the anchor's (first loss) on the same batches, ± paired standard",
-        "errors (the ± of a mean over cells combines the cells' SEs as independent).",
+        errors,
         "",
     ]
     if not (df["distance"] > 0).any():
         parts += ["No off-policy cells (every distance is 0): only the per-distance tables below.", ""]
     for adv in sorted(df["advantage"].unique()) if (df["distance"] > 0).any() else []:
         parts += [f"## Summary over all off-policy cells, advantage = {adv}", "",
-                  _table(summary_table(df[df["advantage"] == adv]), "loss"), ""]
+                  _table(shown(summary_table(df[df["advantage"] == adv])), "loss"), ""]
     for adv in sorted(df["advantage"].unique()) if (df["distance"] > 0).any() else []:
         parts += [f"## Near (per-token KL < {NEAR_KL}) vs far cells, advantage = {adv} (sorted by far rel_mse_best)", "",
-                  _table(regime_table(df[df["advantage"] == adv]), "loss"), ""]
+                  _table(shown(regime_table(df[df["advantage"] == adv])), "loss"), ""]
     for behaviour in sorted(df["behaviour"].unique()):
         for adv in sorted(df["advantage"].unique()):
             parts += [f"## rel_mse by distance: behaviour = {behaviour}, advantage = {adv} (mean over reward families)", "",

@@ -7,6 +7,7 @@ seed sees the same prompts, the same sampling seed and the same warm start.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing as mp
 import os
@@ -438,6 +439,20 @@ def _run_all(todo: list[dict], jobs: int, args) -> list[dict]:
                     child.terminate()
                 raise
         return results
+    except BaseException:
+        _remove_partial_files(todo)
+        raise
     finally:
         for bar in bars.values():
             bar.close()
+
+
+def _remove_partial_files(todo: list[dict]) -> None:
+    """Remove the `*.tmp` files of the runs' folders: a worker stopped mid-write (terminated after another run
+    failed, or killed) never ran write_atomic's clean-up. The folders are this comparison's alone (the --out
+    lock), so every temporary file in them is a leftover."""
+    for job in todo:
+        names = os.listdir(job["dir"]) if os.path.isdir(job["dir"]) else []
+        for name in (n for n in names if n.endswith(".tmp")):
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(job["dir"], name))

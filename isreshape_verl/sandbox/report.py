@@ -16,7 +16,12 @@ import os
 import numpy as np
 
 from isreshape_verl.paths import write_atomic
-from isreshape_verl.sandbox.stats import area_under_curve, excludes_zero, verdict_rows
+from isreshape_verl.sandbox.stats import (
+    MIN_SEEDS,
+    area_under_curve,
+    excludes_zero,
+    verdict_rows,
+)
 
 REPORT_MD, SUMMARY_JSON = "report.md", "summary.json"
 ACCURACY_PNG, RATIOS_PNG, G_CURVES_PNG = "accuracy.png", "ratios.png", "g_curves.png"
@@ -126,29 +131,58 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _interval(ci, signed=False) -> str:
+def _seeds(n: int, paired: bool = False) -> str:
+    return f"{n}{' paired' if paired else ''} seed{'' if n == 1 else 's'}"
+
+
+def _interval(ci, n: int, signed=False) -> str:
+    """'mean [low, high]', bold for a Δ whose interval excludes 0; 'mean (1 seed: no interval)' below MIN_SEEDS."""
     if ci is None:
         return "–"
     mean, low, high = ci
     if not math.isfinite(mean):
         return "–"
     f = "{:+.3f}" if signed else "{:.3f}"
+    if not (math.isfinite(low) and math.isfinite(high)):  # fewer than MIN_SEEDS seeds (stats.mean_interval)
+        return f"{f.format(mean)} ({_seeds(n, paired=signed)}: no interval)"
     text = f"{f.format(mean)} [{f.format(low)}, {f.format(high)}]"
     return f"**{text}**" if signed and excludes_zero(ci) else text
 
 
 def verdict_table(runs: list[dict], reference: str) -> str:
-    """Markdown: mean [95 % bootstrap interval over seeds] per (loss, lag), paired Δ to the reference."""
+    """Markdown: mean [95 % bootstrap interval over seeds] per (loss, lag), paired Δ to the reference; the mean
+    alone, saying so, for fewer than MIN_SEEDS seeds."""
     head = ("| loss | lag | seeds | final acc | best acc | AUC (mean acc) | Δ final vs ref. | Δ AUC vs ref. "
             "| collapsed |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in sorted(verdict_rows(runs, reference), key=lambda r: (_lag_key(r["lag"]), )):
+        n, paired = r["seeds"], r["paired"]
         lines.append(
-            f"| `{r['loss']}` | {r['lag']} | {r['seeds']} | {_interval(r['final_acc'])} | {_interval(r['best_acc'])} "
-            f"| {_interval(r['auc'])} | {_interval(r['delta_final_acc'], True)} | {_interval(r['delta_auc'], True)} "
-            f"| {r['collapsed']}/{r['seeds']} |"
+            f"| `{r['loss']}` | {r['lag']} | {n} | {_interval(r['final_acc'], n)} | {_interval(r['best_acc'], n)} "
+            f"| {_interval(r['auc'], n)} | {_interval(r['delta_final_acc'], paired, True)} "
+            f"| {_interval(r['delta_auc'], paired, True)} | {r['collapsed']}/{n} |"
         )
     return "\n".join(lines)
+
+
+def verdict_intro(runs: list[dict], reference: str) -> str:
+    """The paragraph above the verdict table: what its numbers are, and what its brackets and bold mean, or, with
+    fewer than MIN_SEEDS seeds, in words why there are none (a one-seed table must not look like a finding)."""
+    rows = verdict_rows(runs, reference)
+    counts = [r["seeds"] for r in rows] + [r["paired"] for r in rows if r["paired"]]  # 0: no Δ in that row
+    text = ("AUC: mean test accuracy over the run (trapezoid over the evaluations). Δ: paired by seed (same prompts, "
+            f"sampling seed and warm start), loss − `{reference}` at the same lag. ")
+    if counts and max(counts) < MIN_SEEDS:
+        few = _seeds(max(counts)) if min(counts) == max(counts) else f"{min(counts)} to {max(counts)} seeds"
+        return text + (f"{few} per loss and lag: no interval, and no difference is marked. An "
+                       f"interval needs at least {MIN_SEEDS} seeds (from 1 seed a bootstrap interval is the value "
+                       "itself, from 2 the range of the two), so every number here is one measurement; "
+                       "`--seeds 0 1 2` or `--preset full` gives intervals.")
+    text += ("Mean over seeds [95 % percentile-bootstrap interval over seeds]; **bold**: a Δ whose interval "
+             "excludes 0. With 3 seeds an interval is coarse (10 distinct resamples).")
+    if counts and min(counts) < MIN_SEEDS:
+        text += f" Rows with fewer than {MIN_SEEDS} seeds (paired seeds for a Δ) show the mean alone."
+    return text
 
 
 def diagnostics_table(runs: list[dict]) -> str:
@@ -343,7 +377,8 @@ def report_files(out_dir: str) -> list[str]:
 
 
 def write_report(out_dir: str, runs: list[dict], specs, context: dict) -> str:
-    """report.md + PNGs in `out_dir`; returns the report path. `runs`: dicts with loss, lag, seed, rows, summary."""
+    """The PNGs, summary.json and, last, report.md in `out_dir` (each whole or absent, so a report.md means a
+    complete report); returns the report path. `runs`: dicts with loss, lag, seed, rows, summary."""
     plot_accuracy(runs, os.path.join(out_dir, ACCURACY_PNG))
     plot_ratios(runs, os.path.join(out_dir, RATIOS_PNG))
     plot_g_curves(specs, os.path.join(out_dir, G_CURVES_PNG))
@@ -372,10 +407,7 @@ def write_report(out_dir: str, runs: list[dict], specs, context: dict) -> str:
         "",
         f"### Across seeds, against `{runs[0]['loss']}`" if runs else "",
         "",
-        "Mean over seeds [95 % percentile-bootstrap interval over seeds]. AUC: mean test accuracy over the run "
-        "(trapezoid over the evaluations). Δ: paired by seed (same prompts, sampling seed and warm start), loss − "
-        f"`{runs[0]['loss'] if runs else ''}` at the same lag; **bold** when the interval excludes 0. With 3 seeds "
-        "an interval is coarse (10 distinct resamples).",
+        verdict_intro(runs, runs[0]["loss"]) if runs else "",
         "",
         verdict_table(runs, runs[0]["loss"]) if runs else "",
         "",
@@ -409,10 +441,10 @@ def write_report(out_dir: str, runs: list[dict], specs, context: dict) -> str:
         )
     lines += ["", "Per-run metrics are in `runs/*/metrics.jsonl`, settings in `runs/*/config.json`; "
               f"`isreshape-verl plot-runs {out_dir}` plots every run as a curve, beside cluster runs if given.", ""]
-    path = os.path.join(out_dir, REPORT_MD)
-    write_atomic(path, lambda f: f.write("\n".join(lines)))
     summary = {"table": rows, "verdict": verdict_rows(runs, runs[0]["loss"]) if runs else [],
                "runs": [{k: v for k, v in r.items() if k != "rows"} for r in runs]}
     write_atomic(os.path.join(out_dir, SUMMARY_JSON),
                  lambda f: json.dump(strict_json(summary), f, indent=1, default=str, allow_nan=False))
+    path = os.path.join(out_dir, REPORT_MD)
+    write_atomic(path, lambda f: f.write("\n".join(lines)))  # last: a report.md means every file is written
     return path
