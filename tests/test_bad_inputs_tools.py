@@ -100,7 +100,6 @@ def test_row13_kernels_plot_into_an_unwritable_folder(unwritable_dir, capsys):
                                         "is not writable (")
 
 
-
 @pytest.mark.parametrize("given", ["", "  "])
 def test_row13_kernels_plot_empty_path(tmp_path, capsys, monkeypatch, given):
     """`--plot ''` (an unset shell variable, say) asked for a plot: one line and exit 2, not exit 0 without one."""
@@ -110,6 +109,7 @@ def test_row13_kernels_plot_empty_path(tmp_path, capsys, monkeypatch, given):
     assert out.out == "" and list(tmp_path.iterdir()) == []  # refused before the table; no '  .png' written
     assert one_line(out.err) == (f"isreshape-verl kernels: error: --plot {given!r}: an empty path; give a file "
                                  "(g.png) or a folder (which gets kernel_weights.png)")
+
 
 # ---- 14: plot-runs on a file that is not text ------------------------------------------------------------------------
 @pytest.mark.parametrize("content", [bytes(range(256)) * 4, b'{"step": 1, "data": {"x": 1}}\n\xff\xfe\x00\n'])
