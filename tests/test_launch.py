@@ -273,3 +273,5 @@ def test_step_summary_reads_verls_console_line():
             "timing_s/step:11.203 - val-core/openai/gsm8k/acc/mean@1:0.375")
     assert step_summary(line, "60") == "step 3/60  time 11.2 s  score 0.125  ppo_kl -2.1e-06  val acc 0.375"
     assert step_summary("(WorkerDict pid=3) loading weights", "60") is None
+    # verl's console logger prints numpy scalars by their repr (pprint.pformat)
+    assert step_summary("step:0 - val-core/tiny/acc/mean@1:np.float64(0.0)", "") == "step 0/?  val acc 0"

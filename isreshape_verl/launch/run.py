@@ -223,6 +223,8 @@ def step_summary(line: str, total: str) -> str | None:
 
 
 def _short(value: str) -> str:
+    """A logged number, short: '0.125', also from numpy's repr ('np.float64(0.125)')."""
+    value = re.sub(r"^np\.\w+\((.*)\)$", r"\1", value)
     try:
         return f"{float(value):.4g}"
     except ValueError:
@@ -286,7 +288,8 @@ def _supervise(knobs: Knobs, cmd: list[str], run_dir: Path, ray_tmp: str | None,
         from isreshape_verl.launch.overrides import rollout_name
 
         print(f"# DEVICE=cpu: rollout {knobs['ROLLOUT']} ({rollout_name(knobs)}), {knobs['GPUS_PER_NODE']} logical "
-              f"GPU(s), Ray in {ray_tmp}", file=out)
+              f"GPU(s)" + (f", Ray in {ray_tmp}" if ray_tmp else f" per node x {knobs['NNODES']} node(s) of the Ray "
+                           f"cluster at {env.get('RAY_ADDRESS')}"), file=out)
     if not verbose:
         print("# starting verl (Ray, workers, validation before training); its whole output goes to train.log, "
               "VERBOSE=1 shows it here", file=out)
