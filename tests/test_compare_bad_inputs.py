@@ -17,6 +17,8 @@ import time
 
 import pytest
 
+from isreshape_verl.testing.files import small_tmpfs
+
 from isreshape_verl.sandbox.cli import main
 
 TINY = ["--preset", "smoke", "--losses", "vanilla", "--no-progress", "--warm-max-steps", "25"]
@@ -303,14 +305,10 @@ def test_a_disk_that_fills_up_inside_torch_save_is_one_line(where, tmp_path, mon
 @pytest.fixture
 def small_disk(tmp_path):
     """A 1 MB tmpfs: room for one checkpoint of the smoke model (1.0 MB with its AdamW state), not two."""
-    where = tmp_path / "small"
-    where.mkdir()
-    mounted = os.geteuid() == 0 and subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(where)],
-                                                   capture_output=True, check=False).returncode == 0
-    if not mounted:
-        pytest.skip("a real full disk needs a small tmpfs: root and mount")
-    yield where
-    subprocess.run(["umount", str(where)], check=True)
+    with small_tmpfs(tmp_path / "small") as where:
+        if where is None:
+            pytest.skip("a real full disk needs a small tmpfs: root and mount")
+        yield where
 
 
 def test_a_real_full_disk_with_two_workers_is_one_line(small_disk, capfd):

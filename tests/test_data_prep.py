@@ -6,7 +6,6 @@ bad-row handling is tested in-process on small hand-written files.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -14,6 +13,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+
+from isreshape_verl.testing.files import load_data_prep
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_PREP = REPO / "data_prep"
@@ -27,19 +28,7 @@ needs_data = pytest.mark.skipif(
 )
 
 
-def _load(name: str):
-    """Import a data_prep script as a module (the folder is not a package; `python data_prep/X.py`
-    puts it on sys.path, which is how the scripts find their sibling verl_format)."""
-    key = f"_dp_{name}"
-    if key in sys.modules:
-        return sys.modules[key]
-    if str(DATA_PREP) not in sys.path:
-        sys.path.append(str(DATA_PREP))
-    spec = importlib.util.spec_from_file_location(key, DATA_PREP / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[key] = mod  # dataclasses need their module registered
-    spec.loader.exec_module(mod)
-    return mod
+_load = load_data_prep
 
 
 def _run(args: list[str]) -> subprocess.CompletedProcess:

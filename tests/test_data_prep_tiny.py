@@ -8,7 +8,6 @@ and the warm-start path (with a few-step warm start in a private cache) run in-p
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -18,6 +17,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+
+from isreshape_verl.testing.files import load_data_prep, small_tmpfs
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,18 +29,7 @@ N_TRAIN, N_TEST = 48, 16
 SPLIT_TEST = 256
 
 
-def _load(name: str):
-    """Import a data_prep script as a module (as tests/test_data_prep.py does: data_prep/ goes on sys.path)."""
-    key = f"_dp_{name}"
-    if key in sys.modules:
-        return sys.modules[key]
-    if str(DATA_PREP) not in sys.path:
-        sys.path.append(str(DATA_PREP))
-    spec = importlib.util.spec_from_file_location(key, DATA_PREP / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[key] = mod  # dataclasses need their module registered
-    spec.loader.exec_module(mod)
-    return mod
+_load = load_data_prep
 
 
 def _small(out: Path, *extra: str) -> list[str]:
@@ -336,14 +326,10 @@ def test_the_pool_note_is_only_for_an_n_train_that_was_asked_for(n_train, tmp_pa
 @pytest.fixture
 def small_disk(tmp_path):
     """A 1 MB tmpfs: room for the folder probe and the parquet files of a small run, not for the 2.4 MB model."""
-    where = tmp_path / "small"
-    where.mkdir()
-    mounted = os.geteuid() == 0 and subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(where)],
-                                                   capture_output=True, check=False).returncode == 0
-    if not mounted:
-        pytest.skip("a real full disk needs a small tmpfs: root and mount")
-    yield where
-    subprocess.run(["umount", str(where)], check=True)
+    with small_tmpfs(tmp_path / "small") as where:
+        if where is None:
+            pytest.skip("a real full disk needs a small tmpfs: root and mount")
+        yield where
 
 
 def test_a_full_disk_at_the_parquet_is_one_line_and_installs_nothing(tmp_path, monkeypatch, capsys):
