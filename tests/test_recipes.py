@@ -194,30 +194,58 @@ def _problems(recipe_check, overrides, **kw) -> str:
     return "\n".join(info.value.problems)
 
 
-def test_check_catches_what_would_fail_on_the_cluster(recipe_check):
-    base = _overrides(_bash("recipes/gsm8k/isreshape.sh", env={"ASYNC": "separate", "NNODES": "2"}).stdout)
+SEPARATE_2_NODES = {"ASYNC": "separate", "NNODES": "2"}
+CLUSTER_ROWS = [  # (what, recipe knobs, overrides, a problem contains)
+    ("separate_async: train_batch_size == parameter_sync_step x ppo_mini_batch_size", SEPARATE_2_NODES,
+     ["trainer.v1.separate_async.parameter_sync_step=2"], "separate_async needs data.train_batch_size == "
+     "trainer.v1.separate_async.parameter_sync_step x actor.ppo_mini_batch_size, got 256 != 2 x 64"),
+    ("separate_async: a checkpoint backend other than naive", SEPARATE_2_NODES,
+     ["actor_rollout_ref.rollout.checkpoint_engine.backend=naive"], "backend other than 'naive'"),
+    ("separate_async: standalone rollout GPUs", SEPARATE_2_NODES, ["actor_rollout_ref.rollout.nnodes=0"],
+     "standalone rollout GPUs"),
+    ("a typo in a key names the nearest", SEPARATE_2_NODES, ["actor_rollout_ref.actor.policy_loss.kernal=cauchy"],
+     "actor_rollout_ref.actor.policy_loss.kernal=cauchy: verl has no key actor_rollout_ref.actor.policy_loss.kernal "
+     "(did you mean actor_rollout_ref.actor.policy_loss.kernel?)"),
+    ("an out-of-range loss knob fails when verl builds the actor dataclass", SEPARATE_2_NODES,
+     ["++actor_rollout_ref.actor.policy_loss.width=-1"], "width=-1 is not allowed"),
+    ("comparison invariants: untruncated sampling", SEPARATE_2_NODES, ["actor_rollout_ref.rollout.top_p=0.9"],
+     "top_p=1 and top_k=-1 (got top_p=0.9"),
+    ("comparison invariants: bypass mode", SEPARATE_2_NODES, ["algorithm.rollout_correction.bypass_mode=False"],
+     "comparison recipes need algorithm.rollout_correction.bypass_mode=True"),
+    ("validate_config: train_batch_size x n divisible by the GPU count", {},
+     ["data.train_batch_size=250", "actor_rollout_ref.rollout.n=3"], "real_train_batch_size (750) must be divisible"),
+    ("worker: the mini-batch splits over the data-parallel ranks", {},
+     ["actor_rollout_ref.actor.ppo_mini_batch_size=3", "actor_rollout_ref.rollout.n=2"],
+     "must be divisible by the actor's data-parallel size (8)"),
+    ("engine: each rank's share of a mini-batch is whole micro-batches (64 x 8 / 8 = 64, micro 48)", {},
+     ["actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=48"],
+     "64 sequences per mini-batch, not a multiple of actor.ppo_micro_batch_size_per_gpu (48)"),
+    ("worker: rollout world size divisible by tensor parallel size", {},
+     ["actor_rollout_ref.rollout.tensor_model_parallel_size=3"],
+     "not divisible by the rollout's tensor x data x pipeline parallel size (3 x 1 x 1)"),
+    ("hybrid_engine=False is separate_async only", {}, ["actor_rollout_ref.hybrid_engine=False"],
+     "only supported by separate_async"),
+    ("a staleness threshold of 0", {}, ["trainer.v1.sampler.max_off_policy_threshold=0"],
+     "max_off_policy_threshold=0 must be a positive int"),
+    ("an unknown trainer mode", {}, ["trainer.v1.trainer_mode=fully_async"],
+     "trainer_mode='fully_async' is not one of sync, colocate_async, separate_async"),
+    ("GRPO needs groups", {}, ["actor_rollout_ref.rollout.n=1"], "GRPO needs rollout.n >= 2"),
+    ("an unknown loss mode is reported by verl's registry", {}, ["actor_rollout_ref.actor.policy_loss.loss_mode=nope"],
+     "Unsupported loss mode: nope"),
+]
+
+
+@pytest.mark.parametrize("knobs,extra,problem", [r[1:] for r in CLUSTER_ROWS], ids=[r[0] for r in CLUSTER_ROWS])
+def test_check_catches_what_would_fail_on_the_cluster(recipe_check, knobs, extra, problem):
+    script = "recipes/gsm8k/isreshape.sh" if knobs else "recipes/gsm8k/grpo.sh"
+    base = _overrides(_bash(script, env=knobs).stdout)
+    assert problem in _problems(recipe_check, [*base, *extra])
+
+
+def test_the_check_passes_the_recipe_and_reports_each_problem_once(recipe_check):
+    base = _overrides(_bash("recipes/gsm8k/isreshape.sh", env=SEPARATE_2_NODES).stdout)
     result = recipe_check.check_overrides(base, cluster_nodes=2, gpus_per_node=8)
     assert result.config.trainer.v1.trainer_mode == "separate_async" and "fits 2 x 8 GPUs" in result.checked
-
-    # separate_async: train_batch_size == parameter_sync_step x ppo_mini_batch_size
-    msg = _problems(recipe_check, [*base, "trainer.v1.separate_async.parameter_sync_step=2"])
-    assert "separate_async needs data.train_batch_size == " in msg and "256 != 2 x 64" in msg
-    # separate_async: a checkpoint backend other than naive
-    msg = _problems(recipe_check, [*base, "actor_rollout_ref.rollout.checkpoint_engine.backend=naive"])
-    assert "backend other than 'naive'" in msg
-    # separate_async: standalone rollout GPUs
-    msg = _problems(recipe_check, [*base, "actor_rollout_ref.rollout.nnodes=0"])
-    assert "standalone rollout GPUs" in msg
-    # a typo in a key fails composition
-    msg = _problems(recipe_check, [*base, "actor_rollout_ref.actor.policy_loss.kernal=cauchy"])
-    assert msg == ("actor_rollout_ref.actor.policy_loss.kernal=cauchy: verl has no key "
-                   "actor_rollout_ref.actor.policy_loss.kernal (did you mean actor_rollout_ref.actor.policy_loss.kernel?)")
-    # an out-of-range loss knob fails when verl builds the actor dataclass
-    msg = _problems(recipe_check, [*base, "++actor_rollout_ref.actor.policy_loss.width=-1"])
-    assert "width=-1 is not allowed" in msg
-    # the comparison invariants
-    msg = _problems(recipe_check, [*base, "actor_rollout_ref.rollout.top_p=0.9", "algorithm.rollout_correction.bypass_mode=False"])
-    assert "top_p=1 and top_k=-1 (got top_p=0.9" in msg and "bypass_mode=True" in msg
     relaxed = recipe_check.check_overrides([*base, "actor_rollout_ref.rollout.top_p=0.9",
                                             "algorithm.rollout_correction.bypass_mode=False"], comparison_invariants=False)
     assert relaxed.config.actor_rollout_ref.rollout.top_p == 0.9 and not any("comparison" in c for c in relaxed.checked)
@@ -227,32 +255,8 @@ def test_check_catches_what_would_fail_on_the_cluster(recipe_check):
         "algorithm.rollout_correction.bypass_mode=True needs actor_rollout_ref.rollout.calculate_log_probs=True"
     ]
     # resources: more GPUs than the cluster has
-    msg = _problems(recipe_check, base, cluster_nodes=1, gpus_per_node=8)
-    assert "needs 16 GPUs but the cluster has 1 x 8 = 8" in msg
-
-    sync = _overrides(_bash("recipes/gsm8k/grpo.sh").stdout)
-    # verl's validate_config: train_batch_size x n divisible by the GPU count
-    msg = _problems(recipe_check, [*sync, "data.train_batch_size=250", "actor_rollout_ref.rollout.n=3"])
-    assert "validate_config" in msg and "real_train_batch_size (750) must be divisible" in msg
-    # worker: the mini-batch splits over the data-parallel ranks
-    msg = _problems(recipe_check, [*sync, "actor_rollout_ref.actor.ppo_mini_batch_size=3", "actor_rollout_ref.rollout.n=2"])
-    assert "must be divisible by the actor's data-parallel size (8)" in msg
-    # engine: each rank's share of a mini-batch is whole micro-batches (64 x 8 / 8 = 64 sequences, micro 48)
-    msg = _problems(recipe_check, [*sync, "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=48"])
-    assert "64 sequences per mini-batch, not a multiple of actor.ppo_micro_batch_size_per_gpu (48)" in msg
-    # worker: rollout world size divisible by tensor parallel size
-    msg = _problems(recipe_check, [*sync, "actor_rollout_ref.rollout.tensor_model_parallel_size=3"])
-    assert "not divisible by the rollout's tensor x data x pipeline parallel size (3 x 1 x 1)" in msg
-    # hybrid_engine=False is separate_async only; unknown trainer mode; bad staleness
-    msg = _problems(recipe_check, [*sync, "actor_rollout_ref.hybrid_engine=False", "trainer.v1.sampler.max_off_policy_threshold=0"])
-    assert "only supported by separate_async" in msg and "max_off_policy_threshold=0 must be a positive int" in msg
-    msg = _problems(recipe_check, [*sync, "trainer.v1.trainer_mode=fully_async"])
-    assert "trainer_mode='fully_async' is not one of sync, colocate_async, separate_async" in msg
-    # GRPO needs groups; an unknown loss mode is reported by verl's registry
-    msg = _problems(recipe_check, [*sync, "actor_rollout_ref.rollout.n=1"])
-    assert "GRPO needs rollout.n >= 2" in msg
-    msg = _problems(recipe_check, [*sync, "actor_rollout_ref.actor.policy_loss.loss_mode=nope"])
-    assert "Unsupported loss mode: nope" in msg
+    assert "needs 16 GPUs but the cluster has 1 x 8 = 8" in _problems(recipe_check, base, cluster_nodes=1,
+                                                                        gpus_per_node=8)
 
 
 def test_dry_run_runs_the_check_and_fails_on_a_bad_config(tmp_path):
