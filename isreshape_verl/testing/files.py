@@ -1,8 +1,9 @@
 """Test helpers for scripts and file systems: a data_prep script as a module, a small real disk.
 
     tiny = load_data_prep("tiny")                  # data_prep/tiny.py, with its sibling verl_format importable
-    with small_tmpfs(tmp_path / "small") as where:  # a 1 MB tmpfs (root only), unmounted afterwards
-        ...
+    @pytest.fixture
+    def small(tmp_path):                           # a 1 MB tmpfs (root only, else the test skips)
+        yield from small_disk(tmp_path / "small")
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
 
@@ -34,15 +34,17 @@ def load_data_prep(name: str) -> ModuleType:
     return module
 
 
-@contextmanager
-def small_tmpfs(where: Path, size: str = "1m") -> Iterator[Path | None]:
-    """A tmpfs of `size` mounted at `where` (a real disk that fills up), or None where mounting is not allowed
-    (not root, no mount): the caller skips then."""
+def small_disk(where: Path, size: str = "1m") -> Iterator[Path]:
+    """Body of a pytest fixture: a tmpfs of `size` mounted at `where` (a real disk that fills up), unmounted
+    afterwards; the test is skipped where mounting is not allowed (not root, no mount)."""
+    import pytest
+
     where.mkdir(parents=True, exist_ok=True)
     mounted = os.geteuid() == 0 and subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs",
                                                     str(where)], capture_output=True, check=False).returncode == 0
+    if not mounted:
+        pytest.skip("a real full disk needs a small tmpfs: root and mount")
     try:
-        yield where if mounted else None
+        yield where
     finally:
-        if mounted:
-            subprocess.run(["umount", str(where)], check=True)
+        subprocess.run(["umount", str(where)], check=True)
