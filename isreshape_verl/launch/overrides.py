@@ -133,7 +133,7 @@ def output(k: Knobs, run_dir: str) -> list[str]:
 
 def cpu(k: Knobs, run_dir: str, ray_tmp: str) -> list[str]:
     """DEVICE=cpu: verl's trainer on the host CPU (isreshape_verl.cpu), its own local Ray cluster with logical GPUs
-    in the private folder `ray_tmp`."""
+    in the private folder `ray_tmp`, or, with `ray_tmp` empty, the existing cluster RAY_ADDRESS names."""
     if not k.cpu:
         return []
     vllm = []
@@ -159,13 +159,10 @@ def cpu(k: Knobs, run_dir: str, ray_tmp: str) -> list[str]:
     ]
     if k.separate:
         settings.append(f"{ROLLOUT}.checkpoint_engine.custom_backend_module=isreshape_verl.cpu.weight_sync")
-    ray = [
-        f"+ray_kwargs.ray_init.num_gpus={k['GPUS_PER_NODE']}",
-        "+ray_kwargs.ray_init.num_cpus=16",
-        f"+ray_kwargs.ray_init._temp_dir={ray_tmp}",
-        f"{ENV_VARS}.VERL_USE_EXTERNAL_MODULES={CPU_MODULE}",
-        f"hydra.run.dir={run_dir}/hydra",
-    ]
+    ray = [f"{ENV_VARS}.VERL_USE_EXTERNAL_MODULES={CPU_MODULE}", f"hydra.run.dir={run_dir}/hydra"]
+    if ray_tmp:  # its own cluster; joining one (RAY_ADDRESS, ray_tmp ""), ray.init refuses resources and a temp dir
+        ray[:0] = [f"+ray_kwargs.ray_init.num_gpus={k['GPUS_PER_NODE']}", "+ray_kwargs.ray_init.num_cpus=16",
+                   f"+ray_kwargs.ray_init._temp_dir={ray_tmp}"]
     return vllm + settings + ray
 
 
