@@ -34,7 +34,9 @@ if [[ $2 != verl.trainer.main_ppo ]]; then exec {python} "$@"; fi
 if [[ -n ${{FAKE_DAEMON:-}} ]]; then setsid sleep 300 </dev/null >/dev/null 2>&1 & fi
 steps=${{FAKE_STEPS:-2}}
 for ((s = 1; s <= steps; s++)); do
-    echo "(TaskRunnerV1 pid=7) step:$s - actor/ppo_kl:0.001 - critic/score/mean:0.5 - timing_s/step:1.25"
+    for copy in 1 2; do  # a joined Ray cluster can relay a worker's line twice: the console shows it once
+        echo "(TaskRunnerV1 pid=7) step:$s - actor/ppo_kl:0.001 - critic/score/mean:0.5 - timing_s/step:1.25"
+    done
     echo "{{\"step\": $s, \"data\": {{\"val-core/tiny/acc/mean@1\": 0.25}}}}" >> "$VERL_FILE_LOGGER_PATH"
     if [[ -n ${{FAKE_SAVE:-}} ]]; then
         mkdir -p "${{FAKE_SAVE}}/global_step_$s"

@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import secrets
-import signal
 import socket
 import subprocess
 import sys
@@ -33,6 +32,7 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
+from isreshape_verl.launch import run
 from isreshape_verl.launch.knobs import KnobError
 
 MARKER = "ISRESHAPE_RAY_CLUSTER"
@@ -132,47 +132,12 @@ def stop(folder: Path) -> int:
 # ---- processes, by marker ----
 def processes_of(marker: str) -> list[int]:
     """pids of the processes whose environment has ISRESHAPE_RAY_CLUSTER=<marker> exactly."""
-    needle = f"\0{MARKER}={marker}\0".encode()
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            if needle in b"\0" + (entry / "environ").read_bytes():
-                found.append(int(entry.name))
-        except OSError:  # gone, or not ours to read
-            pass
-    return found
+    return run.processes_of(marker, variable=MARKER)
 
 
 def stop_marked(marker: str, grace: float = 5.0) -> int:
-    """SIGTERM the marker's processes, SIGKILL what is left after `grace` s, until none is left (Ray's agents can
-    outlive the raylet, so look again after each round); returns how many there were."""
-    seen: set[int] = set()
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        pids = processes_of(marker)
-        if not pids:
-            break
-        seen.update(pids)
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            for pid in pids:
-                try:
-                    os.kill(pid, sig)
-                except ProcessLookupError:
-                    pass
-            end = time.monotonic() + grace
-            while time.monotonic() < end and any(_alive(p) for p in pids):
-                time.sleep(0.1)
-    return len(seen)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        status = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return status.rsplit(")", 1)[1].split()[0] != "Z"
+    """Stop the marker's processes (`run.stop_processes`); returns how many there were."""
+    return run.stop_processes(marker, grace=grace, variable=MARKER)
 
 
 # ---- what a recipe checks before it joins a cluster ----

@@ -153,15 +153,16 @@ def write_atomically(path: Path, text: str) -> None:
 
 
 # ---- the run's processes ----
-def processes_of(marker: str, ray_tmp: str | None) -> list[int]:
-    """pids of the processes whose environment carries `marker`, or whose command line names `ray_tmp`."""
+def processes_of(marker: str, ray_tmp: str | None = None, variable: str = RUN_MARKER) -> list[int]:
+    """pids of the processes whose environment has `variable`=`marker` exactly, or whose command line names
+    `ray_tmp`."""
     found = []
-    needle = f"{RUN_MARKER}={marker}".encode()
+    needle = f"\0{variable}={marker}\0".encode()
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
         try:
-            if needle in (entry / "environ").read_bytes() or (
+            if needle in b"\0" + (entry / "environ").read_bytes() or (
                     ray_tmp and ray_tmp.encode() in (entry / "cmdline").read_bytes()):
                 found.append(int(entry.name))
         except OSError:  # gone, or not ours to read
@@ -169,13 +170,13 @@ def processes_of(marker: str, ray_tmp: str | None) -> list[int]:
     return found
 
 
-def stop_processes(marker: str, ray_tmp: str | None, grace: float = 3.0) -> int:
-    """SIGTERM every process of the run, SIGKILL what is left after `grace` s, until none is left; returns
-    how many there were. Ray's agents can outlive the raylet, so this looks again after each round."""
+def stop_processes(marker: str, ray_tmp: str | None = None, grace: float = 3.0, variable: str = RUN_MARKER) -> int:
+    """SIGTERM every process `processes_of` finds, SIGKILL what is left after `grace` s, until none is left;
+    returns how many there were. Ray's agents can outlive the raylet, so this looks again after each round."""
     seen: set[int] = set()
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        pids = processes_of(marker, ray_tmp)
+        pids = processes_of(marker, ray_tmp, variable)
         if not pids:
             break
         seen.update(pids)
@@ -306,6 +307,7 @@ def _supervise(knobs: Knobs, cmd: list[str], run_dir: Path, ray_tmp: str | None,
                 pass
 
     tail: list[str] = []
+    printed: set[str] = set()
     log_errors: list[OSError] = []
 
     def pump(log: TextIO) -> None:
@@ -319,6 +321,10 @@ def _supervise(knobs: Knobs, cmd: list[str], run_dir: Path, ray_tmp: str | None,
             tail.append(line)
             del tail[:-2000]
             shown = line if verbose else step_summary(line, knobs["STEPS"])
+            if shown and not verbose:
+                if shown in printed:  # a joined Ray cluster can relay a worker's line twice
+                    continue
+                printed.add(shown)
             if shown:
                 out.write(shown if verbose else shown + "\n")
                 out.flush()
