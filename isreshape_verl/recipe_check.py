@@ -13,8 +13,9 @@ would), then
 3. re-states the start-up assertions of verl's v1 trainers and workers that ``validate_config``
    does not cover (each one cites where verl asserts it), and
 4. the invariants of this project's comparison recipes (``comparison_invariants=True``): the
-   importance ratio r = π_θ/μ is taken against the behaviour policy μ, i.e. ``bypass_mode=True``, rollout
-   log-probs on, ``top_p = 1`` and ``top_k = -1`` (vLLM's processed log-probs would otherwise
+   importance ratio r = π_θ/μ is taken against the behaviour policy μ, i.e. ``bypass_mode=True`` (or, in
+   decoupled mode, π_old/μ is corrected: ``rollout_is`` or ``rollout_rs`` set, as ROLLOUT_CORRECTION's verl
+   presets do), rollout log-probs on, ``top_p = 1`` and ``top_k = -1`` (vLLM's processed log-probs would otherwise
    be those of a truncated, renormalised distribution that the trainer never recomputes).
 
 Every problem is reported at once (:class:`RecipeCheckError` lists them); the recipes'
@@ -635,8 +636,15 @@ def fits_cluster(c: Launch, cluster_nodes: int, gpus_per_node: int) -> Iterator[
 
 # ---- this project's comparison invariants (r against the behaviour policy μ, untruncated sampling) ----
 def bypass_mode_on(c: Launch) -> Iterator[str]:
-    if not c.bypass:
-        yield "comparison recipes need algorithm.rollout_correction.bypass_mode=True (r against the behaviour policy)"
+    """r against μ (bypass mode), or decoupled mode with a rollout correction (verl's weights or rejection on
+    π_old/μ, what ROLLOUT_CORRECTION=<verl preset> sets); a bare decoupled mode would leave π_old/μ uncorrected."""
+    if c.bypass:
+        return
+    corrected = c.get("algorithm.rollout_correction.rollout_is") or c.get("algorithm.rollout_correction.rollout_rs")
+    if not corrected:
+        yield ("comparison recipes need algorithm.rollout_correction.bypass_mode=True (r against the behaviour "
+               "policy) or a rollout correction (rollout_is or rollout_rs set, as ROLLOUT_CORRECTION=<verl preset> "
+               "sets); decoupled mode without one leaves π_old/μ uncorrected")
 
 
 def _number(value) -> float | None:
@@ -727,7 +735,8 @@ def check_config(
     if comparison_invariants:
         for check in COMPARISON_CHECKS:
             problems.extend(check(launch))
-        result.checked.append("comparison invariants (bypass_mode, rollout log-probs, top_p=1, top_k=-1)")
+        result.checked.append("comparison invariants (bypass_mode or a rollout correction, rollout log-probs, "
+                              "top_p=1, top_k=-1)")
 
     if problems:
         raise RecipeCheckError(problems)

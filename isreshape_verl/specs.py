@@ -17,7 +17,14 @@ here (clip ratios > 0, vanilla's dual-clip bound > 1, SAPO's τ > 0, ...); a los
 takes `loss_agg_mode` only.
 
 Every spec also accepts `loss_agg_mode` (token-mean | token-sum | seq-mean-token-sum |
-seq-mean-token-mean | seq-mean-token-sum-norm). Unknown modes, keys or values fail here, before
+seq-mean-token-mean | seq-mean-token-sum-norm) and, for the sandbox, `rollout_correction` (bypass, the
+default: r = π_θ/μ; or one of verl's decoupled presets, `isreshape_verl.rollout_correction`: r = π_θ/π_old
+and verl's weights on π_old/μ), with `rollout_is_threshold` replacing the preset's threshold:
+
+    vanilla:rollout_correction=decoupled_token_is                      GRPO + token TIS (C = 2, verl's)
+    vanilla:rollout_correction=decoupled_token_icepop,rollout_is_threshold=0.5_2
+    is_reshape:rollout_correction=decoupled_token_is
+ Unknown modes, keys or values fail here, before
 any work, with a message listing what is allowed.
 
 `LossSpec.actor_config()` builds verl's own `ActorConfig` and `LossSpec.loss_fn` is the function in
@@ -39,6 +46,7 @@ from dataclasses import dataclass, fields
 
 from isreshape_verl.kernels import KERNEL_NAMES
 from isreshape_verl.reshape import GAMMA_MODES, LOSS_AGG_MODES, WIDTH_MODES, ISReshapeParams
+from isreshape_verl.rollout_correction import CORRECTIONS
 
 
 def _positive(v):
@@ -87,7 +95,9 @@ def _reshape_keys() -> dict:
 
 
 _CHOICES = {"kernel": KERNEL_NAMES, "gamma_mode": GAMMA_MODES, "width_mode": WIDTH_MODES,
-            "loss_agg_mode": LOSS_AGG_MODES}
+            "loss_agg_mode": LOSS_AGG_MODES, "rollout_correction": CORRECTIONS}
+ARM_KEYS = ("loss_agg_mode", "rollout_correction", "rollout_is_threshold")
+"""Keys of every spec that are not the loss's own settings: how tokens are aggregated and corrected."""
 LOSS_MODES = tuple(_BUILTIN_KEYS) + ("is_reshape",)  # the modes a spec names without consulting verl
 
 
@@ -107,11 +117,30 @@ def allowed_keys(mode: str) -> dict:
     """
     keys = _reshape_keys() if mode == "is_reshape" else dict(_BUILTIN_KEYS.get(mode, {}))
     keys["loss_agg_mode"] = (str, None, "")
+    keys["rollout_correction"] = (str, None, "")
+    keys["rollout_is_threshold"] = ("threshold", _threshold_ok,
+                                    "a number > 0 (TIS) or lo_hi with 0 < lo <= hi (IcePop)")
     return keys
+
+
+def _threshold_ok(value) -> bool:
+    """verl's own parser of rollout_is_threshold decides (a float: TIS's C; "lo_hi": IcePop's band)."""
+    from verl.trainer.ppo.rollout_corr_helper import _parse_rollout_is_threshold
+
+    try:
+        _parse_rollout_is_threshold(value)
+    except (ValueError, TypeError):
+        return False
+    return True
 
 
 def _parse_value(mode: str, key: str, text: str, kind):
     where = f"in loss spec {mode}:{key}={text}"
+    if kind == "threshold":  # "0.5_2" is IcePop's band, not Python's 0.52
+        try:
+            return text if "_" in text else float(text)
+        except ValueError:
+            return text
     if kind is bool:
         if text.lower() in ("true", "1", "yes"):
             return True
@@ -168,14 +197,24 @@ class LossSpec:
         """The ISReshapeParams of an is_reshape spec: its settings over the package defaults."""
         if self.mode != "is_reshape":
             raise ValueError(f"loss {self.mode!r} has no IS Reshape parameters")
-        return ISReshapeParams(**{k: v for k, v in self.overrides if k != "loss_agg_mode"})
+        return ISReshapeParams(**{k: v for k, v in self.overrides if k not in ARM_KEYS})
+
+    @property
+    def rollout_correction(self) -> str:
+        """`bypass` (r = π_θ/μ) or a verl decoupled preset (r = π_θ/π_old, verl's weights on π_old/μ)."""
+        return dict(self.overrides).get("rollout_correction", "bypass")
+
+    @property
+    def rollout_is_threshold(self):
+        """The threshold replacing the preset's, or None (the preset's own)."""
+        return dict(self.overrides).get("rollout_is_threshold")
 
     @property
     def is_package_default(self) -> bool:
         """True for is_reshape with every setting at the package default, however many the spec spells out
         (`is_reshape` and `is_reshape:kernel=laplace,...` with the default values alike)."""
         return (self.mode == "is_reshape" and self.reshape_params() == ISReshapeParams()
-                and self.loss_agg_mode == LossSpec(self.mode).loss_agg_mode)
+                and self.loss_agg_mode == LossSpec(self.mode).loss_agg_mode and self.rollout_correction == "bypass")
 
     def drawn_at_fixed_width(self) -> "LossSpec":
         """This loss with `width_mode=adaptive` replaced by its widest fixed width (the one an on-policy
@@ -216,6 +255,8 @@ class LossSpec:
 
         settings = dict(self.overrides)
         loss_agg_mode = settings.pop("loss_agg_mode", "token-mean")
+        for key in ARM_KEYS:
+            settings.pop(key, None)
         if self.mode == "is_reshape":
             from isreshape_verl.config import ISReshapeLossConfig
 
@@ -273,9 +314,18 @@ def parse_loss_spec(text: str) -> LossSpec:
         raise ValueError(f"loss {mode!r} needs {', '.join(missing)} (verl has no default) in spec {text!r}")
     if mode == "clip_cov" and overrides.get("clip_cov_lb", 1.0) >= overrides.get("clip_cov_ub", 5.0):
         raise ValueError(f"clip_cov_lb must be < clip_cov_ub in loss spec {text!r} (verl's defaults: 1 and 5)")
+    if overrides.get("rollout_correction") == "bypass":  # the default, spelt out: one canonical label
+        del overrides["rollout_correction"]
+    if "rollout_is_threshold" in overrides:
+        from isreshape_verl.rollout_correction import PRESETS, preset_settings
+
+        weighted = [name for name in PRESETS if preset_settings(name)["rollout_is"] is not None]
+        if overrides.get("rollout_correction") not in weighted:
+            raise ValueError(f"rollout_is_threshold in loss spec {text!r} needs a rollout_correction with IS weights "
+                             f"({', '.join(weighted)})")
     spec = LossSpec(mode, tuple(overrides.items()))
     if mode == "is_reshape":  # range checks (width > 0, γ in [0, 1], ...) live in one place
-        reshape_settings = {k: v for k, v in overrides.items() if k != "loss_agg_mode"}
+        reshape_settings = {k: v for k, v in overrides.items() if k not in ARM_KEYS}
         try:
             ISReshapeParams(**reshape_settings)
         except ValueError as err:

@@ -116,3 +116,54 @@ def test_async_generator_bounds_staleness(setup, tmp_path):
     lags = [r["lag"] for r in rows[1:]]
     assert len(lags) == 4 and all(0 <= lag <= 2 for lag in lags)
     assert not trainer.source.proc.is_alive()
+
+
+def test_decoupled_arm_at_lag_zero_has_pi_old_equal_to_mu_and_weights_one(setup, tmp_path):
+    """Lag 0, one mini-batch: π_old, recomputed with the weights that sampled, is μ bit for bit, so verl's TIS
+    weights min(π_old/μ, 2) are exactly 1 and the ratio π_θ/π_old is exactly 1 (as in bypass mode)."""
+    _, rows = _run(setup, tmp_path, "tis0", spec="vanilla:rollout_correction=decoupled_token_is", lag=0,
+                   mini_batches=1, steps=2, entropy_coeff=0.05)
+    for r in rows[1:]:
+        assert r["rc_is_mean"] == 1.0 and r["abs_log_rho_p99"] == 0.0 and r["rc_kl"] == 0.0
+        assert r["ratio_min"] == 1.0 and r["ratio_max"] == 1.0 and r["ppo_kl"] == 0.0
+        assert r["abs_log_ratio_p99"] == 0.0
+
+
+@pytest.mark.parametrize("spec", ["vanilla:rollout_correction=decoupled_token_is",
+                                  "is_reshape:rollout_correction=decoupled_token_icepop,rollout_is_threshold=0.9_1.1"])
+def test_decoupled_arm_passes_pi_old_and_verls_weights_to_the_loss(setup, tmp_path, monkeypatch, spec):
+    """With lag, each update's loss gets old_log_prob = log π_old (the weights at the start of the update, not μ)
+    and rollout_is_weights = verl's compute_rollout_correction_weights(log π_old − log μ) on its rows (exact)."""
+    from verl.trainer.ppo import core_algos
+    from verl.trainer.ppo.rollout_corr_helper import compute_rollout_correction_weights
+
+    from isreshape_verl.sandbox import loop
+    from isreshape_verl.sandbox.rollout import sequence_log_probs
+
+    parsed = parse_loss_spec(spec)
+    threshold = parsed.rollout_is_threshold or 2.0  # decoupled_token_is: RolloutCorrectionConfig's C = 2
+    seen, calls = [], []
+    original_update = loop.Trainer.update
+
+    def update(self, batch):  # π_old as the update starts, and μ
+        seen.append((sequence_log_probs(self.policy.model, batch.rollout, 256), batch.old_log_probs.clone(),
+                     batch.rollout.response_mask.clone()))
+        return original_update(self, batch)
+
+    original = core_algos.POLICY_LOSS_REGISTRY[parsed.mode]
+
+    def spy(**kwargs):
+        if kwargs["rollout_is_weights"] is not None and kwargs["log_prob"].requires_grad:
+            calls.append((len(seen), kwargs["old_log_prob"].clone(), kwargs["rollout_is_weights"].clone()))
+        return original(**kwargs)
+
+    monkeypatch.setattr(loop.Trainer, "update", update)
+    monkeypatch.setitem(core_algos.POLICY_LOSS_REGISTRY, parsed.mode, spy)
+    _, rows = _run(setup, tmp_path, "dec", spec=spec, lag=2, steps=4, mini_batches=1, entropy_coeff=0.05)
+    assert len(calls) == 4 and rows[-1]["abs_log_rho_p99"] > 0  # lag 2: π_old ≠ μ
+    for step, old, weights in calls:
+        pi_old, mu, mask = seen[step - 1]
+        torch.testing.assert_close(old, pi_old, rtol=0, atol=0)
+        expected, _ = compute_rollout_correction_weights(pi_old - mu, mask, rollout_is="token",
+                                                         rollout_is_threshold=threshold)
+        torch.testing.assert_close(weights, expected, rtol=0, atol=0)

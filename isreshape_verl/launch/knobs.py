@@ -20,11 +20,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from isreshape_verl.reshape import ISReshapeParams
+from isreshape_verl.rollout_correction import CORRECTIONS
 
 LOSSES = ("grpo", "sapo", "isreshape")
 IS_RESHAPE_KEYS = tuple(ISReshapeParams.__dataclass_fields__)
 ASYNC_MODES = {"sync": "sync", "colocate": "colocate_async", "separate": "separate_async"}
 """ASYNC -> verl's trainer.v1.trainer_mode."""
+ROLLOUT_CORRECTIONS = CORRECTIONS
+"""ROLLOUT_CORRECTION's values: `bypass`, or a verl decoupled preset (isreshape_verl.rollout_correction)."""
 
 
 class KnobError(ValueError):
@@ -130,6 +133,9 @@ def _knobs() -> list[Knob]:
           "(sync 1, async 2)", whole(1, "model versions")),
         k("PARAM_SYNC_STEP", "policy lag", "separate: local updates per weight sync (TRAIN_BATCH / MINI_BATCH)",
           whole(1, "local updates per weight sync")),
+        k("ROLLOUT_CORRECTION", "policy lag", "bypass (unset: r = π_θ/μ, no weights) | a verl decoupled preset: "
+          "π_old recomputed, r = π_θ/π_old, verl's IS weights/rejection on π_old/μ ("
+          + ", ".join(ROLLOUT_CORRECTIONS[1:]) + ")", one_of(*ROLLOUT_CORRECTIONS)),
         k("ROLLOUT_NODES", "policy lag", "separate, NNODES > 1: nodes given to the standalone rollout (NNODES/2)",
           whole(1, "nodes given to the rollout")),
         k("ROLLOUT_GPUS", "policy lag", "separate, NNODES = 1: GPUs of the node given to the rollout "
@@ -138,7 +144,8 @@ def _knobs() -> list[Knob]:
         k("NNODES", "cluster", "nodes", whole(1), "1"),
         k("GPUS_PER_NODE", "cluster", "GPUs per node", whole(1), "8"),
         k("RUN_ROOT", "logging and output", "experiment folder; this run writes RUN_ROOT/EXP_NAME/"),
-        k("EXP_NAME", "logging and output", "run name (<dataset>-<loss>-<ASYNC>); a rerun with the same name "
+        k("EXP_NAME", "logging and output", "run name (<dataset>-<loss>-<ASYNC>[-<ROLLOUT_CORRECTION> unless "
+          "bypass]); a rerun with the same name "
           "resumes from its checkpoints", run_name),
         k("PROJECT", "logging and output", "project name"),
         k("TEST_FREQ", "logging and output", "validate on the test split every N steps and before training",
@@ -251,6 +258,11 @@ class Knobs:
         return self["ASYNC"] == "separate"
 
     @property
+    def rollout_correction(self) -> str:
+        """ROLLOUT_CORRECTION, unset = bypass (left out of `values`, so runs made before the knob resume)."""
+        return self.values.get("ROLLOUT_CORRECTION") or "bypass"
+
+    @property
     def cpu(self) -> bool:
         return self["DEVICE"] == "cpu"
 
@@ -295,12 +307,13 @@ def resolve(dataset: str, loss: str, env: Mapping[str, str]) -> Knobs:
         if knob.default is not None and (knob.loss is None or knob.loss == loss):
             default(knob.name, knob.default)
     default("RUN_ROOT", f"runs/{dataset}")
-    default("EXP_NAME", f"{dataset}-{loss}-{values['ASYNC']}")
+    correction = values.get("ROLLOUT_CORRECTION", "bypass")
+    default("EXP_NAME", f"{dataset}-{loss}-{values['ASYNC']}" + ("" if correction == "bypass" else f"-{correction}"))
     default("PROJECT", f"isreshape-{dataset}")
     order = ("DEVICE", "NNODES", "GPUS_PER_NODE", "TRAIN_BATCH", "MINI_BATCH", "MICRO_BATCH", "ROLLOUT_N",
              "ROLLOUT_TP", "EPOCHS", "MAX_PROMPT_LEN", "MAX_RESPONSE_LEN", "SEED", "TEST_FREQ", "SAVE_FREQ", "STEPS",
              "LR", "TEMPERATURE", "GPU_MEM_UTIL", "CLIP_RATIO", "SAPO_TAU_POS", "SAPO_TAU_NEG", "WANDB", "VERBOSE",
-             "DRY_RUN", "RECIPE_CHECK", "ASYNC", "EXP_NAME")
+             "DRY_RUN", "RECIPE_CHECK", "ASYNC", "ROLLOUT_CORRECTION", "EXP_NAME")
     for name in order:  # the bash recipes' order of checks: the first bad value is the one reported
         if values.get(name):
             KNOBS[name].parse(name, values[name])

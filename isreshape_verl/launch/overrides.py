@@ -7,10 +7,14 @@ so it wins.
 
 from __future__ import annotations
 
-from isreshape_verl.launch.knobs import IS_KNOBS, Knobs
+import re
+
+from isreshape_verl.launch.knobs import IS_KNOBS, KnobError, Knobs
+from isreshape_verl.rollout_correction import preset_settings
 
 ACTOR = "actor_rollout_ref.actor"
 ROLLOUT = "actor_rollout_ref.rollout"
+CORRECTION = "algorithm.rollout_correction"
 ENV_VARS = "+ray_kwargs.ray_init.runtime_env.env_vars"
 """Environment variables of every Ray worker of the run."""
 CPU_MODULE = "isreshape_verl.cpu.activate"
@@ -30,12 +34,13 @@ test harness (isreshape_verl.testing.verl_worker) uses the same."""
 
 
 def base(k: Knobs) -> list[str]:
-    """GRPO advantages, r against the behaviour policy (bypass mode), data, model, actor and rollout."""
+    """GRPO advantages, the rollout correction (bypass mode unless ROLLOUT_CORRECTION names a decoupled preset),
+    data, model, actor and rollout."""
     seed, micro = k["SEED"], k["MICRO_BATCH"]
     return [
         "algorithm.adv_estimator=grpo",
         "algorithm.use_kl_in_reward=False",
-        "algorithm.rollout_correction.bypass_mode=True",
+        *rollout_correction(k),
         f"data.train_files={k['DATA_DIR']}/train.parquet",
         f"data.val_files={k['DATA_DIR']}/test.parquet",
         f"data.train_batch_size={k['TRAIN_BATCH']}",
@@ -63,6 +68,37 @@ def base(k: Knobs) -> list[str]:
         f"{ROLLOUT}.log_prob_micro_batch_size_per_gpu={micro}",
         f"{ROLLOUT}.seed={seed}",
     ]
+
+
+def rollout_correction(k: Knobs) -> list[str]:
+    """ROLLOUT_CORRECTION. `bypass`: verl reuses the rollout's log-probs as old_log_prob, so the loss's
+    r = π_θ/μ and no weights. A decoupled preset (`decoupled_token_is`, ...): every field of verl's
+    `RolloutCorrectionConfig.<preset>()`, read from verl at launch, as an override (the presets are classmethods,
+    which Hydra cannot select). verl then recomputes π_old with the actor, the loss takes r = π_θ/π_old, and
+    `rollout_corr_helper` turns log(π_old/μ) into per-token weights passed to the loss as `rollout_is_weights`
+    (TIS: min(w, C); IcePop: w·1[lo ≤ w ≤ hi]; sequence level: the product over the response) and/or rejects
+    tokens/sequences from the mask (`rollout_rs`)."""
+    name = k.rollout_correction
+    if name == "bypass":
+        return [f"{CORRECTION}.bypass_mode=True"]
+    try:
+        settings = preset_settings(name)
+    except ImportError as exc:
+        raise KnobError(f"ROLLOUT_CORRECTION={name} reads verl's RolloutCorrectionConfig.{name}(), but verl does "
+                        f"not import here ({exc})") from None
+    return [f"{CORRECTION}.{key}={_hydra_value(value)}" for key, value in settings.items()]
+
+
+def _hydra_value(value) -> str:
+    """A preset's value as Hydra reads it back: null, true/false, a number, or a string (quoted where it looks
+    numeric, such as IcePop's "0.5_5.0")."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return f"'{value}'" if re.fullmatch(r"[0-9._eE+-]+", value) else value
 
 
 def rollout_name(k: Knobs) -> str:

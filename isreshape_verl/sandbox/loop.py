@@ -3,8 +3,11 @@
     for step t = 0, 1, ...:
         batch  ← rollouts from the behaviour policy of version v ≤ t (prompts × n samples, μ recorded)
         A      ← verl.compute_grpo_outcome_advantage(verl GSM8K reward)
+        [decoupled arm: log π_old ← the current weights' log-probs; w, mask ← verl's rollout_corr_helper on
+         π_old/μ (TIS: min(π_old/μ, C); IcePop: π_old/μ · 1[lo ≤ π_old/μ ≤ hi]; rejection)]
         for each mini-batch (like verl's ppo_mini_batch_size):
             loss ← spec.loss_fn(old_log_prob=log μ, log_prob=log π_θ, ...)   # verl's registry function
+                   (decoupled: old_log_prob=log π_old, rollout_is_weights=w)
                    [− entropy_coeff·H] [+ kl_coef·KL(π_θ‖π_warm)]            # both aggregated with agg_loss
             AdamW step
         version ← t + 1 (weights "published")
@@ -38,11 +41,19 @@ import torch
 from isreshape_verl.cli_args import check
 from isreshape_verl.diagnostics import effective_weights, kish_ess, quantiles
 from isreshape_verl.paths import naming, write_atomic
+from isreshape_verl.rollout_correction import correction_weights
 from isreshape_verl.sandbox.errors import RunFileError
 from isreshape_verl.sandbox.rollout import Rollout, decode, greedy_accuracy, sample, sequence_log_probs, token_log_probs
 from isreshape_verl.sandbox.task import score
 
 WIDTH_METRICS = ("width", "width_neg", "width_stat")  # is_reshape's kernel widths and adaptive-width statistic
+ROLLOUT_CORR_METRICS = {"rc_is_mean": "rollout_corr/rollout_is_mean",
+                        "rc_is_ess": "rollout_corr/rollout_is_eff_sample_size",
+                        "rc_rs_masked_fraction": "rollout_corr/rollout_rs_masked_fraction",
+                        "rc_kl": "rollout_corr/kl"}
+"""A decoupled arm's metrics, from verl's rollout_corr/* ones (those the preset computes)."""
+ABS_LOG_QUANTILES = (0.5, 0.9, 0.99)
+"""Quantiles of |log r| logged every step (abs_log_ratio_p50, ...): r = the loss's ratio over all its tokens."""
 TIMING_KEYS = ("time_gen", "time_logprob", "time_train", "time_eval", "gen_tokens_per_s", "train_tokens_per_s",
                "time_step", "dropped_stale")
 
@@ -206,13 +217,29 @@ class Trainer:
 
     # ---- one step -----------------------------------------------------------------------------------
     def update(self, batch: Batch) -> dict:
-        """Advantages, then `mini_batches` × `epochs` optimizer updates with verl's loss; returns diagnostics."""
+        """Advantages, then `mini_batches` × `epochs` optimizer updates with verl's loss; returns diagnostics.
+
+        A decoupled arm (`spec.rollout_correction` a verl preset) first recomputes log π_old with the current
+        weights, as verl's `_compute_old_log_prob`, and verl's `rollout_corr_helper` turns π_old/μ into the weights
+        (and rejection mask) the loss then multiplies each token by; the loss's ratio is π_θ/π_old. A bypass arm
+        takes old_log_prob = log μ and no weights."""
         from verl.trainer.ppo.core_algos import agg_loss, compute_grpo_outcome_advantage, kl_penalty
 
-        args, model, roll = self.args, self.policy.model, batch.rollout
+        args, model, roll, spec = self.args, self.policy.model, batch.rollout, self.spec
         mask = roll.response_mask  # (B, R)
+        old_log_probs, is_weights, correction = batch.old_log_probs, None, {}  # log μ (B, R); bypass
+        if spec.rollout_correction != "bypass":
+            old_log_probs = sequence_log_probs(model, roll, args.micro_batch)  # (B, R) log π_old
+            is_weights, mask, rc_metrics = correction_weights(spec.rollout_correction, old_log_probs,
+                                                              batch.old_log_probs, mask, spec.rollout_is_threshold)
+            correction = {key: float(rc_metrics[name]) for key, name in ROLLOUT_CORR_METRICS.items()
+                          if name in rc_metrics}
+            on = roll.response_mask.bool()
+            rho = (old_log_probs - batch.old_log_probs)[on].abs().double()  # |log π_old/μ|
+            for q, value in zip(ABS_LOG_QUANTILES, quantiles(rho, ABS_LOG_QUANTILES).tolist()):
+                correction[f"abs_log_rho_p{round(q * 100):02d}"] = value
         B = mask.shape[0]
-        last = (mask.sum(-1).long() - 1).clamp(min=0)  # (B,) index of the EOS / last token
+        last = (roll.response_mask.sum(-1).long() - 1).clamp(min=0)  # (B,) index of the EOS / last token
         token_rewards = torch.zeros_like(mask).scatter_(1, last[:, None], batch.rewards[:, None].float())  # (B, R)
         adv, _ = compute_grpo_outcome_advantage(token_rewards, mask, batch.group)  # (B, R)
         if args.kl_coef > 0 and batch.ref_log_probs is None:  # async batches: the trainer computes them
@@ -234,12 +261,13 @@ class Trainer:
                 self.opt.zero_grad(set_to_none=True)
                 for c in range(0, len(idx), args.micro_batch):
                     sub = idx[c : c + args.micro_batch]
-                    old, a, mk = batch.old_log_probs[sub], adv[sub], mask[sub]
+                    old, a, mk = old_log_probs[sub], adv[sub], mask[sub]
+                    w = None if is_weights is None else is_weights[sub]
                     log_prob, entropy = token_log_probs(model, roll.input_ids[sub], roll.attention_mask[sub],
                                                         roll.prompt_width, with_entropy=True)  # (b, R)
                     pg_loss, pg_metrics = self.loss_fn(
                         old_log_prob=old, log_prob=log_prob, advantages=a, response_mask=mk,
-                        loss_agg_mode=self.spec.loss_agg_mode, config=self.config, rollout_is_weights=None,
+                        loss_agg_mode=self.spec.loss_agg_mode, config=self.config, rollout_is_weights=w,
                     )
                     loss = pg_loss
                     gbi = self.config.global_batch_info
@@ -288,6 +316,10 @@ class Trainer:
             "train_tokens_per_s": float(roll.attention_mask.sum()) * args.epochs / max(time_train, 1e-9),
         }
         out.update({key: float(np.mean(values)) for key, values in widths.items() if values})
+        abs_log_r = torch.log(ratio.double().clamp(min=1e-300)).abs()
+        for q, value in zip(ABS_LOG_QUANTILES, quantiles(abs_log_r, ABS_LOG_QUANTILES).tolist()):
+            out[f"abs_log_ratio_p{round(q * 100):02d}"] = value
+        out.update(correction)
         pos, up = a_tok > 0, ratio > 1
         for name, sel in (("pos_up", pos & up), ("pos_down", pos & ~up), ("neg_up", ~pos & up), ("neg_down", ~pos & ~up)):
             out[f"{name}_share"] = float(sel.sum()) / n_tok
