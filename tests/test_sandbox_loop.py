@@ -167,3 +167,22 @@ def test_decoupled_arm_passes_pi_old_and_verls_weights_to_the_loss(setup, tmp_pa
         expected, _ = compute_rollout_correction_weights(pi_old - mu, mask, rollout_is="token",
                                                          rollout_is_threshold=threshold)
         torch.testing.assert_close(weights, expected, rtol=0, atol=0)
+
+
+def test_bf16_rollout_against_the_fp32_trainer_is_a_mismatch_at_lag_zero(setup, tmp_path):
+    """rollout_dtype=bfloat16: μ comes from a bf16 copy of the weights, π_θ from the fp32 trainer, so r ≠ 1 on
+    the first update of a lag-0 run (fp32 gives r = 1 exactly, test above); a decoupled arm's π_old is fp32,
+    so its |log π_old/μ| is the same mismatch and its ratio π_θ/π_old is exactly 1."""
+    _, rows = _run(setup, tmp_path, "bf16", lag=0, mini_batches=1, steps=1, rollout_dtype="bfloat16")
+    first = rows[1]
+    assert first["abs_log_ratio_p99"] > 1e-3 and first["ppo_kl"] != 0.0 and first["ratio_max"] > 1.0
+    _, rows = _run(setup, tmp_path, "bf16_tis", spec="vanilla:rollout_correction=decoupled_token_is", lag=0,
+                   mini_batches=1, steps=1, rollout_dtype="bfloat16")
+    assert rows[1]["ratio_min"] == 1.0 == rows[1]["ratio_max"] and rows[1]["ppo_kl"] == 0.0
+    assert rows[1]["abs_log_rho_p99"] == pytest.approx(first["abs_log_ratio_p99"], rel=1e-6)
+    assert rows[1]["rc_is_mean"] != 1.0
+
+
+def test_rollout_dtype_is_checked():
+    with pytest.raises(ValueError, match="rollout_dtype"):
+        _args(rollout_dtype="float16")

@@ -6,7 +6,8 @@ Each run is 2 steps of 4 prompts x 2 answers on a freshly initialised tiny Qwen2
 of every run is start-up (Ray, verl's workers, TransferQueue); the whole module takes 10.5 min on 2 idle cores.
 
 What is asserted: exit 0; every `actor/is_reshape/*` metric logged and finite; sync mode's first step has
-|ppo_kl| < 1e-4 (the rollout's log-probs are the actor's); an async mode trains on stale rollouts
+|ppo_kl| < 1e-4 (the rollout's log-probs are the actor's), and with ROLLOUT_CORRECTION=decoupled_token_is verl's
+IS weights ≈ 1; an async mode trains on stale rollouts
 (trajectory staleness > 0); a checkpoint at step 2 resumes at step 3; and no process of the run's Ray
 cluster (found by its private temp folder) is left after a run, a failure or Ctrl-C.
 """
@@ -76,6 +77,18 @@ def test_async_modes_train_on_stale_rollouts(tiny_data, tmp_path, mode):
     rows = _assert_trained(proc, run_dir, range(1, 3))
     staleness = max(rows[s]["training/off_policy/trajectory_staleness/mean"] for s in (1, 2))
     assert staleness > 0, f"{mode}: every step trained on fresh rollouts"
+
+
+def test_decoupled_token_is_recomputes_pi_old_equal_to_mu_in_sync(tiny_data, tmp_path):
+    """ROLLOUT_CORRECTION=decoupled_token_is: the actor recomputes π_old; in sync mode at step 1 it is μ up to
+    numerics, so verl's TIS weights min(π_old/μ, 2) are ≈ 1 (within 4.8e-7 of 1 seen) and π_θ/π_old starts at 1."""
+    proc, run_dir = _run("recipes/tiny/isreshape.sh", tmp_path, **SMALL, DATA_DIR=str(tiny_data),
+                         ROLLOUT_CORRECTION="decoupled_token_is")
+    first = _assert_trained(proc, run_dir, range(1, 3))[1]
+    assert abs(first["actor/ppo_kl"]) < 1e-6  # 0.0 seen
+    for key in ("rollout_corr/rollout_is_mean", "rollout_corr/rollout_is_max", "rollout_corr/rollout_is_min"):
+        assert abs(first[key] - 1) < 1e-4, (key, first[key])
+    assert abs(first["rollout_corr/kl"]) < 1e-6
 
 
 @pytest.mark.skipif(not (SHARED_GSM8K / "train.jsonl").is_file(),

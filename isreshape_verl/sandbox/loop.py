@@ -95,6 +95,9 @@ class RLArgs:
     """Greedy test accuracy every this many RL steps (and at the start and the end)."""
     eval_problems: int = 500
     """Test problems per evaluation."""
+    rollout_dtype: str = field(default="float32", metadata={"choices": ("float32", "bfloat16")})
+    """dtype of the generator's copy of the weights, which samples and computes μ; the trainer stays fp32.
+    bfloat16 is the engine mismatch of a bf16 vLLM rollout against an fp32 trainer: μ ≠ π_θ even at lag 0."""
     micro_batch: int = 256
     """Rows per forward pass (log-probs and training), like verl's micro batch; memory only."""
     ckpt_every: int = 10
@@ -117,6 +120,7 @@ class RLArgs:
             check(name, getattr(self, name), math.isfinite(getattr(self, name)) and getattr(self, name) >= 0,
                   "a finite number >= 0")
         check("lag", self.lag, self.lag >= 0, ">= 0")
+        check("rollout_dtype", self.rollout_dtype, self.rollout_dtype in ("float32", "bfloat16"), "float32 or bfloat16")
 
 
 @dataclass
@@ -136,7 +140,7 @@ class Batch:
 
 def generate_batch(policy, problems, args: RLArgs, gen: torch.Generator, version: int, ref_model=None) -> Batch:
     """Sample n responses for each problem with the current weights and record μ and the rewards."""
-    model = policy.model
+    model = rollout_model(policy.model, args.rollout_dtype)
     n = args.samples_per_prompt
     prompts = [policy.prompt_ids(p.prompt) for p in problems for _ in range(n)]
     t0 = time.perf_counter()
@@ -150,6 +154,16 @@ def generate_batch(policy, problems, args: RLArgs, gen: torch.Generator, version
     rewards = rewards.to(old.device)
     group = np.repeat(np.arange(len(problems)), n)
     return Batch(rollout, old, rewards, group, version, gap, t1 - t0, t2 - t1, ref)
+
+
+def rollout_model(model, dtype: str):
+    """The weights the generator samples with: the trainer's model itself (float32), or a copy cast to `dtype`
+    (logits are cast to fp32 before the softmax, as vLLM's sampler does)."""
+    if dtype == "float32":
+        return model
+    import copy
+
+    return copy.deepcopy(model).to(dtype=getattr(torch, dtype))
 
 
 class LagSource:
