@@ -367,6 +367,7 @@ def test_adding_a_loss_does_not_change_another_loss_numbers():
         (["--vocab", "20", "--length", "6"], "too many"),
         (["--lr", "0"], "--lr"),
         (["--kls", "nan"], "--kls"),
+        (["--losses", "vanilla:rollout_correction=decoupled_token_is"], "rollout_correction is an arm of the sandbox"),
     ],
 )
 def test_bad_arguments_fail_early_with_clear_messages(tmp_path, capsys, argv, message):

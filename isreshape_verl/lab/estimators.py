@@ -138,6 +138,10 @@ class Estimator:
 def build_estimators(loss_texts: list[str], references: list[str]) -> list[Estimator]:
     """Parse `--losses` with the shared spec parser (errors name the bad spec) and add references."""
     out = [Estimator(spec.label, spec) for spec in parse_loss_specs(loss_texts)]
+    for est in out:
+        if est.spec.rollout_correction != "bypass":  # the lab has μ and π_θ, no π_old to recompute
+            raise ValueError(f"loss spec {est.label!r}: rollout_correction is an arm of the sandbox "
+                             "(isreshape-verl compare), not of the lab, whose ratio is π_θ/μ")
     for ref in references:
         if ref not in REFERENCES:
             raise ValueError(f"unknown reference {ref!r}; allowed: {', '.join(REFERENCES)}")
