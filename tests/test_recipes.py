@@ -337,8 +337,10 @@ def test_compare_runs_three_losses_with_identical_settings(recipe_check, tmp_pat
 
 def test_cluster_launchers_dry_run(recipe_check, tmp_path):
     proc = _bash("recipes/cluster/slurm.sbatch", "recipes/math/isreshape.sh", env={"NNODES": "3", "ASYNC": "separate"})
-    assert proc.stdout.count("ray start --address=<head-ip>:6379 --num-gpus=8 --block") == 2
-    assert proc.stdout.count("ray start --head") == 1
+    steps = [shlex.split(line)[-1] for line in proc.stdout.splitlines() if line.startswith("srun ")]  # bash -c ...
+    assert [("ray start --head" in s, "ray start --address=<head-ip>:6379" in s, "--num-gpus=8" in s,
+             "ISRESHAPE_RAY_CLUSTER=slurm-JOBID" in s) for s in steps] == [(True, False, True, True)] + [
+        (False, True, True, True)] * 2
     cfg = recipe_check.check_overrides(_overrides(proc.stdout), cluster_nodes=3, gpus_per_node=8).config
     assert (cfg.trainer.nnodes, cfg.actor_rollout_ref.rollout.nnodes) == (2, 1)
 
@@ -368,6 +370,7 @@ def test_shellcheck_clean():
     assert proc.returncode == 0, proc.stdout
     assert {p.relative_to(REPO).as_posix() for p in SCRIPTS} == {
         "recipes/launch.sh", "recipes/cluster/ray_job.sh", "recipes/cluster/slurm.sbatch",
+        "recipes/cluster/local_ray.sh", "recipes/cluster/slurm_local.sh",
         *(f"recipes/{d}/{s}.sh" for d in ("gsm8k", "math", "tiny") for s in ("grpo", "sapo", "isreshape", "compare"))}
 
 

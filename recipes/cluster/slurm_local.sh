@@ -14,8 +14,8 @@
 set -euo pipefail
 if [[ $# -lt 2 || $1 == -h || $1 == --help ]]; then
     sed -n '2,13p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
-    [[ $# -lt 2 ]] && exit 2
-    exit 0
+    [[ ${1:-} == -h || ${1:-} == --help ]] && exit 0
+    exit 2
 fi
 what=$1 dir=$2 nodes=${3:-2}
 [[ $dir == /* ]] || { echo "error: DIR='$dir' must be an absolute path" >&2; exit 2; }
@@ -36,7 +36,8 @@ stop_pidfile() {  # the daemon a pid file names, if it is still the one we start
 if [[ $what == down ]]; then
     export SLURM_CONF=$dir/slurm.conf
     if [[ -f $SLURM_CONF ]]; then  # the jobs first: their steps stop their own Ray (slurm.sbatch)
-        scancel --quiet --full $(squeue -h -o %i 2>/dev/null) 2>/dev/null || true
+        mapfile -t jobs < <(squeue -h -o %i 2>/dev/null)
+        ((${#jobs[@]} == 0)) || scancel --quiet --full "${jobs[@]}" 2>/dev/null || true
         for _ in $(seq 60); do [[ -z $(squeue -h 2>/dev/null) ]] && break; sleep 1; done
     fi
     for ((i = 1; i <= nodes; i++)); do stop_pidfile "$dir/slurmd-n$i.pid"; done
