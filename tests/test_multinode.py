@@ -20,15 +20,13 @@ from pathlib import Path
 
 import pytest
 
-from isreshape_verl.launch.cluster import MARKER, processes_of
+from isreshape_verl.launch.cluster import processes_of
 from isreshape_verl.testing.recipe_runs import REPO, SMALL, metrics_by_step, processes_of_run, recipe_env, \
     write_tiny_data
 
 pytestmark = pytest.mark.skipif(os.environ.get("ISRV_MULTINODE") != "1",
                                 reason="multi-node tests run only with ISRV_MULTINODE=1 (.ci/run's multi-node step; "
                                        "minutes of verl runs on two Ray nodes and a two-node SLURM)")
-HEAVY = ["flock", "/tmp/isrv-heavy.lock"] if shutil.which("flock") else []
-"""One heavy verl run at a time on a shared machine."""
 
 
 def _ray_env(cluster: dict, **knobs: str) -> dict:
@@ -123,7 +121,7 @@ def test_a_recipe_trains_on_two_ray_nodes_one_rank_each(ray_cluster, data, tmp_p
 
     env = _ray_env(ray_cluster, DEVICE="cpu", NNODES="2", ASYNC=mode, GPUS_PER_NODE="1", DATA_DIR=str(data),
                    RUN_ROOT=str(tmp_path), EXP_NAME=mode, **SMALL)
-    proc = subprocess.run([*HEAVY, "bash", "recipes/tiny/isreshape.sh"], cwd=REPO, capture_output=True, text=True,
+    proc = subprocess.run(["bash", "recipes/tiny/isreshape.sh"], cwd=REPO, capture_output=True, text=True,
                           timeout=900, env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "2 node(s) of the Ray cluster at" in proc.stdout
@@ -179,7 +177,7 @@ def _free_port() -> str:
 
 def _sbatch(slurm: dict, tmp_path: Path, *args: str, **knobs: str) -> tuple[subprocess.CompletedProcess, str, str]:
     exports = ",".join(["ALL", *(f"{k}={v}" for k, v in knobs.items())])
-    proc = subprocess.run([*HEAVY, "sbatch", "--parsable", "--wait", f"--output={tmp_path}/slurm-%j.out",
+    proc = subprocess.run(["sbatch", "--parsable", "--wait", f"--output={tmp_path}/slurm-%j.out",
                            f"--export={exports}", *args, f"{REPO}/recipes/cluster/slurm.sbatch",
                            f"{REPO}/recipes/tiny/isreshape.sh"], cwd=tmp_path, capture_output=True, text=True,
                           timeout=900, env=recipe_env(SLURM_CONF=slurm["SLURM_CONF"]))
