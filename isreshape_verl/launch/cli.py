@@ -243,7 +243,9 @@ def main(argv: list[str] | None = None, env: Mapping[str, str] | None = None, ou
     except KeyboardInterrupt:
         print("interrupted (Ctrl-C) before the launch: nothing was started", file=err)
         return 130
-    except OSError as exc:  # the run folder's own files (command.sh, launch.json, train.log)
-        what = "disk full" if exc.errno == errno.ENOSPC else exc.strerror
-        print(f"error: {what}: cannot write '{exc.filename}'", file=err)
+    except OSError as exc:  # the run folder's own files (command.sh, launch.json, train.log), the interpreter
+        if exc.errno == errno.ENOSPC:
+            print(f"error: disk full: cannot write '{exc.filename}'", file=err)
+        else:
+            print(f"error: {exc.strerror}: '{exc.filename}'", file=err)
         return 2

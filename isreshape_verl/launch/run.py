@@ -24,6 +24,7 @@ import subprocess
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TextIO
@@ -246,11 +247,6 @@ def final_validation(run_dir: Path) -> str:
     return f"; val acc {last[1]:.4g} at step {last[0]}" if last else ""
 
 
-class Interrupted(Exception):
-    def __init__(self, signum: int):
-        self.signum = signum
-
-
 def launch(knobs: Knobs, cmd: list[str], run_dir: Path, ray_tmp: str | None, extra: list[str],
            env: Mapping[str, str], out: TextIO, err: TextIO) -> int:
     """Run `cmd` in `run_dir` (already checked); returns its exit status (130 / 143 after a signal)."""
@@ -298,15 +294,18 @@ def _supervise(knobs: Knobs, cmd: list[str], run_dir: Path, ray_tmp: str | None,
     started = time.monotonic()
     signalled: list[tuple[int, float]] = []  # (signal, when)
 
+    proc: subprocess.Popen | None = None
+
     def on_signal(signum, frame):  # the terminal's Ctrl-C reaches verl too; a kill of this process alone does not
         if not signalled:
             signalled.append((signum, time.monotonic()))
             try:
-                proc.send_signal(signum)
+                if proc is not None:
+                    proc.send_signal(signum)
             except ProcessLookupError:
                 pass
 
-    tail: list[str] = []
+    tail: deque[str] = deque(maxlen=2000)
     printed: set[str] = set()
     log_errors: list[OSError] = []
 
@@ -319,7 +318,6 @@ def _supervise(knobs: Knobs, cmd: list[str], run_dir: Path, ray_tmp: str | None,
                 except OSError as exc:
                     log_errors.append(exc)
             tail.append(line)
-            del tail[:-2000]
             shown = line if verbose else step_summary(line, knobs["STEPS"])
             if shown and not verbose:
                 if shown in printed:  # a joined Ray cluster can relay a worker's line twice
@@ -329,10 +327,12 @@ def _supervise(knobs: Knobs, cmd: list[str], run_dir: Path, ray_tmp: str | None,
                 out.write(shown if verbose else shown + "\n")
                 out.flush()
 
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=child_env, text=True,
-                            errors="replace", bufsize=1)
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=child_env, text=True,
+                                errors="replace", bufsize=1)
+        if signalled:  # a signal while it started
+            proc.send_signal(signalled[0][0])
         with open(run_dir / "train.log", "w") as log:
             reader = threading.Thread(target=pump, args=(log,), daemon=True)
             reader.start()
