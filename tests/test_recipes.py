@@ -8,6 +8,7 @@ command is checked in-process; two subprocess runs prove DRY_RUN itself runs the
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import shlex
@@ -29,8 +30,7 @@ SCRIPTS = sorted(
 
 
 def _bash(script: str, *args: str, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    full_env = recipe_env(**{"DRY_RUN": "1", "RECIPE_CHECK": "0", "HOME": "/home/user", **(env or {})})
-    proc = subprocess.run(["bash", script, *args], cwd=REPO, env=full_env, capture_output=True, text=True, timeout=120)
+    proc = _run_script(script, args, tuple(sorted((env or {}).items())))
     if check:
         assert proc.returncode == 0, proc.stderr
     return proc
@@ -57,6 +57,13 @@ def test_every_knob_is_documented_and_forwarded_from_one_list():
     entry = submit[submit.index("--") + 1:]
     assert {f"{k}={v}" for k, v in forwarded.items()} <= set(entry)
     assert "IS_WIDTH" in loss_knobs("isreshape")
+
+
+@functools.lru_cache(maxsize=None)
+def _run_script(script: str, args: tuple, env: tuple) -> subprocess.CompletedProcess:
+    """A recipe script's run, once per (script, arguments, knobs): several tests read the same dry run."""
+    full_env = recipe_env(**{"DRY_RUN": "1", "RECIPE_CHECK": "0", "HOME": "/home/user", **dict(env)})
+    return subprocess.run(["bash", script, *args], cwd=REPO, env=full_env, capture_output=True, text=True, timeout=120)
 
 
 def _commands(stdout: str) -> list[list[str]]:
