@@ -122,8 +122,10 @@ def config_check(knobs: Knobs, cmd: list[str], what: str) -> None:
         raise KnobError(f"{what}: " + " | ".join(exc.problems)) from None
 
 
-def data_missing(knobs: Knobs) -> bool:
-    return not all((Path(knobs["DATA_DIR"]) / f"{split}.parquet").is_file() for split in ("train", "test"))
+def missing_split(knobs: Knobs) -> str | None:
+    """The first of DATA_DIR's train.parquet and test.parquet that is not there, or None."""
+    return next((f"{knobs['DATA_DIR']}/{split}.parquet" for split in ("train", "test")
+                 if not (Path(knobs["DATA_DIR"]) / f"{split}.parquet").is_file()), None)
 
 
 def run_recipe(dataset: str, loss: str, extra: list[str], env: Mapping[str, str], out: TextIO, err: TextIO) -> int:
@@ -138,14 +140,14 @@ def run_recipe(dataset: str, loss: str, extra: list[str], env: Mapping[str, str]
             config_check(knobs, cmd, "the command above does not pass isreshape_verl.recipe_check")
             print("# recipe check OK (verl config composes, dataclasses build, validate_config and v1 start-up "
                   "checks pass)", file=out)
-        if data_missing(knobs):  # a dry run may print a command for another machine's data: warn only
+        if missing_split(knobs):  # a dry run may print a command for another machine's data: warn only
             print(f"warning: DATA_DIR='{knobs['DATA_DIR']}' has no train.parquet and test.parquet here; a real "
                   f"launch would stop (run python {knobs.data_prep}, or set DATA_DIR)", file=err)
         return 0
-    for split in ("train", "test"):
-        if not (Path(knobs["DATA_DIR"]) / f"{split}.parquet").is_file():
-            raise KnobError(f"DATA_DIR='{knobs['DATA_DIR']}': {knobs['DATA_DIR']}/{split}.parquet not found: run "
-                            f"python {knobs.data_prep} (or set DATA_DIR)")
+    missing = missing_split(knobs)
+    if missing:
+        raise KnobError(f"DATA_DIR='{knobs['DATA_DIR']}': {missing} not found: run python {knobs.data_prep} "
+                        "(or set DATA_DIR)")
     check_model_dir(knobs["MODEL"])
     from isreshape_verl.launch.diagnose import model_problem
 

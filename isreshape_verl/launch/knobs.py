@@ -244,7 +244,6 @@ class Knobs:
     dataset: str
     loss: str
     values: Mapping[str, str]
-    home: str = "~"
 
     def __getitem__(self, name: str) -> str:
         return self.values[name]
@@ -319,7 +318,7 @@ def resolve(dataset: str, loss: str, env: Mapping[str, str]) -> Knobs:
             KNOBS[name].parse(name, values[name])
     default("STALENESS", "1" if values["ASYNC"] == "sync" else "2")
     KNOBS["STALENESS"].parse("STALENESS", values["STALENESS"])
-    knobs = Knobs(dataset, loss, values, home)
+    knobs = Knobs(dataset, loss, values)
     if knobs.separate:
         _resolve_separate(values)
     return knobs
