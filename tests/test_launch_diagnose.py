@@ -8,6 +8,8 @@ out]` line marks a cut, everything else is verbatim (Ray's colour codes included
     damaged_checkpoint.log  global_step_1/actor/model_world_size_1_rank_0.pt truncated to 1,000,000 bytes, rerun
     worker_killed.log       kill -9 of the run's ray::WorkerDict process during step 1
     ray_oom.log             RAY_memory_usage_threshold=0.01: Ray's memory monitor kills a worker
+    node_killed.log         a NNODES=2 run on the local two-node cluster (recipes/cluster/local_ray.sh), kill -9 of every
+                            process of node 127.0.0.3 during step 2 (`local_ray.sh kill-node`)
     hub_offline.log         MODEL=Qwen/Qwen2.5-0.5B-Instruct with no network (fails after ~80 s)
     no_nccl.log             a CPU run whose device patches were not loaded: an error none of the above knows
 """
@@ -91,6 +93,15 @@ def test_killed_worker_names_the_actor_and_pid():
     assert failure_line(text, RUN) == killed
     raylet_only = text[: text.index("Error executing job")]  # the raylet's line, before the driver's traceback
     assert failure_line(raylet_only, RUN) == killed.replace("WorkerDict, ", "")
+
+
+def test_a_node_gone_is_told_as_such_not_by_the_call_that_reached_it():
+    """The raylet of the killed node ends; verl stops on the TaskRunner it ran there (ActorUnavailableError)."""
+    assert failure_line(log("node_killed"), RUN) == (
+        "a node of the Ray cluster died under the run (a raylet was terminated unexpectedly: kill -9, the OS's OOM "
+        "killer, or the machine went down): verl stopped with ray.exceptions.ActorUnavailableError; rerun the same "
+        "command to resume from the last checkpoint once the cluster has its nodes again; "
+        "see /runs/tiny-grpo/train.log")
 
 
 def test_ray_memory_monitor_kill_is_out_of_memory():

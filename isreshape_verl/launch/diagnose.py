@@ -4,8 +4,9 @@ A verl run that fails prints thousands of lines and ends in a Ray/Hydra tracebac
 `error: <failure_line(...)>` instead, and calls the two checks before it starts verl:
 
     failure_line(log_text, run_dir)     after a non-zero exit: disk full, a damaged checkpoint, a Ray worker
-                                        killed (by Ray's memory monitor or the OS), MODEL not downloadable;
-                                        otherwise the last exception line; each names train.log
+                                        killed (by Ray's memory monitor or the OS), a Ray node gone (its raylet
+                                        killed), MODEL not downloadable; otherwise the last exception line; each
+                                        names train.log
     model_problem(model, env)           a hub id MODEL that is neither cached nor reachable (verl needs ~80 s
                                         to fail on it; this takes seconds)
     checkpoint_problem(checkpoints_dir) the step verl would resume from has a damaged or missing file
@@ -50,7 +51,7 @@ def failure_line(log_text: str, run_dir: Path) -> str:
     """
     lines = [_ANSI.sub("", line).rstrip() for line in log_text.splitlines()]
     see = f"see {Path(run_dir) / 'train.log'}"
-    for diagnose in (_disk_full, _damaged_checkpoint, _model_download, _ray_oom, _worker_died):
+    for diagnose in (_disk_full, _damaged_checkpoint, _model_download, _ray_oom, _node_died, _worker_died):
         found = diagnose(lines)
         if found:
             return _one_line(f"{found}; {see}")
@@ -202,6 +203,22 @@ def _ray_oom(lines: list[str]) -> str | None:
     if threshold:
         detail += f" over its threshold {threshold[1] or threshold[2]}"
     return f"out of memory: Ray's memory monitor killed {who}, {detail}; free memory there, or use smaller batches"
+
+
+def _node_died(lines: list[str]) -> str | None:
+    """A node of the Ray cluster went away under the run: its raylet ended (kill -9 of the node's Ray processes,
+    the OS's OOM killer, the machine down). The driver's log says `(raylet) Raylet is terminated. Termination is
+    unexpected. Possible reasons include: (1) SIGKILL by the user or system OOM killer, ...` (without the node's
+    address), and verl then stops on whatever call reached that node first, e.g. `ray.exceptions.
+    ActorUnavailableError: The actor ... is unavailable: ... Socket closed` or gloo's `Connection closed by peer`.
+    On a joined cluster the launcher names the node itself (cluster.NodeWatch)."""
+    if not any("Raylet is terminated. Termination is unexpected" in line for line in lines):
+        return None
+    last = _last_exception(lines)
+    stopped = f": verl stopped with {last.split(':', 1)[0]}" if last else ""
+    return (f"a node of the Ray cluster died under the run (a raylet was terminated unexpectedly: kill -9, the OS's "
+            f"OOM killer, or the machine went down){stopped}; rerun the same command to resume from the last "
+            "checkpoint once the cluster has its nodes again")
 
 
 def _worker_died(lines: list[str]) -> str | None:
