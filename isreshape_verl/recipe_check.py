@@ -474,6 +474,19 @@ def off_policy_threshold(c: Launch) -> Iterator[str]:
         yield f"trainer.v1.sampler.max_off_policy_threshold={threshold!r} must be a positive int or null"
 
 
+def custom_sampler_settings(c: Launch) -> Iterator[str]:
+    """trainer_base.PPOTrainerBase._build_replay_buffer: a custom sampler is built without the group filter and
+    sync_refill_failed_groups, which would then be ignored."""
+    if not c.get("trainer.v1.sampler.custom_sampler.name"):
+        return
+    ignored = [key for key in ("algorithm.filter_groups.enable", "trainer.v1.sampler.sync_refill_failed_groups")
+               if c.get(key)]
+    if ignored:
+        yield (f"{' and '.join(f'{key}=True' for key in ignored)} would be ignored: verl builds "
+               f"trainer.v1.sampler.custom_sampler ({c.get('trainer.v1.sampler.custom_sampler.name')}, DEVICE=cpu's "
+               "fast-polling buffer) without them")
+
+
 def off_policy_strategy(c: Launch) -> Iterator[str]:
     strategy = c.get("trainer.v1.sampler.max_off_policy_strategy")
     if strategy not in ("drop", "wait"):
@@ -606,6 +619,7 @@ STARTUP_CHECKS: tuple[Callable[[Launch], Iterator[str]], ...] = (
     batch_divides_by_sync_step,
     off_policy_threshold,
     off_policy_strategy,
+    custom_sampler_settings,
     hybrid_engine_mode,
     separate_async_batch,
     separate_async_rollout_gpus,

@@ -207,3 +207,19 @@ def test_what_is_not_a_typo_passes(tmp_path):
     grpo, sapo, isreshape = commands
     assert "clip_ratio=0.3" in grpo and "tau_pos=1.1" in sapo and f"{PL}.width=0.5" in isreshape
     assert "width=0.5" not in grpo + sapo and "tau_pos=1.1" not in grpo + isreshape
+
+
+@pytest.mark.parametrize("extra, ignored", [
+    (["algorithm.filter_groups.enable=True", "algorithm.filter_groups.metric=acc"], "algorithm.filter_groups.enable"),
+    (["trainer.v1.sampler.sync_refill_failed_groups=True"], "trainer.v1.sampler.sync_refill_failed_groups"),
+])
+def test_a_setting_verl_drops_with_cpu_modes_replay_buffer_is_one_line(tmp_path, extra, ignored):
+    """DEVICE=cpu plugs its fast-polling replay buffer in as verl's custom sampler, which verl builds without the
+    group filter and sync_refill_failed_groups: asking for them is refused, not silently ignored."""
+    proc = run("tiny/isreshape.sh", *extra, tmp=tmp_path, DEVICE="cpu", RECIPE_CHECK="1")
+    assert error_line(proc) == (
+        f"error: the command above does not pass isreshape_verl.recipe_check: {ignored}=True would be ignored: "
+        "verl builds trainer.v1.sampler.custom_sampler (FastPollReplayBuffer, DEVICE=cpu's fast-polling buffer) "
+        "without them")
+    proc = run("gsm8k/isreshape.sh", *extra, tmp=tmp_path, DEVICE="gpu", RECIPE_CHECK="1")  # verl's own buffer
+    assert proc.returncode == 0, proc.stderr

@@ -22,6 +22,12 @@ CPU_MODULE = "isreshape_verl.cpu.activate"
 
 MODEL_SETTINGS = ("actor_rollout_ref.model.use_remove_padding=True",
                   "actor_rollout_ref.model.enable_gradient_checkpointing=True")
+CPU_RECIPE_MODEL_SETTINGS = ("actor_rollout_ref.model.use_remove_padding=False",
+                             "actor_rollout_ref.model.enable_gradient_checkpointing=True")
+"""The recipes' model settings with DEVICE=cpu. Remove-padding packs a micro-batch's answers into one row for
+flash-attn's varlen kernel; a CPU has none, and sdpa then attends over the whole packed row (thousands of
+tokens, quadratic): at the tiny recipe's sizes `timing_s/update_actor` went from 4.6 s to 1.8 s without it,
+computing the same update (`tests/test_verl_worker.py`, case `fixed_no_rmpad`)."""
 ACTOR_LOSS_SETTINGS = (f"{ACTOR}.use_kl_loss=False", f"{ACTOR}.entropy_coeff=0", f"{ACTOR}.calculate_entropy=True")
 """No KL or entropy term: the policy loss alone (the entropy is still computed and logged)."""
 CPU_MODEL_SETTINGS = (
@@ -50,7 +56,7 @@ def base(k: Knobs) -> list[str]:
         "data.truncation=error",
         f"data.seed={seed}",
         f"actor_rollout_ref.model.path={k['MODEL']}",
-        *MODEL_SETTINGS,
+        *(CPU_RECIPE_MODEL_SETTINGS if k.cpu else MODEL_SETTINGS),
         f"{ACTOR}.optim.lr={k['LR']}",
         f"{ACTOR}.ppo_mini_batch_size={k['MINI_BATCH']}",
         f"{ACTOR}.ppo_micro_batch_size_per_gpu={micro}",
@@ -192,6 +198,10 @@ def cpu(k: Knobs, run_dir: str, ray_tmp: str) -> list[str]:
         "reward.num_workers=1",
         "transfer_queue.backend.SimpleStorage.num_data_storage_units=1",
         "data.dataloader_num_workers=0",
+        # verl's buffer looks for finished rollouts every 2 s; a CPU step is a few seconds (cpu/replay_buffer.py)
+        "trainer.v1.sampler.custom_sampler.path=pkg://isreshape_verl.cpu.replay_buffer",
+        "trainer.v1.sampler.custom_sampler.name="
+        + ("FastPollReplayBuffer" if k["ASYNC"] == "sync" else "FastPollReplayBufferAsync"),
     ]
     if k.separate:
         settings.append(f"{ROLLOUT}.checkpoint_engine.custom_backend_module=isreshape_verl.cpu.weight_sync")

@@ -1,0 +1,42 @@
+"""verl's v1 replay buffers, looking for finished rollouts every 0.05 s instead of every 2 s (CPU mode).
+
+They plug in through the setting verl exposes, `trainer.v1.sampler.custom_sampler.{path,name}`, which the
+recipes set with DEVICE=cpu (`isreshape_verl.launch.overrides.cpu`): `FastPollReplayBuffer` in `sync` mode,
+`FastPollReplayBufferAsync` in `colocate` and `separate`, the classes verl itself picks in those modes. Why, and
+the upstream lines, in `FastPollReplayBuffer`.
+"""
+
+from __future__ import annotations
+
+from verl.trainer.ppo.v1.replay_buffer import ReplayBuffer, ReplayBufferAsync
+
+POLL_SECONDS = 0.05
+"""Seconds between two looks for finished rollouts."""
+
+
+class FastPollReplayBuffer(ReplayBuffer):
+    """verl's sync-mode replay buffer, polling every `POLL_SECONDS`.
+
+    Answers `verl/trainer/ppo/v1/replay_buffer.py:144`, `poll_interval: float = 2.0`, which the trainer never
+    passes (`verl/trainer/ppo/v1/trainer_base.py:155`, `replay_buffer_kwargs = dict(`), while the buffer sleeps
+    that long between two looks (`replay_buffer.py:409`, `time.sleep(self.poll_interval)`). Every wait for a
+    training batch or for the validation set therefore ends on a 2 s tick: at the tiny recipe's sizes a sync
+    step's `timing_s/gen` read 6.03 or 8.05 s. A look is one metadata call to TransferQueue's controller, so
+    twenty a second cost little.
+
+    verl picks these classes itself without a custom sampler (`trainer_base.py:153`), and builds a custom one
+    without the group filter (`algorithm.filter_groups`) and `sync_refill_failed_groups` (`trainer_base.py:165`, `if not has_custom_sampler:`):
+    the recipe check refuses those two with a custom sampler (`recipe_check.custom_sampler_settings`). The
+    separate trainer also reads the interval as its idle threshold (`trainer_separate_async.py:299`). Delete
+    both classes when verl exposes the interval in `trainer.v1.sampler`.
+    """
+
+    def __init__(self, *args, poll_interval: float = POLL_SECONDS, **kwargs):
+        super().__init__(*args, poll_interval=poll_interval, **kwargs)
+
+
+class FastPollReplayBufferAsync(ReplayBufferAsync):
+    """verl's asynchronous-mode replay buffer, polling every `POLL_SECONDS`."""
+
+    def __init__(self, *args, poll_interval: float = POLL_SECONDS, **kwargs):
+        super().__init__(*args, poll_interval=poll_interval, **kwargs)
