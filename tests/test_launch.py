@@ -248,6 +248,51 @@ def test_stop_processes_finds_a_process_that_left_the_group_by_its_environment()
     assert processes_of(marker, None) == []
 
 
+class _NodeDiesAfter:
+    """A stand-in for cluster.NodeWatch: node 127.0.0.3 is dead `after` seconds after the watch began."""
+    after = 0.0
+
+    def __init__(self, address: str):
+        self.start = time.monotonic()
+
+    def dead(self) -> list[str]:
+        return ["127.0.0.3"] if time.monotonic() > self.start + self.after else []
+
+
+@pytest.mark.parametrize("cmd, after, status", [
+    (["sleep", "60"], 0.3, 1),  # verl waits on the dead node: stopped NODE_WAIT s after the launcher saw it
+    (["bash", "-c", "sleep 0.5; echo 'RuntimeError: Connection closed by peer'; exit 3"], 0.4, 3),  # verl fails
+    (["bash", "-c", "sleep 0.5; echo 'RuntimeError: Connection closed by peer'; exit 3"], 99, 3),  # no node died
+])
+def test_a_node_of_the_joined_cluster_dying_ends_the_run_in_one_line_naming_it(tmp_path, monkeypatch, cmd, after,
+                                                                              status):
+    """On a joined cluster (RAY_ADDRESS) the launcher looks at the cluster's nodes while verl runs; a failed run whose
+    node died is told by the node, not by verl's last error (a gloo peer gone). tests/test_multinode.py kills a node
+    of a real run."""
+    import io
+
+    from isreshape_verl.launch import cluster, run
+
+    monkeypatch.setattr(cluster, "NodeWatch", _NodeDiesAfter)
+    monkeypatch.setattr(_NodeDiesAfter, "after", after)
+    monkeypatch.setattr(run, "NODE_LOOK", 0.1)
+    monkeypatch.setattr(run, "NODE_WAIT", 1.0)
+    env = {**recipe_env(), "RAY_ADDRESS": "127.0.0.2:6379", "NNODES": "2"}
+    out, err = io.StringIO(), io.StringIO()
+    started = time.monotonic()
+    assert run._supervise(resolve("tiny", "grpo", env), cmd, tmp_path, None, env, out, err) == status
+    assert time.monotonic() - started < 10
+    line = err.getvalue()
+    assert line.count("\n") == 1, line
+    if after == 99:
+        assert line == f"error: RuntimeError: Connection closed by peer; see {tmp_path}/train.log\n"
+        return
+    assert line.startswith("error: node 127.0.0.3 of the Ray cluster at RAY_ADDRESS='127.0.0.2:6379' died during the "
+                           "run (its raylet is gone) and the run stopped after "), line
+    assert line.endswith(" min; rerun the same command when the cluster has its 2 nodes again to resume from step 0 "
+                         f"(no checkpoint: SAVE_FREQ); see {tmp_path}/train.log\n")
+
+
 def test_ctrl_c_stops_a_comparison_and_says_which_runs_finished(fake):
     """Issue 25, BAD 4: one Ctrl-C stops the comparison, not only the current loss."""
     env = {**fake, "COMPARE_DIR": str(Path(fake["RUN_ROOT"]) / "cmp"), "FAKE_STEPS": "100", "FAKE_SLEEP": "0.1"}

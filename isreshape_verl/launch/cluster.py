@@ -5,8 +5,11 @@ makes before it joins a cluster, and the placement of a run's workers.
     source DIR/env                     # RAY_ADDRESS, RAY_AUTH_MODE=token, RAY_AUTH_TOKEN_PATH, RAY_DASHBOARD
     python -m isreshape_verl.launch.cluster placement DIR     # which node each actor of the last jobs ran on
     python -m isreshape_verl.launch.cluster stop DIR
+    python -m isreshape_verl.launch.cluster kill-node DIR IP    # kill -9 one node's processes (a node dying)
+    python -m isreshape_verl.launch.cluster start-missing DIR   # start again the nodes of DIR that have none
     python -m isreshape_verl.launch.cluster stop-marked MARKER   # the Ray processes one SLURM job started
     python -m isreshape_verl.launch.cluster check ADDRESS NNODES GPUS   # exit 2 unless the cluster has them
+    python -m isreshape_verl.launch.cluster job-wheel WHEEL OUT_DIR     # the wheel ray_job.sh gives Ray (no deps)
 
 Why several Ray nodes on one machine: it is how Ray tests itself (ray.cluster_utils.Cluster), and the only way
 to run the multi-node path (placement groups across nodes, gloo across nodes, weights crossing nodes) without a
@@ -16,7 +19,7 @@ is on (RAY_AUTH_MODE=token, a fresh token in DIR/token, mode 0600): a client wit
 
 Every process of a cluster carries ISRESHAPE_RAY_CLUSTER=<marker> in its environment (Ray's workers inherit the
 raylet's), so `stop` ends exactly the processes this cluster started and no other Ray on the machine; `ray stop`
-would stop them all.
+would stop them all. Each also carries ISRESHAPE_RAY_NODE=<folder>@<node ip>, so one node can be killed alone.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import argparse
 import json
 import os
 import secrets
+import signal
 import socket
 import subprocess
 import sys
@@ -37,6 +41,8 @@ from isreshape_verl.launch.knobs import KnobError
 
 MARKER = "ISRESHAPE_RAY_CLUSTER"
 """Environment variable on every process of a cluster started here (its value: the cluster's folder or job)."""
+NODE_MARKER = "ISRESHAPE_RAY_NODE"
+"""Environment variable on every process of one node of a local cluster (its value: <folder>@<node ip>)."""
 RAY = [sys.executable, "-m", "ray.scripts.scripts"]
 """The `ray` command of this interpreter (a PATH lookup may find another Python's)."""
 CONNECT_TIMEOUT = 5.0
@@ -92,29 +98,14 @@ def start(folder: Path, nodes: int = 2, gpus_per_node: int = 1, cpus_per_node: i
     env.pop("RAY_ADDRESS", None)
     common = [f"--num-gpus={gpus_per_node}", f"--num-cpus={cpus_per_node}", f"--temp-dir={folder}/r",
               f"--object-store-memory={object_store_mb * 2**20}", "--disable-usage-stats"]
+    info["common"] = common
     started = time.monotonic()
     try:
         for i, ip in enumerate(ips):
-            args = [f"--node-ip-address={ip}", f"--dashboard-agent-listen-port={free_port(ip)}", *common]
-            if i == 0:
-                args = ["--head", f"--port={port}", f"--dashboard-host={ip}", f"--dashboard-port={dash_port}",
-                        f"--ray-client-server-port={free_port(ip)}", *args]
-            else:
-                args = [f"--address={info['address']}", *args]
-            with open(folder / f"node{i}.log", "w") as log:
-                proc = subprocess.run([*RAY, "start", *args], env=env, stdout=log, stderr=subprocess.STDOUT,
-                                      timeout=timeout)
-            if proc.returncode:
-                tail = (folder / f"node{i}.log").read_text().strip().splitlines()[-1:] or ["?"]
-                raise KnobError(f"ray start of node {i} ({ip}) failed: {tail[0]} (log: {folder}/node{i}.log)")
-        client = {**os.environ, **cluster_env(folder)}
-        while True:
-            have = cluster_nodes(info["address"], client)
-            if len(have) >= nodes:
-                break
-            if time.monotonic() - started > timeout:
-                raise KnobError(f"only {len(have)} of {nodes} Ray nodes joined in {timeout:.0f} s (logs: {folder})")
-            time.sleep(1)
+            extra = [f"--port={port}", f"--dashboard-host={ip}", f"--dashboard-port={dash_port}",
+                     f"--ray-client-server-port={free_port(ip)}"] if i == 0 else []
+            _start_node(folder, info, i, env, extra, timeout)
+        _wait_for_nodes(folder, info, nodes, started, timeout)
     except BaseException:
         stop_marked(str(folder))
         raise
@@ -122,6 +113,74 @@ def start(folder: Path, nodes: int = 2, gpus_per_node: int = 1, cpus_per_node: i
     (folder / "cluster.json").write_text(json.dumps(info) + "\n")
     (folder / "env").write_text("".join(f"export {k}={v}\n" for k, v in cluster_env(folder).items()))
     return cluster_env(folder)
+
+
+def _start_node(folder: Path, info: dict, i: int, env: Mapping[str, str], extra: list[str], timeout: float) -> None:
+    """`ray start` node i of the cluster (the head when i == 0, with `extra` arguments), marked as its node."""
+    ip = info["nodes"][i]
+    args = [f"--node-ip-address={ip}", f"--dashboard-agent-listen-port={free_port(ip)}", *info["common"]]
+    args = ["--head", *extra, *args] if i == 0 else [f"--address={info['address']}", *args]
+    with open(folder / f"node{i}.log", "w") as log:
+        proc = subprocess.run([*RAY, "start", *args], env={**env, NODE_MARKER: f"{folder}@{ip}"}, stdout=log,
+                              stderr=subprocess.STDOUT, timeout=timeout)
+    if proc.returncode:
+        tail = (folder / f"node{i}.log").read_text().strip().splitlines()[-1:] or ["?"]
+        raise KnobError(f"ray start of node {i} ({ip}) failed: {tail[0]} (log: {folder}/node{i}.log)")
+
+
+def _wait_for_nodes(folder: Path, info: dict, nodes: int, started: float, timeout: float) -> None:
+    client = {**os.environ, **cluster_env(folder)}
+    while True:
+        have = cluster_nodes(info["address"], client)
+        if len(have) >= nodes:
+            return
+        if time.monotonic() - started > timeout:
+            raise KnobError(f"only {len(have)} of {nodes} Ray nodes joined in {timeout:.0f} s (logs: {folder})")
+        time.sleep(1)
+
+
+def node_processes(folder: Path, ip: str) -> list[int]:
+    """pids of the processes of the cluster's node at `ip` (its raylet, agents and workers)."""
+    return run.processes_of(f"{folder.resolve()}@{ip}", variable=NODE_MARKER)
+
+
+def kill_node(folder: Path, ip: str) -> int:
+    """kill -9 every process of one node, as if the machine died; returns how many there were."""
+    info = json.loads((folder / "cluster.json").read_text())
+    if ip not in info["nodes"]:
+        raise KnobError(f"node '{ip}' is not allowed; it must be one of the cluster's nodes: {', '.join(info['nodes'])}")
+    if ip == info["nodes"][0]:
+        raise KnobError(f"node '{ip}' is not allowed; it is the head (kill a worker node: "
+                        f"{', '.join(info['nodes'][1:]) or 'none'})")
+    marker, seen = f"{folder.resolve()}@{ip}", set()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        pids = run.processes_of(marker, variable=NODE_MARKER)
+        if not pids:
+            break
+        seen.update(pids)
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.2)
+    return len(seen)
+
+
+def start_missing(folder: Path, timeout: float = 120.0) -> list[str]:
+    """Start again the worker nodes of the cluster in `folder` that have no process left; returns their IPs."""
+    folder = folder.resolve()
+    info = json.loads((folder / "cluster.json").read_text())
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_TOKEN", "RAY_ADDRESS")}
+    env.update({MARKER: str(folder), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(folder / "token"),
+                "RAY_USAGE_STATS_ENABLED": "0"})
+    started = time.monotonic()
+    missing = [i for i, ip in enumerate(info["nodes"]) if i and not node_processes(folder, ip)]
+    for i in missing:
+        _start_node(folder, info, i, env, [], timeout)
+    _wait_for_nodes(folder, info, len(info["nodes"]), started, timeout)
+    return [info["nodes"][i] for i in missing]
 
 
 def stop(folder: Path) -> int:
@@ -189,6 +248,69 @@ def check_cluster(address: str, nnodes: int, gpus_per_node: int, env: Mapping[st
     return nodes
 
 
+# ---- a node dying during a run ----
+class NodeWatch:
+    """The nodes of the cluster at `address` that are alive now; `dead()` names those of them that died since.
+    Reads the GCS directly (a few ms, no driver: ray.init would make this process one), with the token of this
+    process's environment (RAY_AUTH_MODE, RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH)."""
+
+    def __init__(self, address: str):
+        from ray._raylet import GcsClient
+
+        self.gcs = GcsClient(address=address.removeprefix("ray://"))
+        self.nodes = {node_id: (info.node_manager_address, info.node_manager_port)
+                      for node_id, info in self._read().items() if info.state == 0}  # GcsNodeInfo.ALIVE
+
+    def _read(self) -> dict:
+        return self.gcs.get_all_node_info(timeout=5)
+
+    def dead(self) -> list[str]:
+        """The addresses of the nodes alive at the start that are dead now: the GCS says so (which takes it ~15 s of
+        missed health checks), or the node's raylet no longer accepts a connection (at once for a killed raylet)."""
+        try:
+            now = self._read()
+        except Exception:  # the GCS busy: ask the raylets alone
+            now = None
+        gone = []
+        for node_id, (ip, port) in self.nodes.items():
+            if now is not None and (node_id not in now or now[node_id].state != 0):
+                gone.append(ip)
+                continue
+            try:
+                socket.create_connection((ip, port), timeout=CONNECT_TIMEOUT).close()
+            except OSError:
+                gone.append(ip)
+        return sorted(gone)
+
+
+# ---- the package for a Ray job ----
+def job_wheel(wheel: Path, out_dir: Path) -> Path:
+    """A copy of `wheel` in `out_dir` without its Requires-Dist lines (RECORD rehashed). Ray installs a py_modules
+    wheel with `pip install WHEEL --target=DIR` on every node, dependencies included: verl, torch, numpy, ... beside
+    the cluster's own, minutes of installing, and here a numpy that failed to import (its openblas library was not
+    found). The cluster already runs Ray and verl; the job needs this package alone, with its entry point."""
+    import base64
+    import hashlib
+    import zipfile
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out = out_dir / wheel.name
+    with zipfile.ZipFile(wheel) as src:
+        files = {info.filename: src.read(info) for info in src.infolist()}
+    record = next(name for name in files if name.endswith(".dist-info/RECORD"))
+    for name in files:
+        if name.endswith(".dist-info/METADATA"):
+            files[name] = b"".join(line for line in files[name].splitlines(keepends=True)
+                                   if not line.startswith(b"Requires-Dist:"))
+    rows = [f"{name},sha256={base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b'=').decode()},"
+            f"{len(data)}" for name, data in files.items() if name != record]
+    files[record] = ("\n".join([*rows, f"{record},,"]) + "\n").encode()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as dst:
+        for name, data in files.items():
+            dst.writestr(name, data)
+    return out
+
+
 # ---- where the workers ran ----
 _PLACEMENT = """
 import json
@@ -220,9 +342,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gpus-per-node", type=int, default=1, help="logical GPUs per node (DEVICE=cpu)")
     p.add_argument("--cpus-per-node", type=int, default=8, help="logical CPUs per node")
     p.add_argument("--first-ip", default="127.0.0.2")
-    for name in ("stop", "placement", "env"):
+    for name in ("stop", "placement", "env", "start-missing"):
         sub.add_parser(name).add_argument("dir", type=Path)
+    p = sub.add_parser("kill-node", help="kill -9 every process of one worker node (a node dying)")
+    p.add_argument("dir", type=Path)
+    p.add_argument("ip")
     sub.add_parser("stop-marked").add_argument("marker")
+    p = sub.add_parser("job-wheel", help="a copy of the package's wheel without its dependencies, for a Ray job")
+    p.add_argument("wheel", type=Path)
+    p.add_argument("out_dir", type=Path)
     p = sub.add_parser("check", help="exit 0 when ADDRESS has NNODES alive nodes with GPUS logical GPUs each")
     p.add_argument("address")
     p.add_argument("nnodes", type=int)
@@ -239,6 +367,12 @@ def main(argv: list[str] | None = None) -> int:
             print("".join(f"export {k}={v}\n" for k, v in env.items()), end="")
         elif args.what == "stop":
             print(f"# stopped {stop(args.dir)} process(es) of the cluster in {args.dir}")
+        elif args.what == "kill-node":
+            print(f"# killed {kill_node(args.dir, args.ip)} process(es) of node {args.ip} (kill -9)")
+        elif args.what == "start-missing":
+            print(f"# started again: {', '.join(start_missing(args.dir)) or 'none (every node has its processes)'}")
+        elif args.what == "job-wheel":
+            print(job_wheel(args.wheel, args.out_dir))
         elif args.what == "stop-marked":
             print(f"# stopped {stop_marked(args.marker)} process(es) marked {MARKER}={args.marker}")
         elif args.what == "check":

@@ -43,6 +43,10 @@ RUN_MARKER = "ISRESHAPE_LAUNCH"
 workers too), which is how the run finds them all at the end."""
 STOP_WAIT = 30.0
 """Seconds verl gets to stop after Ctrl-C / SIGTERM before its processes are killed."""
+NODE_LOOK = 2.0
+"""On a joined Ray cluster (RAY_ADDRESS): seconds between the launcher's looks at whether a node of it died."""
+NODE_WAIT = 20.0
+"""Seconds verl gets to fail on its own after a node of its cluster died, before it is stopped (a hang)."""
 
 
 def shell_command(cmd: list[str]) -> str:
@@ -327,6 +331,14 @@ def _supervise(knobs: Knobs, cmd: list[str], run_dir: Path, ray_tmp: str | None,
                 out.write(shown if verbose else shown + "\n")
                 out.flush()
 
+    watch, dead, dead_at, next_look = None, [], 0.0, 0.0
+    if not ray_tmp and env.get("RAY_ADDRESS"):  # a joined cluster: a node of it may die under the run
+        from isreshape_verl.launch.cluster import NodeWatch
+
+        try:
+            watch = NodeWatch(env["RAY_ADDRESS"])
+        except Exception as exc:  # the run itself will say what is wrong with the cluster
+            print(f"# not watching the cluster's nodes: {type(exc).__name__}: {exc}", file=out)
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=child_env, text=True,
@@ -343,6 +355,11 @@ def _supervise(knobs: Knobs, cmd: list[str], run_dir: Path, ray_tmp: str | None,
                 except subprocess.TimeoutExpired:
                     if signalled and time.monotonic() > signalled[0][1] + STOP_WAIT:
                         proc.kill()  # verl did not stop on its own
+                    if watch and not dead and time.monotonic() > next_look:
+                        next_look, dead = time.monotonic() + NODE_LOOK, watch.dead()
+                        dead_at = time.monotonic()
+                    if dead and time.monotonic() > dead_at + NODE_WAIT:
+                        proc.kill()  # verl waits on the dead node
             reader.join(timeout=5)  # Ray's daemons may hold the pipe open until they are stopped below
     finally:
         stopped = stop_processes(marker, ray_tmp)
@@ -358,6 +375,17 @@ def _supervise(knobs: Knobs, cmd: list[str], run_dir: Path, ray_tmp: str | None,
         return 128 + signalled[0][0]
     if log_errors:
         print(f"warning: train.log is incomplete: writing it failed ({log_errors[0]})", file=err)
+    if status != 0 and watch and not dead:
+        dead = watch.dead()
+    if status != 0 and dead:
+        partial = incomplete_steps(run_dir)
+        steps = [s for s in checkpoint_steps(run_dir) if run_dir / "checkpoints" / f"global_step_{s}" not in partial]
+        print(f"error: node {', '.join(dead)} of the Ray cluster at RAY_ADDRESS='{env['RAY_ADDRESS']}' died during "
+              f"the run (its raylet is gone) and the run stopped after {minutes:.1f} min; rerun the same command "
+              f"when the cluster has its {knobs['NNODES']} nodes again to resume from "
+              f"{f'global_step_{steps[-1]}' if steps else 'step 0 (no checkpoint: SAVE_FREQ)'}; see "
+              f"{run_dir / 'train.log'}", file=err)
+        return status if status > 0 else 1
     if status != 0:
         from isreshape_verl.launch.diagnose import failure_line
 
