@@ -13,12 +13,17 @@ through Ray's object store instead:
 The holder is a named, detached Ray actor (one per Ray job): detached because the workers that create
 and read it come and go (a non-detached holder owned by a finished call was collected while a rollout
 worker still waited on it). It keeps only the newest version, so its memory is one copy of the model.
-Fine for the small models CPU mode is for; clusters use verl's NCCL/NIXL engines.
+Being detached, it would outlive its job on a cluster that outlives the run (recipes/cluster/local_ray.sh, a
+shared Ray cluster): so it watches its job in the GCS and, once the job's driver is gone (the run ended, failed
+or was killed), kills itself by its name, which names the job. Fine for the small models CPU mode is for;
+clusters use verl's NCCL/NIXL engines.
 """
 
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 from typing import Any, Optional
 
 import ray
@@ -28,16 +33,35 @@ from verl.checkpoint_engine.base import CheckpointEngine, CheckpointEngineRegist
 from verl.workers.rollout.utils import ensure_async_iterator
 
 BACKEND = "isreshape_ray"
+HOLDER_PREFIX = "isreshape_weight_holder_"
+"""The holder's name is this plus its Ray job's id."""
+JOB_POLL_S = 1.0
+"""Seconds between the holder's looks at whether its job has ended."""
 
 
 class WeightHolder:
     """Ray actor: the newest weights, by version; readers wait for the version they were told to expect."""
 
-    def __init__(self):
+    def __init__(self, job: str):
         self.version: Any = None
         self.state: Optional[dict] = None
         self.serial = 0  # counts puts, for calls without a version
         self.changed = asyncio.Event()
+        threading.Thread(target=self._end_with_job, args=(job,), daemon=True).start()
+
+    def _end_with_job(self, job: str) -> None:
+        """Kill this holder (by its name, which only its job's holder has) once `job` is dead in the GCS."""
+        namespace = ray.get_runtime_context().namespace
+        gcs = ray._private.worker.global_worker.gcs_client
+        while True:
+            time.sleep(JOB_POLL_S)
+            try:
+                jobs = gcs.get_all_job_info(skip_submission_job_info_field=True, skip_is_running_tasks_field=True)
+            except Exception:  # the GCS busy or restarting: look again
+                continue
+            if any(info.job_id.hex() == job and info.is_dead for info in jobs.values()):
+                ray.kill(ray.get_actor(HOLDER_PREFIX + job, namespace=namespace), no_restart=True)
+                return
 
     async def put(self, version: Any, state: dict) -> int:
         self.version, self.state = version, state
@@ -54,9 +78,9 @@ class WeightHolder:
 
 
 def _holder():
-    name = f"isreshape_weight_holder_{ray.get_runtime_context().get_job_id()}"
-    return ray.remote(WeightHolder).options(name=name, lifetime="detached", get_if_exists=True, num_cpus=0,
-                                            max_concurrency=64).remote()
+    job = ray.get_runtime_context().get_job_id()
+    return ray.remote(WeightHolder).options(name=HOLDER_PREFIX + job, lifetime="detached", get_if_exists=True,
+                                            num_cpus=0, max_concurrency=64).remote(job)
 
 
 @CheckpointEngineRegistry.register(BACKEND)
