@@ -360,10 +360,10 @@ def test_cluster_launchers_dry_run(recipe_check, tmp_path):
 
     version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
     assert runtime_env["working_dir"] == str(REPO)
-    assert runtime_env["py_modules"] == [f"{REPO}/dist/isreshape_verl-{version}-py3-none-any.whl"]
+    assert runtime_env["py_modules"] == [f"{REPO}/dist/job/isreshape_verl-{version}-py3-none-any.whl"]  # no deps
     entry = args[args.index("--") + 1:]
     assert entry[0] == "env" and "NNODES=2" in entry and "COMPARE_DIR=/shared/exp" in entry and "ASYNC=colocate" in entry
-    assert entry[-2:] == ["bash", "recipes/gsm8k/compare.sh"]
+    assert entry[-5:-3] == ["bash", "-c"] and entry[-2:] == ["ray-job", "recipes/gsm8k/compare.sh"]  # run from /
     assert len(_commands(proc.stdout)) == 3
     proc = _bash("recipes/cluster/ray_job.sh", "recipes/gsm8k/grpo.sh", env={"RUN_ROOT": "runs"}, check=False)
     assert proc.returncode == 2 and "must be an absolute path" in proc.stderr

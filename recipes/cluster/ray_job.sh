@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Submit a recipe to an existing Ray cluster with `ray job submit`. The job's runtime env
 # uploads this repository as the working dir and installs this package on every node (a
-# wheel built here, passed as a py_modules .whl), and the recipe runs on the head node.
+# wheel built here without its dependencies, passed as a py_modules .whl: the cluster
+# runs its own Ray and verl), and the recipe runs on the head node.
 #
 #   RAY_ADDRESS=http://HEAD:8265 NNODES=2 RUN_ROOT=/shared/runs DATA_DIR=/shared/data/gsm8k \
 #       bash recipes/cluster/ray_job.sh recipes/gsm8k/compare.sh [hydra overrides]
@@ -51,10 +52,14 @@ entry=(env)
 for var in "${KNOBS[@]}"; do
     [[ -n ${!var:-} ]] && entry+=("$var=${!var}")
 done
-entry+=(bash "$RECIPE" "$@")
+# the recipe runs from / (its path in the job's copy of this repository made absolute): started in the job's
+# working dir, verl died at once with "Intel oneMKL FATAL ERROR: Cannot load .../torch/lib/libtorch_cpu.so"
+# (Ray 2.60, measured on the local two-node cluster; the cause was not found), from / it trains
+# shellcheck disable=SC2016  # expanded in the job
+entry+=(bash -c 'recipe=$PWD/$1; shift; cd / && exec bash "$recipe" "$@"' ray-job "$RECIPE" "$@")
 
 version=$(sed -n 's/^version = "\(.*\)"/\1/p' "$REPO/pyproject.toml")
-wheel="dist/isreshape_verl-$version-py3-none-any.whl"
+wheel="dist/job/isreshape_verl-$version-py3-none-any.whl"  # cluster.py job-wheel: Ray would pip-install its deps
 runtime_env=$(printf '{"working_dir": "%s", "py_modules": ["%s"], "excludes": [".git", "runs", "dist/*.tar.gz", "*.parquet"]}' \
     "$REPO" "$REPO/$wheel")
 submit=(ray job submit --address "$RAY_ADDRESS" --runtime-env-json "$runtime_env")
@@ -63,12 +68,13 @@ submit+=(-- "${entry[@]}")
 
 if [[ $DRY_RUN == 1 ]]; then
     echo "# DRY_RUN=1 ray job: $NNODES node(s) at $RAY_ADDRESS"
-    echo "(cd $REPO && python3 -m pip wheel --no-deps -w dist .)"
+    echo "(cd $REPO && python3 -m pip wheel --no-deps -w dist . && python3 -m isreshape_verl.launch.cluster job-wheel ${wheel/job\//} dist/job)"
     printf '%q ' "${submit[@]}"
     printf '\n'
     exec bash "$RECIPE" "$@"
 fi
 
-(cd "$REPO" && python3 -m pip wheel --no-deps --quiet -w dist .)
+(cd "$REPO" && python3 -m pip wheel --no-deps --quiet -w dist . &&
+    "${PYTHON:-python3}" -m isreshape_verl.launch.cluster job-wheel "${wheel/job\//}" dist/job >/dev/null)
 [[ -f $REPO/$wheel ]] || { echo "error: building $wheel failed" >&2; exit 1; }
 "${submit[@]}"
