@@ -42,13 +42,13 @@ PINS = [  # (shim, upstream file under verl/, line, text the line holds)
     (patches.alias_vllm_distribution, "third_party/vllm/__init__.py", 31, "package_version = get_version(package_name)"),
     (patches.alias_vllm_distribution, "workers/rollout/vllm_rollout/__init__.py", 28,
      "vllm_package_version = get_version(vllm_package_name)"),
-    (replay_buffer.FastPollReplayBuffer, "trainer/ppo/v1/replay_buffer.py", 144, "poll_interval: float = 2.0,"),
-    (replay_buffer.FastPollReplayBuffer, "trainer/ppo/v1/replay_buffer.py", 409, "time.sleep(self.poll_interval)"),
-    (replay_buffer.FastPollReplayBuffer, "trainer/ppo/v1/trainer_base.py", 155, "replay_buffer_kwargs = dict("),
-    (replay_buffer.FastPollReplayBuffer, "trainer/ppo/v1/trainer_base.py", 153,
+    (replay_buffer.fast_poll_classes, "trainer/ppo/v1/replay_buffer.py", 144, "poll_interval: float = 2.0,"),
+    (replay_buffer.fast_poll_classes, "trainer/ppo/v1/replay_buffer.py", 409, "time.sleep(self.poll_interval)"),
+    (replay_buffer.fast_poll_classes, "trainer/ppo/v1/trainer_base.py", 155, "replay_buffer_kwargs = dict("),
+    (replay_buffer.fast_poll_classes, "trainer/ppo/v1/trainer_base.py", 153,
      'sampler_cls = ReplayBuffer if self.trainer_mode == "sync" else ReplayBufferAsync'),
-    (replay_buffer.FastPollReplayBuffer, "trainer/ppo/v1/trainer_base.py", 165, "if not has_custom_sampler:"),
-    (replay_buffer.FastPollReplayBuffer, "trainer/ppo/v1/trainer_separate_async.py", 299,
+    (replay_buffer.fast_poll_classes, "trainer/ppo/v1/trainer_base.py", 165, "if not has_custom_sampler:"),
+    (replay_buffer.fast_poll_classes, "trainer/ppo/v1/trainer_separate_async.py", 299,
      'poll_interval = getattr(self.replay_buffer, "poll_interval", 2.0)'),
     (platform.set_cpu_platform, "workers/engine/base.py", 405, 'if os.getenv("VERL_ENGINE_DEVICE"):'),
     (verl_worker.fsdp1_without_sync_module_states, "workers/engine/fsdp/transformer_impl.py", 29,
@@ -99,12 +99,14 @@ def test_the_fast_polling_buffers_are_verls_with_only_the_interval_changed():
     """verl's own sampler classes, built with the keywords verl passes a custom sampler; only the interval differs."""
     from omegaconf import OmegaConf
     from verl.trainer.ppo.v1.replay_buffer import ReplayBuffer, ReplayBufferAsync
+    from verl.utils.import_utils import load_extern_object
 
     kwargs = dict(trainer_config=OmegaConf.create({}), max_off_policy_threshold=1, max_off_policy_strategy="drop",
                   sampler_kwargs=OmegaConf.create({}), refill_fn=None)
     for fast, upstream, mode in ((replay_buffer.FastPollReplayBuffer, ReplayBuffer, "sync"),
                                  (replay_buffer.FastPollReplayBufferAsync, ReplayBufferAsync, "separate_async")):
         assert fast.__mro__[1] is upstream
+        assert load_extern_object("pkg://isreshape_verl.cpu.replay_buffer", fast.__name__) is fast  # as verl loads it
         ours, theirs = fast(trainer_mode=mode, **kwargs), upstream(trainer_mode=mode, **kwargs)
         assert (ours.poll_interval, theirs.poll_interval) == (0.05, 2.0)
         ours.poll_interval = theirs.poll_interval

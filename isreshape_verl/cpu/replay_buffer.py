@@ -3,19 +3,20 @@
 They plug in through the setting verl exposes, `trainer.v1.sampler.custom_sampler.{path,name}`, which the
 recipes set with DEVICE=cpu (`isreshape_verl.launch.overrides.cpu`): `FastPollReplayBuffer` in `sync` mode,
 `FastPollReplayBufferAsync` in `colocate` and `separate`, the classes verl itself picks in those modes. Why, and
-the upstream lines, in `FastPollReplayBuffer`.
+the upstream lines, in `fast_poll_classes`.
 """
 
 from __future__ import annotations
 
-from verl.trainer.ppo.v1.replay_buffer import ReplayBuffer, ReplayBufferAsync
+import functools
 
 POLL_SECONDS = 0.05
 """Seconds between two looks for finished rollouts."""
 
 
-class FastPollReplayBuffer(ReplayBuffer):
-    """verl's sync-mode replay buffer, polling every `POLL_SECONDS`.
+@functools.cache
+def fast_poll_classes() -> dict[str, type]:
+    """verl's two replay buffers with `poll_interval=POLL_SECONDS`, by name.
 
     Answers `verl/trainer/ppo/v1/replay_buffer.py:144`, `poll_interval: float = 2.0`, which the trainer never
     passes (`verl/trainer/ppo/v1/trainer_base.py:155`, `replay_buffer_kwargs = dict(`), while the buffer sleeps
@@ -25,18 +26,36 @@ class FastPollReplayBuffer(ReplayBuffer):
     twenty a second cost little.
 
     verl picks these classes itself without a custom sampler (`trainer_base.py:153`), and builds a custom one
-    without the group filter (`algorithm.filter_groups`) and `sync_refill_failed_groups` (`trainer_base.py:165`, `if not has_custom_sampler:`):
-    the recipe check refuses those two with a custom sampler (`recipe_check.custom_sampler_settings`). The
-    separate trainer also reads the interval as its idle threshold (`trainer_separate_async.py:299`). Delete
-    both classes when verl exposes the interval in `trainer.v1.sampler`.
+    without the group filter (`algorithm.filter_groups`) and `sync_refill_failed_groups` (`trainer_base.py:165`,
+    `if not has_custom_sampler:`): the recipe check refuses those two with a custom sampler
+    (`recipe_check.custom_sampler_settings`). The separate trainer also reads the interval as its idle threshold
+    (`trainer_separate_async.py:299`). Delete this module when verl exposes the interval in `trainer.v1.sampler`.
+
+    Built on first use, not on import: importing verl's trainer modules picks verl's platform, and importing a
+    part of CPU mode must change nothing (`tests/test_import_boundaries.py`).
     """
+    from verl.trainer.ppo.v1.replay_buffer import ReplayBuffer, ReplayBufferAsync
 
-    def __init__(self, *args, poll_interval: float = POLL_SECONDS, **kwargs):
-        super().__init__(*args, poll_interval=poll_interval, **kwargs)
+    class FastPollReplayBuffer(ReplayBuffer):
+        """verl's sync-mode replay buffer, polling every `POLL_SECONDS`."""
+
+        def __init__(self, *args, poll_interval: float = POLL_SECONDS, **kwargs):
+            super().__init__(*args, poll_interval=poll_interval, **kwargs)
+
+    class FastPollReplayBufferAsync(ReplayBufferAsync):
+        """verl's asynchronous-mode replay buffer, polling every `POLL_SECONDS`."""
+
+        def __init__(self, *args, poll_interval: float = POLL_SECONDS, **kwargs):
+            super().__init__(*args, poll_interval=poll_interval, **kwargs)
+
+    classes = (FastPollReplayBuffer, FastPollReplayBufferAsync)
+    for cls in classes:
+        cls.__module__, cls.__qualname__ = __name__, cls.__name__
+    return {cls.__name__: cls for cls in classes}
 
 
-class FastPollReplayBufferAsync(ReplayBufferAsync):
-    """verl's asynchronous-mode replay buffer, polling every `POLL_SECONDS`."""
-
-    def __init__(self, *args, poll_interval: float = POLL_SECONDS, **kwargs):
-        super().__init__(*args, poll_interval=poll_interval, **kwargs)
+def __getattr__(name: str):
+    """`FastPollReplayBuffer` and `FastPollReplayBufferAsync`, when verl's `load_extern_object` asks for them."""
+    if name in ("FastPollReplayBuffer", "FastPollReplayBufferAsync"):
+        return fast_poll_classes()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
