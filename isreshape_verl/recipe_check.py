@@ -482,9 +482,9 @@ def custom_sampler_settings(c: Launch) -> Iterator[str]:
     ignored = [key for key in ("algorithm.filter_groups.enable", "trainer.v1.sampler.sync_refill_failed_groups")
                if c.get(key)]
     if ignored:
-        yield (f"{' and '.join(f'{key}=True' for key in ignored)} would be ignored: verl builds "
-               f"trainer.v1.sampler.custom_sampler ({c.get('trainer.v1.sampler.custom_sampler.name')}, DEVICE=cpu's "
-               "fast-polling buffer) without them")
+        yield (f"{' and '.join(f'{key}=True' for key in ignored)} would be ignored: verl builds the custom sampler "
+               f"trainer.v1.sampler.custom_sampler.name={c.get('trainer.v1.sampler.custom_sampler.name')} without "
+               "them (DEVICE=cpu sets one: isreshape_verl/cpu/replay_buffer.py)")
 
 
 def off_policy_strategy(c: Launch) -> Iterator[str]:

@@ -219,7 +219,7 @@ def test_a_setting_verl_drops_with_cpu_modes_replay_buffer_is_one_line(tmp_path,
     proc = run("tiny/isreshape.sh", *extra, tmp=tmp_path, DEVICE="cpu", RECIPE_CHECK="1")
     assert error_line(proc) == (
         f"error: the command above does not pass isreshape_verl.recipe_check: {ignored}=True would be ignored: "
-        "verl builds trainer.v1.sampler.custom_sampler (FastPollReplayBuffer, DEVICE=cpu's fast-polling buffer) "
-        "without them")
+        "verl builds the custom sampler trainer.v1.sampler.custom_sampler.name=FastPollReplayBuffer without them "
+        "(DEVICE=cpu sets one: isreshape_verl/cpu/replay_buffer.py)")
     proc = run("gsm8k/isreshape.sh", *extra, tmp=tmp_path, DEVICE="gpu", RECIPE_CHECK="1")  # verl's own buffer
     assert proc.returncode == 0, proc.stderr

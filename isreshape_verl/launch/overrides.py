@@ -26,8 +26,8 @@ CPU_RECIPE_MODEL_SETTINGS = ("actor_rollout_ref.model.use_remove_padding=False",
                              "actor_rollout_ref.model.enable_gradient_checkpointing=True")
 """The recipes' model settings with DEVICE=cpu. Remove-padding packs a micro-batch's answers into one row for
 flash-attn's varlen kernel; a CPU has none, and sdpa then attends over the whole packed row (thousands of
-tokens, quadratic): at the tiny recipe's sizes `timing_s/update_actor` went from 4.6 s to 1.8 s without it,
-computing the same update (`tests/test_verl_worker.py`, case `fixed_no_rmpad`)."""
+tokens, quadratic): at the tiny recipe's sizes `timing_s/update_actor` went from 3.6 s to 1.8 s without it
+(benchmarks/results/verl_cpu_speed), computing the same update (`tests/test_verl_worker.py`, `fixed_no_rmpad`)."""
 ACTOR_LOSS_SETTINGS = (f"{ACTOR}.use_kl_loss=False", f"{ACTOR}.entropy_coeff=0", f"{ACTOR}.calculate_entropy=True")
 """No KL or entropy term: the policy loss alone (the entropy is still computed and logged)."""
 CPU_MODEL_SETTINGS = (
