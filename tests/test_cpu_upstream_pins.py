@@ -95,22 +95,32 @@ def test_the_rollout_adapter_registry_has_the_shape_the_shim_writes():
     assert list(inspect.signature(base.get_rollout_class).parameters) == ["rollout_name", "mode"], where
 
 
-def test_the_fast_polling_buffers_are_verls_with_only_the_interval_changed():
-    """verl's own sampler classes, built with the keywords verl passes a custom sampler; only the interval differs."""
+def test_the_fast_polling_buffers_are_verls_looking_every_poll_seconds(monkeypatch):
+    """verl's own sampler classes, built with the keywords verl passes a custom sampler: the same state, including
+    poll_interval (the trainers' idle threshold); only the sleep between two looks is POLL_SECONDS."""
+    import inspect as inspect_module
+
     from omegaconf import OmegaConf
+    from verl.trainer.ppo.v1 import replay_buffer as upstream_module
     from verl.trainer.ppo.v1.replay_buffer import ReplayBuffer, ReplayBufferAsync
     from verl.utils.import_utils import load_extern_object
 
+    assert list(inspect_module.signature(ReplayBuffer._wait_for_next_poll).parameters) == [
+        "self", "partition_id", "last_debug_time"], "verl's _wait_for_next_poll changed: update replay_buffer.py"
+    slept = []
+    monkeypatch.setattr(upstream_module.time, "sleep", slept.append)
     kwargs = dict(trainer_config=OmegaConf.create({}), max_off_policy_threshold=1, max_off_policy_strategy="drop",
                   sampler_kwargs=OmegaConf.create({}), refill_fn=None)
     for fast, upstream, mode in ((replay_buffer.FastPollReplayBuffer, ReplayBuffer, "sync"),
                                  (replay_buffer.FastPollReplayBufferAsync, ReplayBufferAsync, "separate_async")):
-        assert fast.__mro__[1] is upstream
+        assert issubclass(fast, upstream) and fast.__mro__[2] is upstream
         assert load_extern_object("pkg://isreshape_verl.cpu.replay_buffer", fast.__name__) is fast  # as verl loads it
         ours, theirs = fast(trainer_mode=mode, **kwargs), upstream(trainer_mode=mode, **kwargs)
-        assert (ours.poll_interval, theirs.poll_interval) == (0.05, 2.0)
-        ours.poll_interval = theirs.poll_interval
-        assert vars(ours).keys() == vars(theirs).keys()
+        assert vars(ours) == vars(theirs) and ours.poll_interval == 2.0
+        slept.clear()
+        ours._wait_for_next_poll("train", last_debug_time=1e18)
+        theirs._wait_for_next_poll("train", last_debug_time=1e18)
+        assert slept == [0.05, 2.0] and ours.poll_interval == 2.0
 
 
 def test_verl_still_looks_up_the_process_group_function_this_way():

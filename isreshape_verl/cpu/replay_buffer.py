@@ -16,7 +16,7 @@ POLL_SECONDS = 0.05
 
 @functools.cache
 def fast_poll_classes() -> dict[str, type]:
-    """verl's two replay buffers with `poll_interval=POLL_SECONDS`, by name.
+    """verl's two replay buffers, looking for finished rollouts every `POLL_SECONDS`, by name.
 
     Answers `verl/trainer/ppo/v1/replay_buffer.py:144`, `poll_interval: float = 2.0`, which the trainer never
     passes (`verl/trainer/ppo/v1/trainer_base.py:155`, `replay_buffer_kwargs = dict(`), while the buffer sleeps
@@ -25,28 +25,37 @@ def fast_poll_classes() -> dict[str, type]:
     step's `timing_s/gen` read 6.03 or 8.05 s. A look is one metadata call to TransferQueue's controller, so
     twenty a second cost little.
 
+    Only the sleep shortens: `poll_interval` keeps verl's 2 s, because the colocate and separate trainers also
+    read it as their idle threshold (`trainer_separate_async.py:299`), which steers how long the rollout runs
+    before the trainer takes over; with 0.05 s every wait counted as idle and `colocate` trained on fresh
+    rollouts only (`tests/test_verl_cpu_recipes.py`, async modes).
+
     verl picks these classes itself without a custom sampler (`trainer_base.py:153`), and builds a custom one
     without the group filter (`algorithm.filter_groups`) and `sync_refill_failed_groups` (`trainer_base.py:165`,
     `if not has_custom_sampler:`): the recipe check refuses those two with a custom sampler
-    (`recipe_check.custom_sampler_settings`). The separate trainer also reads the interval as its idle threshold
-    (`trainer_separate_async.py:299`). Delete this module when verl exposes the interval in `trainer.v1.sampler`.
+    (`recipe_check.custom_sampler_settings`). Delete this module when verl exposes the interval in
+    `trainer.v1.sampler`.
 
     Built on first use, not on import: importing verl's trainer modules picks verl's platform, and importing a
     part of CPU mode must change nothing (`tests/test_import_boundaries.py`).
     """
     from verl.trainer.ppo.v1.replay_buffer import ReplayBuffer, ReplayBufferAsync
 
-    class FastPollReplayBuffer(ReplayBuffer):
-        """verl's sync-mode replay buffer, polling every `POLL_SECONDS`."""
+    class LooksEveryPollSeconds:
+        def _wait_for_next_poll(self, partition_id: str, last_debug_time: float) -> float:
+            """verl's wait between two looks (`time.sleep(self.poll_interval)`, its debug line), POLL_SECONDS long;
+            `poll_interval` keeps its value for the trainers' idle threshold."""
+            idle_threshold, self.poll_interval = self.poll_interval, POLL_SECONDS
+            try:
+                return super()._wait_for_next_poll(partition_id, last_debug_time)
+            finally:
+                self.poll_interval = idle_threshold
 
-        def __init__(self, *args, poll_interval: float = POLL_SECONDS, **kwargs):
-            super().__init__(*args, poll_interval=poll_interval, **kwargs)
+    class FastPollReplayBuffer(LooksEveryPollSeconds, ReplayBuffer):
+        """verl's sync-mode replay buffer, looking every `POLL_SECONDS`."""
 
-    class FastPollReplayBufferAsync(ReplayBufferAsync):
-        """verl's asynchronous-mode replay buffer, polling every `POLL_SECONDS`."""
-
-        def __init__(self, *args, poll_interval: float = POLL_SECONDS, **kwargs):
-            super().__init__(*args, poll_interval=poll_interval, **kwargs)
+    class FastPollReplayBufferAsync(LooksEveryPollSeconds, ReplayBufferAsync):
+        """verl's asynchronous-mode replay buffer, looking every `POLL_SECONDS`."""
 
     classes = (FastPollReplayBuffer, FastPollReplayBufferAsync)
     for cls in classes:
