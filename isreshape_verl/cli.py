@@ -11,6 +11,8 @@ SUBCOMMANDS = {
     "compare": ("isreshape_verl.sandbox.cli", "CPU sandbox: real RLVR with policy lag, GRPO vs SAPO vs IS Reshape"),
     "lab": ("isreshape_verl.lab.cli", "estimator lab: exact-gradient bias, variance and ESS of each loss under lag"),
     "plot-runs": ("isreshape_verl.plot_runs", "plot and tabulate verl file-logger runs side by side"),
+    "report-runs": ("isreshape_verl.verl_report", "a folder of verl runs (compare.sh: arms x SEEDS) as the sandbox's "
+                    "report.md: intervals over seeds, paired Δ, collapse flags"),
 }
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -29,6 +30,23 @@ REPORT_FILES = (REPORT_MD, SUMMARY_JSON, ACCURACY_PNG, RATIOS_PNG, G_CURVES_PNG)
 ACC_THRESHOLD_GAIN = 0.05  # "steps to threshold": first evaluation ≥ start accuracy + 5 points
 G_CURVE_R_MAX = 5.0  # g_curves.png's r axis: past the dual clip at r = 3 (clip_ratio_c), so its effect shows
 COLLAPSE_DROP = 0.10  # collapse: final accuracy ≥ 10 points below the start, or non-finite metrics
+FINITE_KEYS = ("loss", "entropy", "grad_norm", "ppo_kl", "reward")  # a non-finite one in any step: collapsed
+
+
+@dataclass(frozen=True)
+class Words:
+    """What the tables call their rows and groups: the sandbox compares losses at lags (the default);
+    `isreshape-verl report-runs` compares arms in settings of verl's trainer (isreshape_verl/verl_report.py)."""
+
+    loss: str = "loss"
+    lag: str = "lag"
+    paired_by: str = "same prompts, sampling seed and warm start"
+    """What two runs of the same seed share, so that it cancels in a paired Δ."""
+    more_seeds: str = "`--seeds 0 1 2` or `--preset full`"
+    """How to get intervals."""
+
+
+SANDBOX = Words()
 
 
 def _fmt(x, digits=3):
@@ -53,7 +71,7 @@ def summarize_run(rows: list[dict]) -> dict:
     lags = [r["lag"] for r in train]
     # g/ESS/quantiles are NaN legitimately when every group has equal rewards (no token has A ≠ 0)
     finite = all(isinstance(r[k], (int, float)) and math.isfinite(r[k])  # null in the file = not finite
-                 for r in train for k in ("loss", "entropy", "grad_norm", "ppo_kl", "reward"))
+                 for r in train for k in FINITE_KEYS if k in r)  # a metric a trainer does not log: not a collapse
 
     def mean(key):
         values = [r[key] for r in train if isinstance(r.get(key), float) and math.isfinite(r[key])]
@@ -74,7 +92,7 @@ def summarize_run(rows: list[dict]) -> dict:
         "ess": mean("ess"),
         "g_mean": mean("g_mean"),
         "ratio_absdev": mean("ratio_absdev"),
-        "entropy_final": train[-1]["entropy"] if train else float("nan"),
+        "entropy_final": train[-1].get("entropy", float("nan")) if train else float("nan"),
         "gen_tokens_per_s": mean("gen_tokens_per_s"),
         "time_gen": mean("time_gen"),
         "time_logprob": mean("time_logprob"),
@@ -117,8 +135,8 @@ def table_rows(runs: list[dict]) -> list[dict]:
     return out
 
 
-def markdown_table(rows: list[dict]) -> str:
-    head = ("| loss | lag | seeds | start acc | final acc (± sd) | best acc | reached +5 pts (median step) "
+def markdown_table(rows: list[dict], words: Words = SANDBOX) -> str:
+    head = (f"| {words.loss} | {words.lag} | seeds | start acc | final acc (± sd) | best acc | reached +5 pts (median step) "
             "| collapsed | final reward (EMA) | measured lag (mean) | ESS |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
@@ -149,10 +167,10 @@ def _interval(ci, n: int, signed=False) -> str:
     return f"**{text}**" if signed and excludes_zero(ci) else text
 
 
-def verdict_table(runs: list[dict], reference: str) -> str:
+def verdict_table(runs: list[dict], reference: str, words: Words = SANDBOX) -> str:
     """Markdown: mean [95 % bootstrap interval over seeds] per (loss, lag), paired Δ to the reference; the mean
     alone, saying so, for fewer than MIN_SEEDS seeds."""
-    head = ("| loss | lag | seeds | final acc | best acc | AUC (mean acc) | Δ final vs ref. | Δ AUC vs ref. "
+    head = (f"| {words.loss} | {words.lag} | seeds | final acc | best acc | AUC (mean acc) | Δ final vs ref. | Δ AUC vs ref. "
             "| collapsed |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in sorted(verdict_rows(runs, reference), key=lambda r: (_lag_key(r["lag"]), )):
@@ -165,19 +183,19 @@ def verdict_table(runs: list[dict], reference: str) -> str:
     return "\n".join(lines)
 
 
-def verdict_intro(runs: list[dict], reference: str) -> str:
+def verdict_intro(runs: list[dict], reference: str, words: Words = SANDBOX) -> str:
     """The paragraph above the verdict table: what its numbers are, and what its brackets and bold mean, or, with
     fewer than MIN_SEEDS seeds, in words why there are none (a one-seed table must not look like a finding)."""
     rows = verdict_rows(runs, reference)
     counts = [r["seeds"] for r in rows] + [r["paired"] for r in rows if r["paired"]]  # 0: no Δ in that row
-    text = ("AUC: mean test accuracy over the run (trapezoid over the evaluations). Δ: paired by seed (same prompts, "
-            f"sampling seed and warm start), loss − `{reference}` at the same lag. ")
+    text = ("AUC: mean test accuracy over the run (trapezoid over the evaluations). Δ: paired by seed "
+            f"({words.paired_by}), {words.loss} − `{reference}` at the same {words.lag}. ")
     if counts and max(counts) < MIN_SEEDS:
         few = _seeds(max(counts)) if min(counts) == max(counts) else f"{min(counts)} to {max(counts)} seeds"
-        return text + (f"{few} per loss and lag: no interval, and no difference is marked. An "
+        return text + (f"{few} per {words.loss} and {words.lag}: no interval, and no difference is marked. An "
                        f"interval needs at least {MIN_SEEDS} seeds (from 1 seed a bootstrap interval is the value "
                        "itself, from 2 the range of the two), so every number here is one measurement; "
-                       "`--seeds 0 1 2` or `--preset full` gives intervals.")
+                       f"{words.more_seeds} gives intervals.")
     text += ("Mean over seeds [95 % percentile-bootstrap interval over seeds]; **bold**: a Δ whose interval "
              "excludes 0. With 3 seeds an interval is coarse (10 distinct resamples).")
     if counts and min(counts) < MIN_SEEDS:
@@ -185,9 +203,9 @@ def verdict_intro(runs: list[dict], reference: str) -> str:
     return text
 
 
-def diagnostics_table(runs: list[dict]) -> str:
+def diagnostics_table(runs: list[dict], words: Words = SANDBOX) -> str:
     """Markdown: mean over steps and seeds of ppo_kl, ESS and ratio quantiles per (loss, lag)."""
-    head = "| loss | lag | ppo_kl | ESS | ratio p01 | ratio p99 | mean \\|r − 1\\| |"
+    head = f"| {words.loss} | {words.lag} | ppo_kl | ESS | ratio p01 | ratio p99 | mean \\|r − 1\\| |"
     lines = [head, "|---|---|---|---|---|---|---|"]
     for (loss, lag), members in sorted(group_runs(runs).items(), key=lambda kv: _lag_key(kv[0][1])):
         s = [m["summary"] for m in members]
@@ -256,7 +274,8 @@ def save_figure(fig, path: str) -> None:
         plt.close(fig)
 
 
-def plot_accuracy(runs: list[dict], path: str) -> None:
+def plot_accuracy(runs: list[dict], path: str, panel: str = "lag {}") -> None:
+    """Test accuracy (and the reward's EMA, dashed) against step, one panel per lag (`panel`: its title)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -281,7 +300,7 @@ def plot_accuracy(runs: list[dict], path: str) -> None:
             if rsteps:
                 ra = np.array([[dict(c)[s] for s in rsteps] for c in rew])
                 ax.plot(rsteps, ra.mean(0), color=colors[loss], lw=1, ls="--", alpha=0.8)
-        ax.set_title(f"lag {lag}")
+        ax.set_title(panel.format(lag))
         ax.set_xlabel("RL step")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("greedy test accuracy (solid)\nsampled train reward, EMA (dashed)")
