@@ -322,3 +322,71 @@ def test_step_summary_reads_verls_console_line():
     assert step_summary("(WorkerDict pid=3) loading weights", "60") is None
     # verl's console logger prints numpy scalars by their repr (pprint.pformat)
     assert step_summary("step:0 - val-core/tiny/acc/mean@1:np.float64(0.0)", "") == "step 0/?  val acc 0"
+
+
+# ---- compare.sh with SEEDS and arms ----
+def test_compare_runs_every_arm_per_seed_resumes_and_reports(fake, capsys):
+    """SEEDS and LOSS:CORRECTION arms: one run per arm and seed in COMPARE_DIR/<arm>-seed<S>/, seed by seed; a rerun
+    skips the finished runs with one line each and runs what is left; report-runs reads the folder."""
+    folder = Path(fake["RUN_ROOT"]) / "study"
+    env = {**fake, "COMPARE_DIR": str(folder), "SEEDS": "0 1", "LOSSES": "grpo grpo:decoupled_token_is"}
+    proc = launch("tiny/compare.sh", env)
+    assert proc.returncode == 0, proc.stderr
+    runs = ["grpo-seed0", "grpo-decoupled_token_is-seed0", "grpo-seed1", "grpo-decoupled_token_is-seed1"]
+    assert proc.stdout.splitlines()[0] == (f"# comparison of: grpo grpo:decoupled_token_is x seeds 0 1 (4 runs, "
+                                           f"<arm>-seed<S>/) -> {folder}")
+    assert [line.split()[3] for line in proc.stdout.splitlines() if line.startswith("# run dir:")] == [
+        f"{folder}/{run}" for run in runs]
+    for run in runs:
+        knobs = json.loads((folder / run / "launch.json").read_text())["knobs"]
+        assert knobs["SEED"] == run[-1] and knobs.get("ROLLOUT_CORRECTION") == (
+            "decoupled_token_is" if "decoupled" in run else None)
+        assert f"data.seed={run[-1]}" in (folder / run / "command.sh").read_text()
+    # a rerun: everything finished, nothing runs
+    again = launch("tiny/compare.sh", env)
+    assert again.returncode == 0 and "# run dir:" not in again.stdout
+    assert [line for line in again.stdout.splitlines() if line.startswith("# skipped")] == [
+        f"# skipped {run}: finished (2 steps logged) in {folder}/{run}" for run in runs]
+    # one run stopped after step 1: the rerun runs it alone
+    metrics = folder / "grpo-seed1" / "metrics.jsonl"
+    metrics.write_text(metrics.read_text().splitlines(keepends=True)[0])
+    (folder / "grpo-seed1" / "finished.json").unlink()
+    third = launch("tiny/compare.sh", env)
+    assert third.returncode == 0, third.stderr
+    assert [line.split()[3] for line in third.stdout.splitlines() if line.startswith("# run dir:")] == [
+        f"{folder}/grpo-seed1"]
+    assert third.stdout.count("# skipped") == 3
+    from isreshape_verl.verl_report import main
+
+    assert main([str(folder)]) == 0
+    verdict = json.loads((folder / "summary.json").read_text())["verdict"]
+    assert [(r["loss"], r["seeds"], r["final_acc"][0]) for r in verdict] == [
+        ("grpo", 2, 0.25), ("grpo:decoupled_token_is", 2, 0.25)]
+    assert "2 seeds per arm and setting: no interval" in (folder / "report.md").read_text()
+
+
+@pytest.mark.parametrize("knobs, expected", [
+    ({"LOSSES": "grpo grpo:nope"}, "LOSSES='grpo grpo:nope' is not allowed: 'grpo:nope' names no rollout correction "
+     "after 'grpo:' (LOSS:CORRECTION takes bypass, decoupled_token_is, decoupled_seq_is, decoupled_token_icepop, "
+     "decoupled_seq_is_rs, decoupled_geo_rs, decoupled_geo_rs_seq_tis, decoupled_geo_rs_token_tis, decoupled_k3_rs, "
+     "decoupled_k3_rs_seq_tis, decoupled_k3_rs_token_tis)"),
+    ({"LOSSES": "gpro:decoupled_token_is"}, "LOSSES='gpro:decoupled_token_is' is not allowed: no recipe "
+     "recipes/tiny/gpro.sh (grpo, sapo, isreshape; an entry is LOSS or LOSS:CORRECTION)"),
+    ({"LOSSES": "grpo grpo:bypass"}, "LOSSES='grpo grpo:bypass' is not allowed: 'grpo' and 'grpo:bypass' are the same "
+     "run (grpo with ROLLOUT_CORRECTION=bypass)"),
+    ({"SEEDS": "0 one"}, "SEEDS='0 one' is not allowed; it must be whole numbers >= 0 separated by spaces, e.g. "
+     "'0 1 2'"),
+    ({"SEEDS": "1 1"}, "SEEDS='1 1' is not allowed: it names a seed twice"),
+    ({"SEEDS": "0 1", "SEED": "7"}, "SEED='7' and SEEDS='0 1' are both set; SEEDS gives each run its SEED: unset one"),
+])
+def test_a_bad_arm_or_seed_list_is_one_line(fake, knobs, expected):
+    proc = launch("tiny/compare.sh", {**fake, "COMPARE_DIR": str(Path(fake["RUN_ROOT"]) / "bad"), **knobs})
+    assert proc.returncode == 2
+    assert one_error_line(proc) == f"error: {expected}"
+    assert not (Path(fake["RUN_ROOT"]) / "bad").exists()
+
+
+def test_seeds_belong_to_compare_only(fake):
+    proc = launch("tiny/grpo.sh", {**fake, "SEEDS": "0 1"})
+    assert proc.returncode == 2
+    assert one_error_line(proc) == "error: SEEDS='0 1' only applies to compare.sh, not to grpo.sh; set SEED, or unset it"

@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import TextIO
 
 from isreshape_verl.launch import overrides
-from isreshape_verl.launch.knobs import (DATASETS, IS_KNOBS, KNOBS, LOSSES, KnobError, Knobs, check_environment,
-                                         check_is_knobs, loss_knobs, resolve)
+from isreshape_verl.launch.knobs import (DATASETS, IS_KNOBS, KNOBS, LOSSES, ROLLOUT_CORRECTIONS, KnobError, Knobs,
+                                         check_environment, check_is_knobs, loss_knobs, resolve)
 from isreshape_verl.launch.run import check_model_dir, launch, shell_command
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
@@ -38,10 +38,14 @@ def recipe_usage(dataset: str, loss: str | None) -> str:
     if loss is None:
         lines += textwrap.wrap(
             f"Runs recipes/{dataset}/{{grpo,sapo,isreshape}}.sh one after another with the same seed and settings; "
-            "each writes COMPARE_DIR/<loss>/ (metrics.jsonl, tensorboard/, train.log, command.sh). A failed run is "
-            "reported and the next one still runs; Ctrl-C stops the comparison (exit 130) and says which runs "
-            "finished. Every run's knobs are checked before the first one starts. Then: isreshape-verl plot-runs "
-            "COMPARE_DIR/* --out COMPARE_DIR/plots", 110)
+            "each writes COMPARE_DIR/<loss>/ (metrics.jsonl, tensorboard/, train.log, command.sh). LOSSES entries "
+            "may name an arm LOSS:CORRECTION (grpo:decoupled_token_is: that run's ROLLOUT_CORRECTION, in "
+            "COMPARE_DIR/grpo-decoupled_token_is/); SEEDS='0 1 2' runs every arm once per seed, seed by seed, in "
+            "COMPARE_DIR/<arm>-seed<S>/. A failed run is reported and the next one still runs; Ctrl-C stops the "
+            "comparison (exit 130) and says which runs finished; rerunning the same command skips the finished runs "
+            "and resumes the others from their checkpoints (SAVE_FREQ; without one a run starts over). Every run's knobs are checked before the first one starts. Then: "
+            "isreshape-verl report-runs COMPARE_DIR (report.md: intervals over seeds, paired deltas), "
+            "isreshape-verl plot-runs COMPARE_DIR/* --out COMPARE_DIR/plots", 110)
     else:
         lines += textwrap.wrap(
             "Runs verl 0.9.1 (python -m verl.trainer.main_ppo) with this recipe's settings; extra arguments are "
@@ -164,53 +168,134 @@ def run_recipe(dataset: str, loss: str, extra: list[str], env: Mapping[str, str]
     return launch(knobs, cmd, run_dir, ray_tmp, extra, env, out, err)
 
 
-# ---- compare: the losses in sequence, same knobs, one folder ----
+# ---- compare: the arms in sequence, same knobs, one folder ----
 def loss_env(env: Mapping[str, str], loss: str, **knobs: str) -> dict[str, str]:
-    """`env` without the knobs of the other losses (IS_WIDTH reaches isreshape only), plus `knobs`."""
-    others = {name for other in LOSSES if other != loss for name in loss_knobs(other)}
+    """`env` without the knobs of the other losses (IS_WIDTH reaches isreshape only) and without SEEDS (compare.sh's
+    own: each run gets its SEED), plus `knobs`."""
+    others = {name for other in LOSSES if other != loss for name in loss_knobs(other)} | {"SEEDS"}
     return {**{k: v for k, v in env.items() if k not in others}, **knobs}
 
 
+def compare_arms(env: Mapping[str, str], dataset: str) -> list[tuple[str, str, str | None]]:
+    """LOSSES as (arm, loss, rollout correction or None): an entry is LOSS (the run takes ROLLOUT_CORRECTION from
+    the environment, unset: bypass) or LOSS:CORRECTION (this run's ROLLOUT_CORRECTION), so that one comparison holds
+    the same loss with and without a decoupled correction. Two entries that run the same thing are refused."""
+    text = env.get("LOSSES") or KNOBS["LOSSES"].default
+    arms, seen = [], {}
+    for arm in text.split():
+        loss, colon, correction = arm.partition(":")
+        if loss not in LOSSES:
+            raise KnobError(f"LOSSES='{text}' is not allowed: no recipe recipes/{dataset}/{loss}.sh "
+                            f"({', '.join(LOSSES)}; an entry is LOSS or LOSS:CORRECTION)")
+        if colon and correction not in ROLLOUT_CORRECTIONS:
+            raise KnobError(f"LOSSES='{text}' is not allowed: '{arm}' names no rollout correction after '{loss}:' "
+                            f"(LOSS:CORRECTION takes {', '.join(ROLLOUT_CORRECTIONS)})")
+        effective = (loss, correction if colon else (env.get("ROLLOUT_CORRECTION") or "bypass"))
+        if effective in seen:
+            raise KnobError(f"LOSSES='{text}' is not allowed: '{seen[effective]}' and '{arm}' are the same run "
+                            f"({effective[0]} with ROLLOUT_CORRECTION={effective[1]})")
+        seen[effective] = arm
+        arms.append((arm, loss, correction if colon else None))
+    return arms
+
+
+def compare_seeds(env: Mapping[str, str]) -> list[str] | None:
+    """SEEDS as a list of SEED values, or None when unset (one run per arm, the SEED knob's)."""
+    text = env.get("SEEDS", "")
+    if not text.strip():
+        return None
+    seeds = text.split()
+    for seed in seeds:
+        try:
+            KNOBS["SEED"].parse("SEED", seed)
+        except KnobError:
+            raise KnobError(f"SEEDS='{text}' is not allowed; it must be whole numbers >= 0 separated by spaces, "
+                            "e.g. '0 1 2'") from None
+    if len(set(seeds)) < len(seeds):
+        raise KnobError(f"SEEDS='{text}' is not allowed: it names a seed twice")
+    if env.get("SEED"):
+        raise KnobError(f"SEED='{env['SEED']}' and SEEDS='{text}' are both set; SEEDS gives each run its SEED: "
+                        "unset one")
+    return seeds
+
+
+def compare_runs(dataset: str, env: Mapping[str, str], folder: str) -> list[tuple[str, str, dict[str, str]]]:
+    """(label, loss, run environment) of every run of the comparison, in the order they run. Without SEEDS each arm
+    is one run in COMPARE_DIR/<arm>/; with SEEDS each seed is one run of every arm, COMPARE_DIR/<arm>-seed<S>/, seed
+    by seed (an interrupted comparison has whole seeds to pair). <arm> is the LOSSES entry with ':' as '-'
+    (grpo-decoupled_token_is). The label is the run folder's name, also its EXP_NAME (verl's experiment name, in
+    wandb too), so that every run of a comparison has its own; one level of run folders, as plot-runs reads them."""
+    arms, seeds = compare_arms(env, dataset), compare_seeds(env)
+    runs = []
+    for seed in seeds or [None]:
+        for arm, loss, correction in arms:
+            name = arm.replace(":", "-")
+            knobs = {} if correction is None else {"ROLLOUT_CORRECTION": correction}
+            if seed is None:
+                runs.append((name, loss, loss_env(env, loss, RUN_ROOT=folder, EXP_NAME=name, **knobs)))
+            else:
+                label = f"{name}-seed{seed}"
+                runs.append((label, loss, loss_env(env, loss, RUN_ROOT=folder, EXP_NAME=label, SEED=seed, **knobs)))
+    return runs
+
+
 def run_compare(dataset: str, extra: list[str], env: Mapping[str, str], out: TextIO, err: TextIO) -> int:
+    from isreshape_verl import verl_runs
+    from isreshape_verl.launch.run import _settings
+
     if dataset not in DATASETS:
         raise KnobError(f"unknown dataset '{dataset}' (allowed: {', '.join(DATASETS)})")
     check_environment(env, None)
     folder = env.get("COMPARE_DIR") or f"runs/{dataset}-compare-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
-    losses = (env.get("LOSSES") or KNOBS["LOSSES"].default).split()
-    for loss in losses:
-        if loss not in LOSSES:
-            raise KnobError(f"LOSSES='{env.get('LOSSES')}' is not allowed: no recipe recipes/{dataset}/{loss}.sh "
-                            f"({', '.join(LOSSES)})")
+    runs = compare_runs(dataset, env, folder)
     dry = env.get("DRY_RUN") == "1"
-    runs = {loss: loss_env(env, loss, RUN_ROOT=folder, EXP_NAME=loss) for loss in losses}
     # every run's knobs first, and before a real launch every run's config check too: a bad one stops the
     # comparison before anything starts (a dry run checks each config below anyway)
-    for loss, run_env in runs.items():
-        knobs, cmd, _, _ = prepare(dataset, loss, extra, run_env, err)
-        if not dry and knobs["RECIPE_CHECK"] == "1":
-            config_check(knobs, cmd, f"{loss}: the config does not pass isreshape_verl.recipe_check")
-    print(f"# comparison of: {' '.join(losses)} -> {folder}", file=out)
+    done, prepared = {}, {}
+    for label, loss, run_env in runs:
+        knobs, cmd, run_dir, _ = prepare(dataset, loss, extra, run_env, err)
+        prepared[label] = (knobs, run_dir)
+        steps = verl_runs.finished(run_dir, _settings(knobs, extra), knobs["STEPS"], knobs["EPOCHS"])
+        if steps is not None:  # rerunning the comparison continues it: what is done stays done
+            done[label] = steps
+        elif not dry and knobs["RECIPE_CHECK"] == "1":
+            config_check(knobs, cmd, f"{label}: the config does not pass isreshape_verl.recipe_check")
+    arms = " ".join(arm for arm, _, _ in compare_arms(env, dataset))
+    seeds = compare_seeds(env)
+    print(f"# comparison of: {arms}" + (f" x seeds {' '.join(seeds)} ({len(runs)} runs, <arm>-seed<S>/)" if seeds
+                                        else "") + f" -> {folder}", file=out)
+    labels = [label for label, _, _ in runs]
     finished, failed = [], []
-    for i, (loss, run_env) in enumerate(runs.items()):
+    for i, (label, loss, run_env) in enumerate(runs):
+        knobs, run_dir = prepared[label]
+        if label in done:
+            print(f"# skipped {label}: finished ({done[label]} steps logged) in {run_dir}", file=out)
+            finished.append(label)
+            continue
+        if not dry:  # a mark of an earlier launch must not outlive it
+            (run_dir / verl_runs.FINISHED).unlink(missing_ok=True)
         try:
             status = run_recipe(dataset, loss, extra, run_env, out, err)
         except KnobError as exc:
-            print(f"error: {loss}: {exc}", file=err)
+            print(f"error: {label}: {exc}", file=err)
             status = 2
         if status in (130, 143):
-            left = [f"finished: {' '.join(finished) or 'none'}", f"stopped: {loss}"]
+            left = [f"finished: {' '.join(finished) or 'none'}", f"stopped: {label}"]
             if failed:
                 left.insert(1, f"failed: {' '.join(failed)}")
-            if losses[i + 1:]:
-                left.append(f"not started: {' '.join(losses[i + 1:])}")
+            if labels[i + 1:]:
+                left.append(f"not started: {' '.join(labels[i + 1:])}")
             print(f"interrupted: the comparison stopped ({'; '.join(left)}); runs are in {folder}", file=err)
             return status
         if status:
-            print(f"warning: the {loss} run failed; continuing with the next loss", file=err)
-            failed.append(loss)
+            print(f"warning: the {label} run failed; continuing with the next run", file=err)
+            failed.append(label)
         else:
-            finished.append(loss)
+            finished.append(label)
+            if not dry:
+                verl_runs.mark_finished(run_dir, knobs["STEPS"], knobs["EPOCHS"])
     print(f"# plot with: isreshape-verl plot-runs {folder}/* --out {folder}/plots", file=out)
+    print(f"# report with: isreshape-verl report-runs {folder}", file=out)
     if failed:
         print(f"error: failed runs: {' '.join(failed)}", file=err)
         return 1

@@ -159,7 +159,11 @@ def _knobs() -> list[Knob]:
           flag, "1"),
         k("PYTHON", "script", "interpreter", default="python3"),
         k("COMPARE_DIR", "compare.sh", "experiment folder of compare.sh (runs/<dataset>-compare-<UTC date-time>)"),
-        k("LOSSES", "compare.sh", "which losses compare.sh runs, in order", default="grpo sapo isreshape"),
+        k("LOSSES", "compare.sh", "the arms compare.sh runs, in order: LOSS (grpo, sapo, isreshape) or "
+          "LOSS:CORRECTION, that run's ROLLOUT_CORRECTION (grpo grpo:decoupled_token_is isreshape)",
+          default="grpo sapo isreshape"),
+        k("SEEDS", "compare.sh", "compare.sh: one run per arm per seed, COMPARE_DIR/<arm>-seed<S>/, seed by seed, "
+          "e.g. '0 1 2' (unset: one run per arm, COMPARE_DIR/<arm>/, with SEED)"),
         k("CLIP_RATIO", "loss-specific", "GRPO PPO-clip epsilon", number(lambda x: 0 < x < 1, "in (0, 1), e.g. 0.2"),
           "0.2", loss="grpo"),
         k("SAPO_TAU_POS", "loss-specific", "SAPO temperature of positive advantages",
@@ -231,6 +235,8 @@ def check_environment(env: Mapping[str, str], loss: str | None) -> None:
             raise KnobError(f"{name} is not a recipe knob (known: {same}); unset it, a misspelt knob would be ignored")
     if loss is None:
         return
+    if env.get("SEEDS"):
+        raise KnobError(f"SEEDS='{env['SEEDS']}' only applies to compare.sh, not to {loss}.sh; set SEED, or unset it")
     for other in LOSSES:
         for name in loss_knobs(other) if other != loss else ():
             if env.get(name):

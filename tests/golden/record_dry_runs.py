@@ -70,6 +70,8 @@ def cases() -> list[dict]:
                                       "IS_WIDTH": "0.5", "ASYNC": "separate", "NNODES": "2"},
         ["trainer.total_epochs=2"])
     add("recipes/tiny/compare.sh", {"COMPARE_DIR": "/exp/t", "SAPO_TAU_POS": "1.1", "ASYNC": "colocate", "STEPS": "4"})
+    add("recipes/tiny/compare.sh", {"COMPARE_DIR": "/exp/s", "SEEDS": "0 1", "LOSSES": "grpo isreshape:decoupled_token_is",
+                                     "ASYNC": "separate", "STALENESS": "3"})
     add("recipes/cluster/ray_job.sh", {"NNODES": "2", "COMPARE_DIR": "/shared/exp", "ASYNC": "colocate"},
         ["recipes/gsm8k/compare.sh"])
     add("recipes/cluster/ray_job.sh", {"NNODES": "2", "RUN_ROOT": "/shared/runs", "IS_WIDTH": "0.5", "LR": "2e-6"},
