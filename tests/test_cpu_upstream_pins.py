@@ -95,14 +95,14 @@ def test_the_rollout_adapter_registry_has_the_shape_the_shim_writes():
     assert list(inspect.signature(base.get_rollout_class).parameters) == ["rollout_name", "mode"], where
 
 
-def test_the_fast_polling_buffers_are_verls_looking_every_poll_seconds(monkeypatch):
-    """verl's own sampler classes, built with the keywords verl passes a custom sampler: the same state, including
+def test_the_fast_polling_buffer_is_verls_looking_every_poll_seconds(monkeypatch):
+    """verl's own sampler class, built with the keywords verl passes a custom sampler: the same state, including
     poll_interval (the trainers' idle threshold); only the sleep between two looks is POLL_SECONDS."""
     import inspect as inspect_module
 
     from omegaconf import OmegaConf
     from verl.trainer.ppo.v1 import replay_buffer as upstream_module
-    from verl.trainer.ppo.v1.replay_buffer import ReplayBuffer, ReplayBufferAsync
+    from verl.trainer.ppo.v1.replay_buffer import ReplayBuffer
     from verl.utils.import_utils import load_extern_object
 
     assert list(inspect_module.signature(ReplayBuffer._wait_for_next_poll).parameters) == [
@@ -111,8 +111,7 @@ def test_the_fast_polling_buffers_are_verls_looking_every_poll_seconds(monkeypat
     monkeypatch.setattr(upstream_module.time, "sleep", slept.append)
     kwargs = dict(trainer_config=OmegaConf.create({}), max_off_policy_threshold=1, max_off_policy_strategy="drop",
                   sampler_kwargs=OmegaConf.create({}), refill_fn=None)
-    for fast, upstream, mode in ((replay_buffer.FastPollReplayBuffer, ReplayBuffer, "sync"),
-                                 (replay_buffer.FastPollReplayBufferAsync, ReplayBufferAsync, "separate_async")):
+    for fast, upstream, mode in ((replay_buffer.FastPollReplayBuffer, ReplayBuffer, "sync"),):
         assert issubclass(fast, upstream) and fast.__mro__[2] is upstream
         assert load_extern_object("pkg://isreshape_verl.cpu.replay_buffer", fast.__name__) is fast  # as verl loads it
         ours, theirs = fast(trainer_mode=mode, **kwargs), upstream(trainer_mode=mode, **kwargs)

@@ -1,9 +1,8 @@
-"""verl's v1 replay buffers, looking for finished rollouts every 0.05 s instead of every 2 s (CPU mode).
+"""verl's sync-mode replay buffer, looking for finished rollouts every 0.05 s instead of every 2 s (CPU mode).
 
-They plug in through the setting verl exposes, `trainer.v1.sampler.custom_sampler.{path,name}`, which the
-recipes set with DEVICE=cpu (`isreshape_verl.launch.overrides.cpu`): `FastPollReplayBuffer` in `sync` mode,
-`FastPollReplayBufferAsync` in `colocate` and `separate`, the classes verl itself picks in those modes. Why, and
-the upstream lines, in `fast_poll_classes`.
+It plugs in through the setting verl exposes, `trainer.v1.sampler.custom_sampler.{path,name}`, which the
+recipes set with DEVICE=cpu and ASYNC=sync (`isreshape_verl.launch.overrides.cpu`). Why, and the upstream lines,
+in `fast_poll_classes`.
 """
 
 from __future__ import annotations
@@ -16,7 +15,7 @@ POLL_SECONDS = 0.05
 
 @functools.cache
 def fast_poll_classes() -> dict[str, type]:
-    """verl's two replay buffers, looking for finished rollouts every `POLL_SECONDS`, by name.
+    """verl's sync-mode replay buffer, looking for finished rollouts every `POLL_SECONDS`, by name.
 
     Answers `verl/trainer/ppo/v1/replay_buffer.py:144`, `poll_interval: float = 2.0`, which the trainer never
     passes (`verl/trainer/ppo/v1/trainer_base.py:155`, `replay_buffer_kwargs = dict(`), while the buffer sleeps
@@ -25,12 +24,12 @@ def fast_poll_classes() -> dict[str, type]:
     step's `timing_s/gen` read 6.03 or 8.05 s. A look is one metadata call to TransferQueue's controller, so
     twenty a second cost little.
 
-    Only the sleep shortens: `poll_interval` keeps verl's 2 s, because the colocate and separate trainers also
-    read it as their idle threshold (`trainer_separate_async.py:299`), which steers how long the rollout runs
-    before the trainer takes over; with 0.05 s every wait counted as idle and `colocate` trained on fresh
-    rollouts only (`tests/test_verl_cpu_recipes.py`, async modes).
+    Only the sleep shortens, and only in `sync` mode. `poll_interval` keeps verl's 2 s: the colocate and separate
+    trainers read it as their idle threshold (`trainer_separate_async.py:299`). And the asynchronous modes keep
+    verl's own buffer: there the waits are part of the schedule that makes the lag, and with 0.05 s looks
+    `colocate` trained on fresh rollouts only at the end-to-end test's sizes (`tests/test_verl_cpu_recipes.py`).
 
-    verl picks these classes itself without a custom sampler (`trainer_base.py:153`), and builds a custom one
+    verl picks `ReplayBuffer` itself in sync mode without a custom sampler (`trainer_base.py:153`), and builds a custom one
     without the group filter (`algorithm.filter_groups`) and `sync_refill_failed_groups` (`trainer_base.py:165`,
     `if not has_custom_sampler:`): the recipe check refuses those two with a custom sampler
     (`recipe_check.custom_sampler_settings`). Delete this module when verl exposes the interval in
@@ -39,7 +38,7 @@ def fast_poll_classes() -> dict[str, type]:
     Built on first use, not on import: importing verl's trainer modules picks verl's platform, and importing a
     part of CPU mode must change nothing (`tests/test_import_boundaries.py`).
     """
-    from verl.trainer.ppo.v1.replay_buffer import ReplayBuffer, ReplayBufferAsync
+    from verl.trainer.ppo.v1.replay_buffer import ReplayBuffer
 
     class LooksEveryPollSeconds:
         def _wait_for_next_poll(self, partition_id: str, last_debug_time: float) -> float:
@@ -54,17 +53,14 @@ def fast_poll_classes() -> dict[str, type]:
     class FastPollReplayBuffer(LooksEveryPollSeconds, ReplayBuffer):
         """verl's sync-mode replay buffer, looking every `POLL_SECONDS`."""
 
-    class FastPollReplayBufferAsync(LooksEveryPollSeconds, ReplayBufferAsync):
-        """verl's asynchronous-mode replay buffer, looking every `POLL_SECONDS`."""
-
-    classes = (FastPollReplayBuffer, FastPollReplayBufferAsync)
+    classes = (FastPollReplayBuffer,)
     for cls in classes:
         cls.__module__, cls.__qualname__ = __name__, cls.__name__
     return {cls.__name__: cls for cls in classes}
 
 
 def __getattr__(name: str):
-    """`FastPollReplayBuffer` and `FastPollReplayBufferAsync`, when verl's `load_extern_object` asks for them."""
-    if name in ("FastPollReplayBuffer", "FastPollReplayBufferAsync"):
+    """`FastPollReplayBuffer`, when verl's `load_extern_object` asks for it."""
+    if name == "FastPollReplayBuffer":
         return fast_poll_classes()[name]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

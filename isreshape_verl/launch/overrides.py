@@ -198,11 +198,10 @@ def cpu(k: Knobs, run_dir: str, ray_tmp: str) -> list[str]:
         "reward.num_workers=1",
         "transfer_queue.backend.SimpleStorage.num_data_storage_units=1",
         "data.dataloader_num_workers=0",
-        # verl's buffer looks for finished rollouts every 2 s; a CPU step is a few seconds (cpu/replay_buffer.py)
-        "trainer.v1.sampler.custom_sampler.path=pkg://isreshape_verl.cpu.replay_buffer",
-        "trainer.v1.sampler.custom_sampler.name="
-        + ("FastPollReplayBuffer" if k["ASYNC"] == "sync" else "FastPollReplayBufferAsync"),
     ]
+    if k["ASYNC"] == "sync":  # verl's buffer looks for finished rollouts every 2 s (cpu/replay_buffer.py)
+        settings += ["trainer.v1.sampler.custom_sampler.path=pkg://isreshape_verl.cpu.replay_buffer",
+                     "trainer.v1.sampler.custom_sampler.name=FastPollReplayBuffer"]
     if k.separate:
         settings.append(f"{ROLLOUT}.checkpoint_engine.custom_backend_module=isreshape_verl.cpu.weight_sync")
     ray = [f"{ENV_VARS}.VERL_USE_EXTERNAL_MODULES={CPU_MODULE}", f"hydra.run.dir={run_dir}/hydra"]
