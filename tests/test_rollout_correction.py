@@ -241,3 +241,21 @@ def test_compare_runs_a_grpo_tis_decoupled_arm_on_the_smoke_preset(tmp_path):
     bypass = [json.loads(line) for line in (out / "runs" / runs[0] / "metrics.jsonl").read_text().splitlines()]
     assert "rc_is_mean" not in bypass[1]
     assert f"`{arm}`" in (out / "report.md").read_text()
+
+
+def test_rollout_dtype_sets_the_rollouts_dtype_and_unset_keeps_todays_command():
+    """ROLLOUT_DTYPE: unset keeps float32 on CPU (no new override on GPUs); bfloat16 reaches rollout.dtype once."""
+    status, cpu_unset, _ = dry_run("isreshape", {})
+    assert status == 0 and overrides_of(cpu_unset).count("actor_rollout_ref.rollout.dtype=float32") == 1
+    status, cpu_bf16, _ = dry_run("isreshape", {"ROLLOUT_DTYPE": "bfloat16"})
+    assert status == 0
+    assert [o for o in overrides_of(cpu_bf16) if o not in overrides_of(cpu_unset)] == [
+        "actor_rollout_ref.rollout.dtype=bfloat16"]
+    status, gpu_unset, _ = dry_run("grpo", {}, dataset="gsm8k")
+    assert status == 0 and not [o for o in overrides_of(gpu_unset) if o.startswith("actor_rollout_ref.rollout.dtype")]
+    status, gpu_bf16, _ = dry_run("grpo", {"ROLLOUT_DTYPE": "bfloat16"}, dataset="gsm8k")
+    assert status == 0
+    assert [o for o in overrides_of(gpu_bf16) if o not in overrides_of(gpu_unset)] == [
+        "actor_rollout_ref.rollout.dtype=bfloat16"]
+    status, _, stderr = dry_run("isreshape", {"ROLLOUT_DTYPE": "fp16"})
+    assert (status, stderr.strip()) == (2, "error: ROLLOUT_DTYPE='fp16' is not allowed (float32, bfloat16)")

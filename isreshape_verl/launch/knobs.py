@@ -26,6 +26,9 @@ LOSSES = ("grpo", "sapo", "isreshape")
 IS_RESHAPE_KEYS = tuple(ISReshapeParams.__dataclass_fields__)
 ASYNC_MODES = {"sync": "sync", "colocate": "colocate_async", "separate": "separate_async"}
 """ASYNC -> verl's trainer.v1.trainer_mode."""
+ROLLOUT_DTYPES = ("float32", "bfloat16")
+"""ROLLOUT_DTYPE's values; unset = float32 with DEVICE=cpu (left out of `values`, so runs made before the knob
+resume), verl's rollout default on GPUs."""
 ROLLOUT_CORRECTIONS = CORRECTIONS
 """ROLLOUT_CORRECTION's values: `bypass`, or a verl decoupled preset (isreshape_verl.rollout_correction)."""
 
@@ -136,6 +139,10 @@ def _knobs() -> list[Knob]:
         k("ROLLOUT_CORRECTION", "policy lag", "bypass (unset: r = π_θ/μ, no weights) | a verl decoupled preset: "
           "π_old recomputed, r = π_θ/π_old, verl's IS weights/rejection on π_old/μ ("
           + ", ".join(ROLLOUT_CORRECTIONS[1:]) + ")", one_of(*ROLLOUT_CORRECTIONS)),
+        k("ROLLOUT_DTYPE", "device", "rollout weights' dtype: float32 | bfloat16. cpu: float32 when unset (the "
+          "trainer's, so μ = π_θ at staleness 0); bfloat16 samples against the fp32 trainer, the engine mismatch "
+          "rollout correction is for (ROLLOUT=hf). gpu: unset keeps verl's rollout default",
+          one_of(*ROLLOUT_DTYPES)),
         k("ROLLOUT_NODES", "policy lag", "separate, NNODES > 1: nodes given to the standalone rollout (NNODES/2)",
           whole(1, "nodes given to the rollout")),
         k("ROLLOUT_GPUS", "policy lag", "separate, NNODES = 1: GPUs of the node given to the rollout "
@@ -318,7 +325,7 @@ def resolve(dataset: str, loss: str, env: Mapping[str, str]) -> Knobs:
     order = ("DEVICE", "NNODES", "GPUS_PER_NODE", "TRAIN_BATCH", "MINI_BATCH", "MICRO_BATCH", "ROLLOUT_N",
              "ROLLOUT_TP", "EPOCHS", "MAX_PROMPT_LEN", "MAX_RESPONSE_LEN", "SEED", "TEST_FREQ", "SAVE_FREQ", "STEPS",
              "LR", "TEMPERATURE", "GPU_MEM_UTIL", "CLIP_RATIO", "SAPO_TAU_POS", "SAPO_TAU_NEG", "WANDB", "VERBOSE",
-             "DRY_RUN", "RECIPE_CHECK", "ASYNC", "ROLLOUT_CORRECTION", "EXP_NAME")
+             "DRY_RUN", "RECIPE_CHECK", "ASYNC", "ROLLOUT_CORRECTION", "ROLLOUT_DTYPE", "EXP_NAME")
     for name in order:  # the bash recipes' order of checks: the first bad value is the one reported
         if values.get(name):
             KNOBS[name].parse(name, values[name])

@@ -64,6 +64,7 @@ def base(k: Knobs) -> list[str]:
         f"{ACTOR}.loss_agg_mode={k['LOSS_AGG_MODE']}",
         f"{ACTOR}.data_loader_seed={seed}",
         f"{ROLLOUT}.name={rollout_name(k)}",
+        *([f"{ROLLOUT}.dtype={k.values['ROLLOUT_DTYPE']}"] if k.values.get("ROLLOUT_DTYPE") and not k.cpu else []),
         f"{ROLLOUT}.n={k['ROLLOUT_N']}",
         f"{ROLLOUT}.temperature={k['TEMPERATURE']}",
         f"{ROLLOUT}.top_p=1.0",  # untruncated sampling: the rollout's log-probs are those of π (recipe_check)
@@ -192,7 +193,7 @@ def cpu(k: Knobs, run_dir: str, ray_tmp: str) -> list[str]:
     settings = [
         f"{ACTOR}.strategy=fsdp2",  # FSDP1's weight export builds the device string "cpu:cpu"
         *CPU_MODEL_SETTINGS,
-        f"{ROLLOUT}.dtype=float32",
+        f"{ROLLOUT}.dtype={k.values.get('ROLLOUT_DTYPE') or 'float32'}",
         f"{ROLLOUT}.free_cache_engine=False",
         f"{ROLLOUT}.agent.num_workers=1",
         "reward.num_workers=1",
