@@ -339,12 +339,14 @@ def test_sbatch_nodes_differing_from_nnodes_is_one_line(slurm, data, tmp_path):
 
 def test_sbatch_two_nodes_trains_scancel_stops_it_everywhere_and_a_resubmit_resumes(slurm, ray_cluster, data,
                                                                                    tmp_path):
-    """The issue's command, with SAVE_FREQ=1: it trains step 1; scancel during step 2 leaves no process of the job on
-    either node (its steps, Ray's, the run's); the same command again resumes from global_step_1, trains step 2 and
-    ends with every process of the job gone. The test's local Ray cluster runs beside it on the same host and must
-    survive both clean-ups (no `ray stop`)."""
+    """The issue's command, with SAVE_FREQ=1 and 3 steps: it trains step 1; scancel a second into step 2 leaves no
+    process of the job on either node (its steps, Ray's, the run's); the same command again resumes from the last
+    checkpoint (global_step_1, or global_step_2 when step 2 finished before the cancel landed: a race the test
+    accepts), trains to step 3 and ends with every process of the job gone. The test's local Ray cluster runs beside
+    it on the same host and must survive both clean-ups (no `ray stop`)."""
     beside = len(processes_of(ray_cluster["folder"]))
-    knobs = dict(DEVICE="cpu", RUN_ROOT=str(tmp_path / "runs"), DATA_DIR=str(data), **SMALL, SAVE_FREQ="1")
+    knobs = dict(DEVICE="cpu", RUN_ROOT=str(tmp_path / "runs"), DATA_DIR=str(data), **{**SMALL, "STEPS": "3"},
+                 SAVE_FREQ="1")
     env = recipe_env(SLURM_CONF=slurm["SLURM_CONF"])
     proc = subprocess.Popen(_sbatch_command(tmp_path, "--nodes=2", RAY_PORT=_free_port(), **knobs), cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
@@ -373,11 +375,14 @@ def test_sbatch_two_nodes_trains_scancel_stops_it_everywhere_and_a_resubmit_resu
     again, job, out = _sbatch(slurm, tmp_path, "--nodes=2", RAY_PORT=_free_port(), **knobs)
     wall = time.monotonic() - started
     assert again.returncode == 0, again.stderr[-2000:] + out[-4000:]
-    assert "# Ray cluster ready: 2 node(s)" in out and "checkpoints up to global_step_2" in out, out[-4000:]
-    rows = metrics_by_step(tmp_path / "runs" / "tiny-isreshape-sync")
-    assert sorted(rows) == [1, 2] and "actor/ppo_kl" not in rows[1] and "actor/ppo_kl" in rows[2]
-    print(f"sbatch job {job} (the resubmit): {wall:.0f} s from submit to end; step 2 took "
-          f"{rows[2]['timing_s/step']:.2f} s")
+    assert "# Ray cluster ready: 2 node(s)" in out and "checkpoints up to global_step_3" in out, out[-4000:]
+    rows = metrics_by_step(tmp_path / "runs" / "tiny-isreshape-sync")  # the resubmit's rows only (file rotated)
+    resumed_from = min(rows)  # its validation before training is logged at the step it resumed from
+    assert resumed_from in (1, 2) and sorted(rows) == list(range(resumed_from, 4)), sorted(rows)
+    assert "actor/ppo_kl" not in rows[resumed_from]
+    assert all("actor/ppo_kl" in rows[step] for step in range(resumed_from + 1, 4))
+    print(f"sbatch job {job} (the resubmit): resumed from global_step_{resumed_from}, {wall:.0f} s from submit to "
+          f"end; step 3 took {rows[3]['timing_s/step']:.2f} s")
     assert _processes_of_job(job) == [], "processes of the job left behind"
     assert not Path(f"/tmp/isrv-ray-{job}").exists()
     assert processes_of_run(tmp_path / "runs") == []
