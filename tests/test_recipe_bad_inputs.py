@@ -99,7 +99,8 @@ BASH_ROWS = [
     ("train-batch-typo", "gsm8k/grpo.sh", {"TRAIN_BATCHES": "64"},
      "error: TRAIN_BATCHES is not a recipe knob (known: TRAIN_BATCH); unset it, a misspelt knob would be ignored"),
     ("rollout-typo", "gsm8k/grpo.sh", {"ROLLOUT_NUM": "4"},
-     "ROLLOUT_NUM is not a recipe knob (known: ROLLOUT_N ROLLOUT_TP ROLLOUT_CORRECTION ROLLOUT_NODES ROLLOUT_GPUS)"),
+     "ROLLOUT_NUM is not a recipe knob (known: ROLLOUT_N ROLLOUT_TP ROLLOUT_CORRECTION ROLLOUT_DTYPE ROLLOUT_NODES "
+     "ROLLOUT_GPUS)"),
     ("sapo-typo", "gsm8k/sapo.sh", {"SAPO_TAU": "1"}, "SAPO_TAU is not a recipe knob (known: SAPO_TAU_POS SAPO_TAU_NEG)"),
     ("recipe-check-typo", "gsm8k/grpo.sh", {"RECIPE_CHEK": "0"}, "RECIPE_CHEK is not a recipe knob (known: RECIPE_CHECK)"),
     ("compare-is-knob-typo", "gsm8k/compare.sh", {"IS_WIDHT": "0.5"}, "IS_WIDHT is not an IS Reshape knob"),
