@@ -29,9 +29,9 @@ def fast_poll_classes() -> dict[str, type]:
     verl's own buffer: there the waits are part of the schedule that makes the lag, and with 0.05 s looks
     `colocate` trained on fresh rollouts only at the end-to-end test's sizes (`tests/test_verl_cpu_recipes.py`).
 
-    verl picks `ReplayBuffer` itself in sync mode without a custom sampler (`trainer_base.py:153`), and builds a custom one
-    without the group filter (`algorithm.filter_groups`) and `sync_refill_failed_groups` (`trainer_base.py:165`,
-    `if not has_custom_sampler:`): the recipe check refuses those two with a custom sampler
+    verl picks `ReplayBuffer` itself in sync mode without a custom sampler (`trainer_base.py:153`), and builds a
+    custom one without the group filter (`algorithm.filter_groups`) and `sync_refill_failed_groups`
+    (`trainer_base.py:165`, `if not has_custom_sampler:`): the recipe check refuses those two with a custom sampler
     (`recipe_check.custom_sampler_settings`). Delete this module when verl exposes the interval in
     `trainer.v1.sampler`.
 
