@@ -42,13 +42,13 @@ PINS = [  # (shim, upstream file under verl/, line, text the line holds)
     (patches.alias_vllm_distribution, "third_party/vllm/__init__.py", 31, "package_version = get_version(package_name)"),
     (patches.alias_vllm_distribution, "workers/rollout/vllm_rollout/__init__.py", 28,
      "vllm_package_version = get_version(vllm_package_name)"),
-    (replay_buffer.fast_poll_classes, "trainer/ppo/v1/replay_buffer.py", 144, "poll_interval: float = 2.0,"),
-    (replay_buffer.fast_poll_classes, "trainer/ppo/v1/replay_buffer.py", 409, "time.sleep(self.poll_interval)"),
-    (replay_buffer.fast_poll_classes, "trainer/ppo/v1/trainer_base.py", 155, "replay_buffer_kwargs = dict("),
-    (replay_buffer.fast_poll_classes, "trainer/ppo/v1/trainer_base.py", 153,
+    (replay_buffer.fast_poll_buffer, "trainer/ppo/v1/replay_buffer.py", 144, "poll_interval: float = 2.0,"),
+    (replay_buffer.fast_poll_buffer, "trainer/ppo/v1/replay_buffer.py", 409, "time.sleep(self.poll_interval)"),
+    (replay_buffer.fast_poll_buffer, "trainer/ppo/v1/trainer_base.py", 155, "replay_buffer_kwargs = dict("),
+    (replay_buffer.fast_poll_buffer, "trainer/ppo/v1/trainer_base.py", 153,
      'sampler_cls = ReplayBuffer if self.trainer_mode == "sync" else ReplayBufferAsync'),
-    (replay_buffer.fast_poll_classes, "trainer/ppo/v1/trainer_base.py", 165, "if not has_custom_sampler:"),
-    (replay_buffer.fast_poll_classes, "trainer/ppo/v1/trainer_separate_async.py", 299,
+    (replay_buffer.fast_poll_buffer, "trainer/ppo/v1/trainer_base.py", 165, "if not has_custom_sampler:"),
+    (replay_buffer.fast_poll_buffer, "trainer/ppo/v1/trainer_separate_async.py", 299,
      'poll_interval = getattr(self.replay_buffer, "poll_interval", 2.0)'),
     (platform.set_cpu_platform, "workers/engine/base.py", 405, 'if os.getenv("VERL_ENGINE_DEVICE"):'),
     (verl_worker.fsdp1_without_sync_module_states, "workers/engine/fsdp/transformer_impl.py", 29,
@@ -96,30 +96,26 @@ def test_the_rollout_adapter_registry_has_the_shape_the_shim_writes():
 
 
 def test_the_fast_polling_buffer_is_verls_looking_every_poll_seconds(monkeypatch):
-    """verl's own sampler class, built with the keywords verl passes a custom sampler: the same state, including
-    poll_interval (the trainers' idle threshold); only the sleep between two looks is POLL_SECONDS."""
-    import inspect as inspect_module
-
+    """verl's own sync sampler, built with the keywords verl passes a custom sampler: the same state but the
+    interval, and its wait between two looks is POLL_SECONDS."""
     from omegaconf import OmegaConf
     from verl.trainer.ppo.v1 import replay_buffer as upstream_module
     from verl.trainer.ppo.v1.replay_buffer import ReplayBuffer
     from verl.utils.import_utils import load_extern_object
 
-    assert list(inspect_module.signature(ReplayBuffer._wait_for_next_poll).parameters) == [
-        "self", "partition_id", "last_debug_time"], "verl's _wait_for_next_poll changed: update replay_buffer.py"
+    fast = replay_buffer.FastPollReplayBuffer
+    assert fast.__mro__[1] is ReplayBuffer
+    assert load_extern_object("pkg://isreshape_verl.cpu.replay_buffer", "FastPollReplayBuffer") is fast  # as verl does
+    kwargs = dict(trainer_mode="sync", trainer_config=OmegaConf.create({}), max_off_policy_threshold=1,
+                  max_off_policy_strategy="drop", sampler_kwargs=OmegaConf.create({}), refill_fn=None)
+    ours, theirs = fast(**kwargs), ReplayBuffer(**kwargs)
+    assert (ours.poll_interval, theirs.poll_interval) == (0.05, 2.0)
+    assert {k: v for k, v in vars(ours).items() if k != "poll_interval"} == \
+        {k: v for k, v in vars(theirs).items() if k != "poll_interval"}
     slept = []
     monkeypatch.setattr(upstream_module.time, "sleep", slept.append)
-    kwargs = dict(trainer_config=OmegaConf.create({}), max_off_policy_threshold=1, max_off_policy_strategy="drop",
-                  sampler_kwargs=OmegaConf.create({}), refill_fn=None)
-    for fast, upstream, mode in ((replay_buffer.FastPollReplayBuffer, ReplayBuffer, "sync"),):
-        assert issubclass(fast, upstream) and fast.__mro__[2] is upstream
-        assert load_extern_object("pkg://isreshape_verl.cpu.replay_buffer", fast.__name__) is fast  # as verl loads it
-        ours, theirs = fast(trainer_mode=mode, **kwargs), upstream(trainer_mode=mode, **kwargs)
-        assert vars(ours) == vars(theirs) and ours.poll_interval == 2.0
-        slept.clear()
-        ours._wait_for_next_poll("train", last_debug_time=1e18)
-        theirs._wait_for_next_poll("train", last_debug_time=1e18)
-        assert slept == [0.05, 2.0] and ours.poll_interval == 2.0
+    ours._wait_for_next_poll("train", last_debug_time=1e18)
+    assert slept == [0.05]
 
 
 def test_verl_still_looks_up_the_process_group_function_this_way():

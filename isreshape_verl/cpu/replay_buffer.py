@@ -2,7 +2,7 @@
 
 It plugs in through the setting verl exposes, `trainer.v1.sampler.custom_sampler.{path,name}`, which the
 recipes set with DEVICE=cpu and ASYNC=sync (`isreshape_verl.launch.overrides.cpu`). Why, and the upstream lines,
-in `fast_poll_classes`.
+in `fast_poll_buffer`.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ POLL_SECONDS = 0.05
 
 
 @functools.cache
-def fast_poll_classes() -> dict[str, type]:
-    """verl's sync-mode replay buffer, looking for finished rollouts every `POLL_SECONDS`, by name.
+def fast_poll_buffer() -> type:
+    """verl's sync-mode `ReplayBuffer`, built with `poll_interval=POLL_SECONDS`.
 
     Answers `verl/trainer/ppo/v1/replay_buffer.py:144`, `poll_interval: float = 2.0`, which the trainer never
     passes (`verl/trainer/ppo/v1/trainer_base.py:155`, `replay_buffer_kwargs = dict(`), while the buffer sleeps
@@ -24,10 +24,10 @@ def fast_poll_classes() -> dict[str, type]:
     step's `timing_s/gen` read 6.03 or 8.05 s. A look is one metadata call to TransferQueue's controller, so
     twenty a second cost little.
 
-    Only the sleep shortens, and only in `sync` mode. `poll_interval` keeps verl's 2 s: the colocate and separate
-    trainers read it as their idle threshold (`trainer_separate_async.py:299`). And the asynchronous modes keep
-    verl's own buffer: there the waits are part of the schedule that makes the lag, and with 0.05 s looks
-    `colocate` trained on fresh rollouts only at the end-to-end test's sizes (`tests/test_verl_cpu_recipes.py`).
+    Sync mode only: the asynchronous modes keep verl's own buffer. There the waits are part of the schedule that
+    makes the lag (their trainers also read `poll_interval` as an idle threshold, `trainer_separate_async.py:299`),
+    and with 0.05 s looks `colocate` trained on fresh rollouts only at the end-to-end test's sizes
+    (`tests/test_verl_cpu_recipes.py`).
 
     verl picks `ReplayBuffer` itself in sync mode without a custom sampler (`trainer_base.py:153`), and builds a
     custom one without the group filter (`algorithm.filter_groups`) and `sync_refill_failed_groups`
@@ -40,27 +40,18 @@ def fast_poll_classes() -> dict[str, type]:
     """
     from verl.trainer.ppo.v1.replay_buffer import ReplayBuffer
 
-    class LooksEveryPollSeconds:
-        def _wait_for_next_poll(self, partition_id: str, last_debug_time: float) -> float:
-            """verl's wait between two looks (`time.sleep(self.poll_interval)`, its debug line), POLL_SECONDS long;
-            `poll_interval` keeps its value for the trainers' idle threshold."""
-            idle_threshold, self.poll_interval = self.poll_interval, POLL_SECONDS
-            try:
-                return super()._wait_for_next_poll(partition_id, last_debug_time)
-            finally:
-                self.poll_interval = idle_threshold
-
-    class FastPollReplayBuffer(LooksEveryPollSeconds, ReplayBuffer):
+    class FastPollReplayBuffer(ReplayBuffer):
         """verl's sync-mode replay buffer, looking every `POLL_SECONDS`."""
 
-    classes = (FastPollReplayBuffer,)
-    for cls in classes:
-        cls.__module__, cls.__qualname__ = __name__, cls.__name__
-    return {cls.__name__: cls for cls in classes}
+        def __init__(self, *args, poll_interval: float = POLL_SECONDS, **kwargs):
+            super().__init__(*args, poll_interval=poll_interval, **kwargs)
+
+    FastPollReplayBuffer.__module__, FastPollReplayBuffer.__qualname__ = __name__, "FastPollReplayBuffer"
+    return FastPollReplayBuffer
 
 
 def __getattr__(name: str):
     """`FastPollReplayBuffer`, when verl's `load_extern_object` asks for it."""
     if name == "FastPollReplayBuffer":
-        return fast_poll_classes()[name]
+        return fast_poll_buffer()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
