@@ -16,6 +16,7 @@
 #   bash benchmarks/correction_study.sh                     # runs/correction_study/{fp32,bf16}/
 #   bash benchmarks/correction_study.sh --resume            # continue; finished runs are kept
 #   bash benchmarks/correction_study.sh --resume --seeds 0 1 2   # report on the seeds finished so far
+#   bash benchmarks/correction_study.sh --resume --lags 16       # one lag at a time (the last flag wins)
 #
 # The committed copy of the reports is benchmarks/results/correction_study/.
 set -euo pipefail

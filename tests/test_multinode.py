@@ -131,17 +131,25 @@ def sync_run(ray_cluster, data, tmp_path_factory):
 
 @pytest.mark.parametrize("mode", ["sync", "separate"])
 def test_a_recipe_trains_on_two_ray_nodes_one_rank_each(ray_cluster, data, tmp_path, mode, request):
-    """sync: FSDP world size 2, one rank per node (gloo across nodes). separate: the trainer on one node, the rollout
-    on the other, weights crossing nodes through the CPU weight sync (isreshape_ray), whose holder, a detached
-    actor named after the run's Ray job, is gone when the run is (the cluster outlives it)."""
+    """sync (the recipe run here, joining the cluster): FSDP world size 2, one rank per node (gloo across nodes).
+    separate (submitted with recipes/cluster/ray_job.sh through Ray's job API: the repository as the job's working
+    dir, the package as a wheel without its dependencies, the knobs set here forwarded; the recipe runs on the
+    head): the trainer on one node, the rollout on the other, weights crossing nodes through the CPU weight sync
+    (isreshape_ray), whose holder, a detached actor named after the run's Ray job, is gone when the run is (the
+    cluster outlives it)."""
     from isreshape_verl.cpu.weight_sync import HOLDER_PREFIX
     from isreshape_verl.launch.cluster import placement
 
+    started = time.monotonic()
     if mode == "sync":
         proc, tmp_path = request.getfixturevalue("sync_run")
     else:
-        proc = subprocess.run(["bash", "recipes/tiny/isreshape.sh"], cwd=REPO, capture_output=True, text=True,
-                              timeout=900, env=_two_node_env(ray_cluster, data, tmp_path, mode))
+        env = _two_node_env(ray_cluster, data, tmp_path, mode, RAY_ADDRESS=ray_cluster["RAY_DASHBOARD"])
+        proc = subprocess.run(["bash", "recipes/cluster/ray_job.sh", "recipes/tiny/isreshape.sh"], cwd=REPO,
+                              capture_output=True, text=True, timeout=900, env=env)
+        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-3000:]
+        assert "succeeded" in proc.stdout + proc.stderr
+        print(f"ray_job.sh: {time.monotonic() - started:.0f} s from the wheel's build to the job's end")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "2 node(s) of the Ray cluster at" in proc.stdout
     rows = metrics_by_step(tmp_path / mode)
@@ -257,23 +265,6 @@ def test_a_node_killed_in_a_step_ends_the_run_in_one_line_and_a_rerun_resumes(ra
     differ = sorted(k for k in full if rows[2][k] != full[k])
     print(f"after the resume, step 2 differs in: {differ}")
     assert all(k.startswith(tuple(RESUME_DIFFER)) for k in differ), differ
-
-
-def test_ray_job_sh_submits_the_recipe_to_the_two_node_cluster(ray_cluster, data, tmp_path):
-    """Ray's job API: the repository as the job's working dir, the package as a wheel without its dependencies (the
-    cluster runs its own verl), the knobs set here forwarded; the recipe runs on the head and joins the cluster."""
-    env = recipe_env(RAY_ADDRESS=ray_cluster["RAY_DASHBOARD"], RAY_AUTH_MODE="token",
-                     RAY_AUTH_TOKEN_PATH=ray_cluster["RAY_AUTH_TOKEN_PATH"], DEVICE="cpu", NNODES="2",
-                     DATA_DIR=str(data), RUN_ROOT=str(tmp_path), EXP_NAME="rayjob", **SMALL)
-    started = time.monotonic()
-    proc = subprocess.run(["bash", "recipes/cluster/ray_job.sh", "recipes/tiny/isreshape.sh"], cwd=REPO,
-                          capture_output=True, text=True, timeout=600, env=env)
-    wall = time.monotonic() - started
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-3000:]
-    assert "x 2 node(s) of the Ray cluster at " in proc.stdout and "succeeded" in proc.stdout + proc.stderr
-    assert {1, 2} <= set(metrics_by_step(tmp_path / "rayjob"))
-    assert processes_of_run(tmp_path) == []
-    print(f"ray_job.sh: {wall:.0f} s from the wheel's build to the job's end")
 
 
 # ---- SLURM ----

@@ -158,13 +158,14 @@ def run_recipe(dataset: str, loss: str, extra: list[str], env: Mapping[str, str]
     problem = model_problem(knobs["MODEL"], env)
     if problem:
         raise KnobError(problem)
-    if check:
-        config_check(knobs, cmd, "refusing to launch, the config does not pass isreshape_verl.recipe_check "
-                                 "(RECIPE_CHECK=0 skips it)")
     if env.get("RAY_ADDRESS"):  # an existing cluster without the nodes would leave verl waiting forever
         from isreshape_verl.launch.cluster import check_cluster
 
+        # before the config check: seconds, where composing verl's config takes several
         check_cluster(env["RAY_ADDRESS"], int(knobs["NNODES"]), int(knobs["GPUS_PER_NODE"]), env)
+    if check:
+        config_check(knobs, cmd, "refusing to launch, the config does not pass isreshape_verl.recipe_check "
+                                 "(RECIPE_CHECK=0 skips it)")
     return launch(knobs, cmd, run_dir, ray_tmp, extra, env, out, err)
 
 

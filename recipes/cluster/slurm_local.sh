@@ -74,6 +74,9 @@ CredType=cred/munge
 SlurmUser=root
 SlurmdUser=root
 StateSaveLocation=$dir/state
+# job ids from the clock, not from 1: each cluster starts with a fresh state, and a job's /tmp/isrv-ray-JOBID
+# must not meet a folder of an earlier cluster's job of the same id
+FirstJobId=$(( $(date +%s) % 50000000 + 1 ))
 SlurmdSpoolDir=$dir/spool/%n
 SlurmctldPidFile=$dir/slurmctld.pid
 SlurmdPidFile=$dir/slurmd-%n.pid
@@ -89,7 +92,8 @@ JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 SlurmctldTimeout=30
 SlurmdTimeout=30
-KillWait=10
+# SLURM's default: a job step's EXIT trap (stopping its node's Ray, by marker) has time before SIGKILL
+KillWait=30
 $(for ((i = 1; i <= nodes; i++)); do
     echo "NodeName=n$i NodeAddr=127.0.0.$((i + 1)) NodeHostname=localhost Port=$(free_port) CPUs=${CPUS:-2} RealMemory=${MEMORY_MB:-8000} State=UNKNOWN"
 done)
