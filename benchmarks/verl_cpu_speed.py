@@ -29,6 +29,12 @@ timing without its machine means nothing. Do not run it beside the test suite.
 
 Anything after `--` is passed to every recipe run as a trailing Hydra override (to measure a setting).
 
+Start-up is also taken apart per process: every process that appears after the launch is sampled from /proc
+every 0.1 s until step 1's metrics row appears, and `startup-<mode>.txt` lists each one (its last command line: Ray names
+actors `ray::<Class>`) with the second it appeared, the second its CPU time stopped growing, and the CPU seconds
+it used, and sums them against the wall time: a sum near the wall time means one process after another, each
+on one core. Processes that were already running are left out, so run it on an otherwise idle machine.
+
 `--profile SECONDS` samples every process of each run with py-spy (`pip install py-spy`) for that long from
 step 2 on, and writes `profile-<mode>.txt`: per process (Ray names them after their actor), the share of the
 window it was on a CPU and its hottest frames (a Ray worker waiting for work sits in `Worker.main_loop`,
@@ -88,6 +94,51 @@ IDLE_FRAME = "Worker.main_loop"
 """A Ray worker's main thread waiting in native code for its next call: not CPU time."""
 
 
+class StartupSampler:
+    """CPU seconds of every process born after `since` (time.time()), polled from /proc: pid -> first seen,
+    last time its CPU time grew, CPU seconds (utime + stime, counted from the process's start) and last command."""
+
+    def __init__(self, since: float):
+        self.since, self.tick, self.procs = since, os.sysconf("SC_CLK_TCK"), {}
+        self.boot = float(next(line.split()[1] for line in Path("/proc/stat").read_text().splitlines()
+                               if line.startswith("btime")))
+        self.me = os.getpid()
+
+    def poll(self) -> None:
+        now = time.time() - self.since
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit() or int(entry.name) == self.me:
+                continue
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                born = self.boot + int(fields[19]) / self.tick - self.since  # starttime, clock ticks after boot
+                if born < -1:
+                    continue  # running before the launch
+                cpu = (int(fields[11]) + int(fields[12])) / self.tick
+                command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+            except (OSError, IndexError, ValueError):
+                continue
+            seen = self.procs.setdefault(int(entry.name), {"born": born, "busy_until": born, "cpu": 0.0})
+            if cpu > seen["cpu"]:
+                seen["busy_until"] = now
+            seen["cpu"], seen["command"] = cpu, command[:110] or seen.get("command", "?")
+
+    def report(self, wall: float, startup: float) -> str:
+        """`wall`: seconds from the launch to step 1's metrics row, the sampled window (start-up, then step 1)."""
+        rows = sorted(self.procs.values(), key=lambda p: p["born"])
+        busy = [p for p in rows if p["cpu"] >= 0.05]
+        lines = [f"{wall:.1f} s from the launch to step 1's metrics row (start-up {startup:.1f} s, then step 1); "
+                 f"processes born after the launch that used >= 0.05 CPU s ({len(busy)} of {len(rows)}), in order "
+                 "of birth:", "",
+                 "| born, s | CPU until, s | CPU s | process |", "|---|---|---|---|"]
+        for p in busy:
+            lines.append(f"| {p['born']:.1f} | {p['busy_until']:.1f} | {p['cpu']:.1f} | `{p['command']}` |")
+        total = sum(p["cpu"] for p in rows)
+        lines += ["", f"CPU seconds of all of them: {total:.1f}, i.e. {total / wall:.2f} cores busy on average "
+                      f"over the {wall:.1f} s (the machine has {os.cpu_count()})"]
+        return "\n".join(lines) + "\n"
+
+
 def profile_summary(raw: Path, seconds: float, rate: int) -> str:
     """Per process: on-CPU share of the window and the hottest frames, from py-spy's raw (collapsed) stacks."""
     per_process: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
@@ -132,12 +183,15 @@ def run_recipe(mode: str, steps: int, out: Path, overrides: list[str], profile: 
     metrics = run_dir / "metrics.jsonl"
     command = ["bash", str(REPO / "recipes/tiny/isreshape.sh"), "trainer.val_before_train=False", *overrides]
     started = time.monotonic()
+    sampler = StartupSampler(time.time())
     arrived: dict[int, float] = {}  # step -> seconds after launch its row appeared
     with open(out / f"{name}.console.txt", "w") as console:
         proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=console, stderr=subprocess.STDOUT)
         try:
             while proc.poll() is None:
                 time.sleep(0.1)
+                if not arrived:
+                    sampler.poll()
                 if metrics.exists():
                     for line in metrics.read_text().splitlines():
                         step = json.loads(line)["step"]
@@ -165,6 +219,7 @@ def run_recipe(mode: str, steps: int, out: Path, overrides: list[str], profile: 
     result["whole step, mean"] = statistics.mean(r["timing_s/step"] for r in later)  # colocate alternates
     result["step 1"] = rows[1]["timing_s/step"]
     result["start-up"] = arrived[1] - rows[1]["timing_s/step"]
+    (out / f"startup-{mode}.txt").write_text(sampler.report(arrived[1], result["start-up"]))
     result["validation"] = rows[steps].get("timing_s/testing", float("nan"))
     result["wall"] = wall
     result["steps"] = [rows[s]["timing_s/step"] for s in range(1, steps + 1)]
