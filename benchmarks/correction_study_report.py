@@ -1,0 +1,136 @@
+"""Study A's verdict: the finished runs of `benchmarks/correction_study.sh`, both rollout dtypes, in one page.
+
+For each setting (rollout dtype × lag) it answers the issue's questions with the sandbox's own statistics
+(`isreshape_verl.sandbox.stats`, `sandbox.report`), over the seeds finished so far:
+
+* which arm has the highest AUC (mean test accuracy over the run), and the default IS Reshape's paired Δ AUC to it
+  and to GRPO + TIS (`vanilla:rollout_correction=decoupled_token_is`) [95 % bootstrap interval over seeds];
+* per arm: final, best and AUC accuracy and collapses, with Δ to GRPO + TIS (the sandbox's verdict table);
+* the diagnostics per arm: ppo_kl, ESS, ratio quantiles (r = π_θ/μ in bypass arms, π_θ/π_old in decoupled ones);
+* one accuracy plot per dtype.
+
+Runs still going (a checkpoint, or fewer rows than steps) are left out and counted. Usage:
+
+    python benchmarks/correction_study_report.py                   # runs/correction_study -> its verdict.md
+    python benchmarks/correction_study_report.py --study runs/correction_study --out benchmarks/results/correction_study
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+from isreshape_verl.sandbox.loop import read_metrics
+from isreshape_verl.sandbox.report import diagnostics_table, plot_accuracy, summarize_run, verdict_intro, \
+    verdict_table
+from isreshape_verl.sandbox.stats import MIN_SEEDS, excludes_zero, mean_interval
+
+DTYPES = {"fp32": "fp32 rollouts (μ computed as π_θ is)", "bf16": "bf16 rollouts against the fp32 trainer"}
+TIS = "vanilla:rollout_correction=decoupled_token_is"
+DEFAULT = "is_reshape"
+
+
+def load_runs(folder: Path) -> tuple[list[dict], int]:
+    """The finished runs of one compare folder (loss, lag, seed, rows, summary) and how many are unfinished."""
+    runs, unfinished = [], 0
+    for run_dir in sorted((folder / "runs").iterdir()) if (folder / "runs").is_dir() else []:
+        config, metrics = run_dir / "config.json", run_dir / "metrics.jsonl"
+        if not (config.is_file() and metrics.is_file()):
+            continue
+        settings = json.loads(config.read_text())
+        rows = read_metrics(str(metrics), partial_tail=True)
+        if (run_dir / "checkpoint.pt").exists() or not rows or rows[-1]["step"] != settings["rl"]["steps"]:
+            unfinished += 1
+            continue
+        runs.append({"name": run_dir.name, "loss": settings["loss"], "lag": settings["lag"],
+                     "seed": settings["seed"], "rows": rows, "summary": summarize_run(rows)})
+    return runs, unfinished
+
+
+def paired_delta(runs: list[dict], loss: str, other: str, lag) -> tuple[tuple[float, float, float] | None, int]:
+    """Mean [interval] of AUC(loss) − AUC(other) over the seeds both finished at `lag`, and their count."""
+    auc = {}
+    for run in runs:
+        if run["lag"] == lag and run["loss"] in (loss, other):
+            auc.setdefault(run["loss"], {})[run["seed"]] = run["summary"]["auc"]
+    shared = sorted(set(auc.get(loss, {})) & set(auc.get(other, {})))
+    if not shared:
+        return None, 0
+    return mean_interval([auc[loss][s] - auc[other][s] for s in shared]), len(shared)
+
+
+def cell(interval, n: int) -> str:
+    if interval is None:
+        return "–"
+    text = f"{interval[0]:+.3f}"
+    if n >= MIN_SEEDS and math.isfinite(interval[1]):
+        text += f" [{interval[1]:+.3f}, {interval[2]:+.3f}]"
+        if excludes_zero(interval):
+            text = f"**{text}**"
+    return f"{text} ({n})"
+
+
+def best_arm_table(by_dtype: dict[str, list[dict]]) -> str:
+    """One row per setting: the arm with the highest mean AUC, and the default IS Reshape against it and GRPO + TIS."""
+    lines = ["| rollout | lag | best arm by mean AUC | its AUC | IS Reshape default: AUC | Δ AUC to the best arm "
+             "(seeds) | Δ AUC to GRPO + TIS (seeds) | collapsed runs, all arms |", "|---|---|---|---|---|---|---|---|"]
+    for dtype, runs in by_dtype.items():
+        for lag in sorted({r["lag"] for r in runs}):
+            at_lag = [r for r in runs if r["lag"] == lag]
+            means = {}
+            for run in at_lag:
+                means.setdefault(run["loss"], []).append(run["summary"]["auc"])
+            mean_auc = {loss: sum(v) / len(v) for loss, v in means.items()}
+            best = max(mean_auc, key=mean_auc.get)
+            to_best = paired_delta(runs, DEFAULT, best, lag) if best != DEFAULT else (None, 0)
+            to_tis = paired_delta(runs, DEFAULT, TIS, lag)
+            collapsed = sum(bool(r["summary"]["collapsed"]) for r in at_lag)
+            default_auc = f"{mean_auc[DEFAULT]:.3f}" if DEFAULT in mean_auc else "–"
+            lines.append(f"| {dtype} | {lag} | `{best}` | {mean_auc[best]:.3f} | {default_auc} | "
+                         f"{'(it is the best)' if best == DEFAULT else cell(*to_best)} | {cell(*to_tis)} | "
+                         f"{collapsed}/{len(at_lag)} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--study", type=Path, default=Path("runs/correction_study"))
+    parser.add_argument("--out", type=Path, default=None, help="[default: the --study folder]")
+    args = parser.parse_args(argv)
+    out = args.out or args.study
+    out.mkdir(parents=True, exist_ok=True)
+    by_dtype, unfinished = {}, {}
+    for dtype in DTYPES:
+        runs, unfinished[dtype] = load_runs(args.study / dtype)
+        if runs:
+            by_dtype[dtype] = runs
+    if not by_dtype:
+        print(f"error: no finished run under {args.study}/{{{','.join(DTYPES)}}}/runs", file=sys.stderr)
+        return 2
+    parts = ["# Study A: IS Reshape against the rollout corrections, with lag and engine mismatch", "",
+             "Made by `python benchmarks/correction_study_report.py` from the finished runs of "
+             "`bash benchmarks/correction_study.sh` (sandbox, `--preset stress`: 60 steps, 2 epochs × 4 "
+             "mini-batches per rollout batch). Finished runs: "
+             + "; ".join(f"{dtype} {len(runs)} ({unfinished[dtype]} unfinished left out)"
+                         for dtype, runs in by_dtype.items()) + ".", "",
+             "## The question: is the default IS Reshape ≥ the best arm, and > GRPO + TIS?", "",
+             "Δ AUC paired by seed, the default IS Reshape (bypass) minus the other arm [95 % bootstrap interval "
+             f"over seeds, from {MIN_SEEDS} seeds]; **bold**: the interval excludes 0. AUC: mean greedy test "
+             "accuracy over the run's evaluations.", "", best_arm_table(by_dtype), ""]
+    for dtype, runs in by_dtype.items():
+        plot = f"accuracy_{dtype}.png"
+        plot_accuracy(runs, str(out / plot))
+        parts += [f"## {DTYPES[dtype]}", "", verdict_intro(runs, TIS), "", verdict_table(runs, TIS), "",
+                  "Diagnostics, means over steps and seeds (ratio: π_θ/μ in the bypass arms, π_θ/π_old in the "
+                  "decoupled ones):", "", diagnostics_table(runs), "", f"![test accuracy, {dtype}]({plot})", ""]
+    (out / "verdict.md").write_text("\n".join(parts))
+    print(f"written: {out / 'verdict.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
