@@ -20,13 +20,17 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 from pathlib import Path
 
 from isreshape_verl.sandbox.loop import read_metrics
-from isreshape_verl.sandbox.report import diagnostics_table, plot_accuracy, summarize_run, verdict_intro, \
-    verdict_table
+from isreshape_verl.sandbox.report import (
+    diagnostics_table,
+    plot_accuracy,
+    summarize_run,
+    verdict_intro,
+    verdict_table,
+)
 from isreshape_verl.sandbox.stats import MIN_SEEDS, excludes_zero, mean_interval
 
 DTYPES = {"fp32": "fp32 rollouts (μ computed as π_θ is)", "bf16": "bf16 rollouts against the fp32 trainer"}
