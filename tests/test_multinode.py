@@ -2,7 +2,8 @@
 per node, token auth on) and a two-node SLURM (recipes/cluster/slurm_local.sh, `slurmd -N n1/n2`), each running
 the tiny recipe with NNODES=2 through verl's own trainer; and the faults: a node killed in a step (one line, then a
 resume compared with an uninterrupted run), `scancel` of an sbatch job (nothing of it left) and its resubmit
-resuming, `ray_job.sh` through Ray's job API.
+resuming; the two training runs are submitted with `ray_job.sh` through Ray's job API, the node-kill runs join the
+cluster directly.
 
 They take minutes and the SLURM half needs root and Debian's slurm-wlm and munge, so they run only where asked:
 `.ci/run` runs them as a step of their own after the README's `python -m pytest`, with ISRV_MULTINODE=1 (and
@@ -120,36 +121,41 @@ def _two_node_env(cluster: dict, data: Path, run_root: Path, mode: str, **knobs:
                     RUN_ROOT=str(run_root), EXP_NAME=mode, **{**SMALL, **knobs})
 
 
+def _ray_job(cluster: dict, data: Path, run_root: Path, mode: str, **knobs: str) -> subprocess.CompletedProcess:
+    """The tiny recipe submitted with recipes/cluster/ray_job.sh through Ray's job API: the repository as the job's
+    working dir, the package as a wheel without its dependencies, the knobs set here forwarded; the recipe runs on
+    the head and joins the cluster."""
+    started = time.monotonic()
+    env = _two_node_env(cluster, data, run_root, mode, RAY_ADDRESS=cluster["RAY_DASHBOARD"], **knobs)
+    proc = subprocess.run(["bash", "recipes/cluster/ray_job.sh", "recipes/tiny/isreshape.sh"], cwd=REPO,
+                          capture_output=True, text=True, timeout=900, env=env)
+    print(f"ray_job.sh ({mode}): {time.monotonic() - started:.0f} s from the wheel's build to the job's end")
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-3000:]
+    assert "succeeded" in proc.stdout + proc.stderr
+    return proc
+
+
 @pytest.fixture(scope="module")
 def sync_run(ray_cluster, data, tmp_path_factory):
-    """One uninterrupted sync run, NNODES=2: the training test reads it, the resume test compares with it."""
+    """One uninterrupted sync run, NNODES=2, through ray_job.sh: the training test reads it, the resume test (whose
+    runs join the cluster from here) compares with it."""
     root = tmp_path_factory.mktemp("sync")
-    proc = subprocess.run(["bash", "recipes/tiny/isreshape.sh"], cwd=REPO, capture_output=True, text=True,
-                          timeout=900, env=_two_node_env(ray_cluster, data, root, "sync", SAVE_FREQ="1"))
-    return proc, root
+    return _ray_job(ray_cluster, data, root, "sync", SAVE_FREQ="1"), root
 
 
 @pytest.mark.parametrize("mode", ["sync", "separate"])
 def test_a_recipe_trains_on_two_ray_nodes_one_rank_each(ray_cluster, data, tmp_path, mode, request):
-    """sync (the recipe run here, joining the cluster): FSDP world size 2, one rank per node (gloo across nodes).
-    separate (submitted with recipes/cluster/ray_job.sh through Ray's job API: the repository as the job's working
-    dir, the package as a wheel without its dependencies, the knobs set here forwarded; the recipe runs on the
-    head): the trainer on one node, the rollout on the other, weights crossing nodes through the CPU weight sync
+    """Both submitted with ray_job.sh. sync: FSDP world size 2, one rank per node (gloo across nodes). separate: the
+    trainer on one node, the rollout on the other, weights crossing nodes through the CPU weight sync
     (isreshape_ray), whose holder, a detached actor named after the run's Ray job, is gone when the run is (the
     cluster outlives it)."""
     from isreshape_verl.cpu.weight_sync import HOLDER_PREFIX
     from isreshape_verl.launch.cluster import placement
 
-    started = time.monotonic()
     if mode == "sync":
         proc, tmp_path = request.getfixturevalue("sync_run")
     else:
-        env = _two_node_env(ray_cluster, data, tmp_path, mode, RAY_ADDRESS=ray_cluster["RAY_DASHBOARD"])
-        proc = subprocess.run(["bash", "recipes/cluster/ray_job.sh", "recipes/tiny/isreshape.sh"], cwd=REPO,
-                              capture_output=True, text=True, timeout=900, env=env)
-        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-3000:]
-        assert "succeeded" in proc.stdout + proc.stderr
-        print(f"ray_job.sh: {time.monotonic() - started:.0f} s from the wheel's build to the job's end")
+        proc = _ray_job(ray_cluster, data, tmp_path, mode)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "2 node(s) of the Ray cluster at" in proc.stdout
     rows = metrics_by_step(tmp_path / mode)
