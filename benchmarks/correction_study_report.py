@@ -6,7 +6,9 @@ For each setting (rollout dtype × lag) it answers the issue's questions with th
 * which arm has the highest AUC (mean test accuracy over the run), and the default IS Reshape's paired Δ AUC to it
   and to GRPO + TIS (`vanilla:rollout_correction=decoupled_token_is`) [95 % bootstrap interval over seeds];
 * per arm: final, best and AUC accuracy and collapses, with Δ to GRPO + TIS (the sandbox's verdict table);
-* the diagnostics per arm: ppo_kl, ESS, ratio quantiles (r = π_θ/μ in bypass arms, π_θ/π_old in decoupled ones);
+* the diagnostics per arm: ppo_kl, ESS, ratio quantiles (r = π_θ/μ in bypass arms, π_θ/π_old in decoupled ones),
+  and what says why: |log r| and |log π_old/μ| quantiles, the IS weights' mean and ESS, IS Reshape's width, the
+  gradient norm and the entropy;
 * one accuracy plot per dtype.
 
 Runs still going (a checkpoint, or fewer rows than steps) are left out and counted. Usage:
@@ -100,6 +102,28 @@ def best_arm_table(by_dtype: dict[str, list[dict]]) -> str:
     return "\n".join(lines)
 
 
+WHY = (("abs_log_ratio_p99", "\\|log r\\| p99"), ("abs_log_rho_p99", "\\|log π_old/μ\\| p99"),
+       ("rc_is_mean", "IS weight mean"), ("rc_is_ess", "IS weight ESS"), ("width", "IS Reshape width"),
+       ("grad_norm", "grad norm"), ("entropy", "entropy"))
+"""Per-step metrics the sandbox logs that say why an arm learns or collapses (`docs/sandbox.md`, Outputs)."""
+
+
+def why_table(runs: list[dict]) -> str:
+    """Markdown: per (loss, lag), each WHY metric's mean over every step of every seed ("–": the arm has none)."""
+    lines = ["| loss | lag | " + " | ".join(label for _, label in WHY) + " |", "|---|---|" + "---|" * len(WHY)]
+    groups: dict = {}
+    for run in runs:
+        groups.setdefault((run["loss"], run["lag"]), []).append(run)
+    for (loss, lag), members in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        cells = []
+        for key, _ in WHY:
+            values = [row[key] for m in members for row in m["rows"]
+                      if isinstance(row.get(key), (int, float)) and math.isfinite(row[key])]
+            cells.append(f"{sum(values) / len(values):.3g}" if values else "–")
+        lines.append(f"| `{loss}` | {lag} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--study", type=Path, default=Path("runs/correction_study"))
@@ -130,7 +154,9 @@ def main(argv=None) -> int:
         plot_accuracy(runs, str(out / plot))
         parts += [f"## {DTYPES[dtype]}", "", verdict_intro(runs, TIS), "", verdict_table(runs, TIS), "",
                   "Diagnostics, means over steps and seeds (ratio: π_θ/μ in the bypass arms, π_θ/π_old in the "
-                  "decoupled ones):", "", diagnostics_table(runs), "", f"![test accuracy, {dtype}]({plot})", ""]
+                  "decoupled ones):", "", diagnostics_table(runs), "",
+                  "Why, means over steps and seeds (r: the loss's ratio; π_old/μ: what the decoupled arms' weights "
+                  "correct):", "", why_table(runs), "", f"![test accuracy, {dtype}]({plot})", ""]
     (out / "verdict.md").write_text("\n".join(parts))
     print(f"written: {out / 'verdict.md'}")
     return 0
