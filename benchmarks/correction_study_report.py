@@ -11,7 +11,8 @@ For each setting (rollout dtype × lag) it answers the issue's questions with th
   gradient norm and the entropy;
 * one accuracy plot per dtype.
 
-Runs still going (a checkpoint, or fewer rows than steps) are left out and counted. Usage:
+Runs still going (a checkpoint, or fewer rows than steps) are left out and counted, and so are the finished runs of a
+seed that not every arm has finished at that lag: each setting's numbers are over the same seeds. Usage:
 
     python benchmarks/correction_study_report.py                   # runs/correction_study -> its verdict.md
     python benchmarks/correction_study_report.py --study runs/correction_study --out benchmarks/results/correction_study
@@ -55,6 +56,17 @@ def load_runs(folder: Path) -> tuple[list[dict], int]:
         runs.append({"name": run_dir.name, "loss": settings["loss"], "lag": settings["lag"],
                      "seed": settings["seed"], "rows": rows, "summary": summarize_run(rows)})
     return runs, unfinished
+
+
+def whole_seeds(runs: list[dict]) -> tuple[list[dict], int]:
+    """The runs of the seeds that every arm finished at their lag (so each setting's means and paired Δs are over
+    the same seeds), and how many finished runs that leaves out."""
+    arms = {r["loss"] for r in runs}
+    done: dict = {}
+    for r in runs:
+        done.setdefault((r["lag"], r["seed"]), set()).add(r["loss"])
+    kept = [r for r in runs if done[(r["lag"], r["seed"])] == arms]
+    return kept, len(runs) - len(kept)
 
 
 def paired_delta(runs: list[dict], loss: str, other: str, lag) -> tuple[tuple[float, float, float] | None, int]:
@@ -131,9 +143,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     out = args.out or args.study
     out.mkdir(parents=True, exist_ok=True)
-    by_dtype, unfinished = {}, {}
+    by_dtype, unfinished, partial = {}, {}, {}
     for dtype in DTYPES:
         runs, unfinished[dtype] = load_runs(args.study / dtype)
+        runs, partial[dtype] = whole_seeds(runs)
         if runs:
             by_dtype[dtype] = runs
     if not by_dtype:
@@ -142,9 +155,9 @@ def main(argv=None) -> int:
     parts = ["# Study A: IS Reshape against the rollout corrections, with lag and engine mismatch", "",
              "Made by `python benchmarks/correction_study_report.py` from the finished runs of "
              "`bash benchmarks/correction_study.sh` (sandbox, `--preset stress`: 60 steps, 2 epochs × 4 "
-             "mini-batches per rollout batch). Finished runs: "
-             + "; ".join(f"{dtype} {len(runs)} ({unfinished[dtype]} unfinished left out)"
-                         for dtype, runs in by_dtype.items()) + ".", "",
+             "mini-batches per rollout batch), over the seeds that every arm finished at a lag. Runs: "
+             + "; ".join(f"{dtype} {len(runs)} (left out: {unfinished[dtype]} unfinished, {partial[dtype]} of seeds "
+                         "not every arm finished)" for dtype, runs in by_dtype.items()) + ".", "",
              "## The question: is the default IS Reshape ≥ the best arm, and > GRPO + TIS?", "",
              "Δ AUC paired by seed, the default IS Reshape (bypass) minus the other arm [95 % bootstrap interval "
              f"over seeds, from {MIN_SEEDS} seeds]; **bold**: the interval excludes 0. AUC: mean greedy test "

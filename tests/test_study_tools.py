@@ -81,3 +81,12 @@ def test_the_soak_flags_a_process_whose_memory_grew_past_the_limit():
     assert by_name["ray::WorkerDict"][2] == 0
     assert "gone" not in by_name
     assert grown == ["ray::HFRolloutServer", "ray::IDLE"]
+
+
+def test_whole_seeds_keeps_only_seeds_every_arm_finished_at_that_lag():
+    runs = [_run(loss, 16, seed, 0.4) for loss in ("vanilla", TIS, "is_reshape") for seed in (0, 1)]
+    runs += [_run("vanilla", 16, 2, 0.4), _run(TIS, 16, 2, 0.4)]  # seed 2: is_reshape not finished yet
+    runs += [_run("vanilla", 0, 0, 0.4)]  # lag 0: only one arm so far
+    kept, left_out = report.whole_seeds(runs)
+    assert sorted((r["lag"], r["seed"]) for r in kept) == [(16, 0)] * 3 + [(16, 1)] * 3
+    assert left_out == 3
