@@ -50,10 +50,18 @@ def test_the_best_arm_row_names_the_highest_mean_auc_and_counts_collapses():
     runs += [_run("is_reshape", 16, s, a) for s, a in enumerate((0.43, 0.43, 0.43))]
     (row,) = report.best_arm_table({"bf16": runs}).splitlines()[2:]
     cells = [c.strip() for c in row.strip("|").split("|")]
-    assert cells[:5] == ["bf16", "16", "`vanilla`", "0.450", "0.430"]
+    assert cells[:5] == ["bf16", "16", "`vanilla`", "0.430", "`vanilla`: 0.450"]
     # is_reshape − vanilla per seed: −0.03, −0.01, −0.02; − GRPO + TIS: +0.18, +0.03, +0.05 (bold: 0 is outside)
     assert cells[5].startswith("**-0.020 [") and cells[5].endswith("]** (3)")
     assert cells[6].startswith("**+0.087 [") and cells[6].endswith("]** (3)") and cells[7] == "1/9"
+
+
+def test_when_is_reshape_is_best_it_is_compared_with_the_runner_up():
+    runs = [_run("is_reshape", 16, s, 0.50) for s in range(3)] + [_run(TIS, 16, s, 0.40) for s in range(3)]
+    runs += [_run("vanilla", 16, s, a) for s, a in enumerate((0.46, 0.47, 0.48))]
+    cells = [c.strip() for c in report.best_arm_table({"fp32": runs}).splitlines()[2].strip("|").split("|")]
+    assert cells[2:5] == ["`is_reshape`", "0.500", "`vanilla`: 0.470"]
+    assert cells[5].startswith("**+0.030 [")
 
 
 def test_load_runs_leaves_out_unfinished_runs(tmp_path):
