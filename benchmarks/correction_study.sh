@@ -30,6 +30,7 @@ ARMS=(
     is_reshape:rollout_correction=decoupled_token_is
 )
 pids=()
+# shellcheck disable=SC2329  # called by the trap below
 stop() { for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done; wait; }
 trap stop INT TERM
 for dtype in float32 bfloat16; do
