@@ -3,7 +3,10 @@ with the `isreshape_hf` rollout, on CPU, through `bash recipes/tiny/isreshape.sh
 
 Each run is 2 steps of 4 prompts x 2 answers on a freshly initialised tiny Qwen2 (`data_prep/tiny.py
 --no-warm-start`): plumbing, not learning (`benchmarks/results/verl_cpu/` has the 40-step runs). About 70 s
-of every run is start-up (Ray, verl's workers, TransferQueue); the whole module takes 10.5 min on 2 idle cores.
+of every run is start-up (Ray, verl's workers, TransferQueue), a chain of processes that keeps about 1.3 cores
+busy (`benchmarks/results/verl_cpu_speed/startup-sync.txt`), so the runs go two at a time: the first test that
+needs one starts the runs of every selected test in the background (`started_runs`), and each test waits for its
+own.
 
 What is asserted: exit 0; every `actor/is_reshape/*` metric logged and finite; sync mode's first step has
 |ppo_kl| < 1e-4 (the rollout's log-probs are the actor's), and with ROLLOUT_CORRECTION=decoupled_token_is verl's
@@ -21,6 +24,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -45,6 +49,89 @@ def _run(script: str, run_root: Path, *args: str, **knobs: str) -> tuple[subproc
     return proc, run_dir
 
 
+def _sync_then_resume(data: Path, root: Path) -> tuple:
+    """A 2-step sync run saving at step 2, then the same run resumed to step 3. Returns the first run's process,
+    folder and metrics (read before the resume rotates verl's metrics file), and the resumed run's process."""
+    proc, run_dir = _run("recipes/tiny/isreshape.sh", root, **SMALL, DATA_DIR=str(data), SAVE_FREQ="2")
+    if proc.returncode != 0:
+        return proc, run_dir, None, None
+    rows = metrics_by_step(run_dir)
+    resumed, _ = _run("recipes/tiny/isreshape.sh", root, "trainer.resume_mode=auto", **{**SMALL, "STEPS": "3"},
+                      DATA_DIR=str(data))
+    return proc, run_dir, rows, resumed
+
+
+def _gsm8k_step(data: Path, root: Path) -> tuple[subprocess.CompletedProcess, Path]:
+    parquet = root / "gsm8k"
+    subprocess.run([sys.executable, "data_prep/gsm8k.py", "--local-dir", str(SHARED_GSM8K), "--output-dir",
+                    str(parquet), "--quiet"], cwd=REPO, check=True, capture_output=True)
+    return _run("recipes/gsm8k/isreshape.sh", root, "data.val_max_samples=4", **{**SMALL, "STEPS": "1"},
+                DEVICE="cpu", MODEL=str(data / "model"), DATA_DIR=str(parquet), MAX_PROMPT_LEN="512")
+
+
+def _broken_model_run(data: Path, root: Path) -> tuple[subprocess.CompletedProcess, Path]:
+    broken = root / "broken_model"
+    broken.mkdir()
+    for item in (data / "model").iterdir():
+        (broken / item.name).write_bytes(item.read_bytes())
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    return _run("recipes/tiny/isreshape.sh", root, **SMALL, DATA_DIR=str(data), MODEL=str(broken))
+
+
+def _interrupted_run(data: Path, root: Path) -> tuple:
+    """Ctrl-C once verl's workers run (the cluster is fully up), as a terminal sends it: SIGINT to the whole
+    foreground group. Returns the exit code, the output after it, the Ray folder, the output before it, the Ray
+    processes running before it, and what was left after it ({"ray": [pids], "run": [pids]})."""
+    proc = subprocess.Popen(["bash", "recipes/tiny/isreshape.sh"], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            env=recipe_env(RUN_ROOT=str(root), **SMALL, DATA_DIR=str(data), VERBOSE="1"))
+    seen, folder = [], None
+    deadline = time.monotonic() + RUN_TIMEOUT
+    for line in proc.stdout:
+        seen.append(line)
+        folder = folder or (re.search(r"Ray in (\S+)", line) or [None, None])[1]
+        if "WorkerDict" in line or time.monotonic() > deadline:
+            break
+    running = processes_of(folder) if folder else []
+    os.killpg(proc.pid, signal.SIGINT)
+    rest, _ = proc.communicate(timeout=120)
+    left = {"ray": processes_of(folder) if folder else [], "run": processes_of_run(root)}
+    return proc.returncode, rest, folder, seen, running, left
+
+
+RUNS = {  # test (pytest's name for it) -> its run(s), given the tiny data and a fresh folder; longest first
+    "test_sync_trains_two_steps_with_on_policy_log_probs_then_resumes": _sync_then_resume,
+    "test_async_modes_train_on_stale_rollouts[separate]": lambda data, root: _run(
+        "recipes/tiny/isreshape.sh", root, **SMALL, DATA_DIR=str(data), ASYNC="separate"),
+    "test_async_modes_train_on_stale_rollouts[colocate]": lambda data, root: _run(
+        "recipes/tiny/isreshape.sh", root, **SMALL, DATA_DIR=str(data), ASYNC="colocate"),
+    "test_decoupled_token_is_recomputes_pi_old_equal_to_mu_in_sync": lambda data, root: _run(
+        "recipes/tiny/isreshape.sh", root, **SMALL, DATA_DIR=str(data), ROLLOUT_CORRECTION="decoupled_token_is"),
+    "test_gsm8k_recipe_runs_a_step_on_the_real_parquet": _gsm8k_step,
+    "test_a_failed_run_leaves_no_process": _broken_model_run,
+    "test_ctrl_c_stops_every_process": _interrupted_run,
+}
+PARALLEL_RUNS = 2
+
+
+@pytest.fixture(scope="module")
+def started_runs(request, tiny_data, tmp_path_factory):
+    """The runs of this module's selected tests (and only those: `-k colocate` starts one), two at a time in the
+    background, as {test name: future of its result}. Leaving the module waits for any still running."""
+    selected = [item.name for item in request.session.items
+                if item.module is request.module and item.name in RUNS and not item.get_closest_marker("skip")
+                and not any(mark.args and mark.args[0] for mark in item.iter_markers("skipif"))]
+    with ThreadPoolExecutor(max_workers=PARALLEL_RUNS) as pool:
+        yield {name: pool.submit(RUNS[name], tiny_data, tmp_path_factory.mktemp("run"))
+               for name in RUNS if name in selected}
+
+
+@pytest.fixture
+def run_of_this_test(request, started_runs) -> tuple:
+    future: Future = started_runs[request.node.name]
+    return future.result()
+
+
 def _assert_trained(proc: subprocess.CompletedProcess, run_dir: Path, steps: range) -> dict[int, dict]:
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     rows = metrics_by_step(run_dir)
@@ -52,18 +139,16 @@ def _assert_trained(proc: subprocess.CompletedProcess, run_dir: Path, steps: ran
     return rows
 
 
-def test_sync_trains_two_steps_with_on_policy_log_probs_then_resumes(tiny_data, tmp_path):
-    data = {"DATA_DIR": str(tiny_data)}
-    proc, run_dir = _run("recipes/tiny/isreshape.sh", tmp_path, **SMALL, **data, SAVE_FREQ="2")
-    rows = _assert_trained(proc, run_dir, range(1, 3))
+def test_sync_trains_two_steps_with_on_policy_log_probs_then_resumes(run_of_this_test):
+    proc, run_dir, rows, resumed = run_of_this_test
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert_is_reshape_metrics(rows, range(1, 3))
     assert abs(rows[1]["actor/ppo_kl"]) < 1e-4  # rollout log-probs = the actor's (fp32: ≈ 1e-8 seen)
     assert rows[1]["training/off_policy/trajectory_staleness/mean"] == 0
     assert "val-core/openai/gsm8k/acc/mean@1" in rows[0]  # validation before training, by data_source
     assert (run_dir / "checkpoints" / "global_step_2").is_dir()
 
-    resumed, _ = _run("recipes/tiny/isreshape.sh", tmp_path, "trainer.resume_mode=auto",
-                      **{**SMALL, "STEPS": "3"}, **data)
-    assert resumed.returncode == 0, resumed.stdout[-4000:]
+    assert resumed.returncode == 0, resumed.stdout[-4000:]  # trainer.resume_mode=auto, STEPS=3, same folder
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["step"] == 2 and "val-core/openai/gsm8k/acc/mean@1" in rows[0]["data"]  # validates step 2's weights
     assert [row["step"] for row in rows if "actor/ppo_kl" in row["data"]] == [3]  # then trains step 3 only
@@ -72,19 +157,16 @@ def test_sync_trains_two_steps_with_on_policy_log_probs_then_resumes(tiny_data, 
 
 
 @pytest.mark.parametrize("mode", ["colocate", "separate"])
-def test_async_modes_train_on_stale_rollouts(tiny_data, tmp_path, mode):
-    proc, run_dir = _run("recipes/tiny/isreshape.sh", tmp_path, **SMALL, DATA_DIR=str(tiny_data), ASYNC=mode)
-    rows = _assert_trained(proc, run_dir, range(1, 3))
+def test_async_modes_train_on_stale_rollouts(run_of_this_test, mode):
+    rows = _assert_trained(*run_of_this_test, range(1, 3))
     staleness = max(rows[s]["training/off_policy/trajectory_staleness/mean"] for s in (1, 2))
     assert staleness > 0, f"{mode}: every step trained on fresh rollouts"
 
 
-def test_decoupled_token_is_recomputes_pi_old_equal_to_mu_in_sync(tiny_data, tmp_path):
+def test_decoupled_token_is_recomputes_pi_old_equal_to_mu_in_sync(run_of_this_test):
     """ROLLOUT_CORRECTION=decoupled_token_is: the actor recomputes π_old; in sync mode at step 1 it is μ up to
     numerics, so verl's TIS weights min(π_old/μ, 2) are ≈ 1 (within 4.8e-7 of 1 seen) and π_θ/π_old starts at 1."""
-    proc, run_dir = _run("recipes/tiny/isreshape.sh", tmp_path, **SMALL, DATA_DIR=str(tiny_data),
-                         ROLLOUT_CORRECTION="decoupled_token_is")
-    first = _assert_trained(proc, run_dir, range(1, 3))[1]
+    first = _assert_trained(*run_of_this_test, range(1, 3))[1]
     assert abs(first["actor/ppo_kl"]) < 1e-6  # 0.0 seen
     for key in ("rollout_corr/rollout_is_mean", "rollout_corr/rollout_is_max", "rollout_corr/rollout_is_min"):
         assert abs(first[key] - 1) < 1e-4, (key, first[key])
@@ -93,25 +175,14 @@ def test_decoupled_token_is_recomputes_pi_old_equal_to_mu_in_sync(tiny_data, tmp
 
 @pytest.mark.skipif(not (SHARED_GSM8K / "train.jsonl").is_file(),
                     reason=f"needs the real GSM8K JSON lines in {SHARED_GSM8K} (../shared/data beside the repo)")
-def test_gsm8k_recipe_runs_a_step_on_the_real_parquet(tiny_data, tmp_path):
-    parquet = tmp_path / "gsm8k"
-    subprocess.run([sys.executable, "data_prep/gsm8k.py", "--local-dir", str(SHARED_GSM8K), "--output-dir",
-                    str(parquet), "--quiet"], cwd=REPO, check=True, capture_output=True)
-    proc, run_dir = _run("recipes/gsm8k/isreshape.sh", tmp_path, "data.val_max_samples=4",
-                         **{**SMALL, "STEPS": "1"}, DEVICE="cpu", MODEL=str(tiny_data / "model"),
-                         DATA_DIR=str(parquet), MAX_PROMPT_LEN="512")
-    rows = _assert_trained(proc, run_dir, range(1, 2))
+def test_gsm8k_recipe_runs_a_step_on_the_real_parquet(run_of_this_test):
+    rows = _assert_trained(*run_of_this_test, range(1, 2))
     assert "val-core/openai/gsm8k/acc/mean@1" in rows[0]  # the real rows were scored by their data_source
 
 
-def test_a_failed_run_leaves_no_process(tiny_data, tmp_path):
+def test_a_failed_run_leaves_no_process(run_of_this_test):
     """verl fails inside its workers (unreadable weights): exit non-zero, nothing left running."""
-    broken = tmp_path / "broken_model"
-    broken.mkdir()
-    for item in (tiny_data / "model").iterdir():
-        (broken / item.name).write_bytes(item.read_bytes())
-    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
-    proc, run_dir = _run("recipes/tiny/isreshape.sh", tmp_path, **SMALL, DATA_DIR=str(tiny_data), MODEL=str(broken))
+    proc, run_dir = run_of_this_test
     assert proc.returncode == 1
     errors = proc.stderr.splitlines()
     assert len(errors) == 1 and errors[0].startswith("error: ") and "safetensors" in errors[0].lower(), proc.stderr
@@ -133,21 +204,9 @@ def test_a_model_folder_that_is_not_a_model_is_named_before_launch(tiny_data, tm
     assert not (tmp_path / "runs").exists()
 
 
-def test_ctrl_c_stops_every_process(tiny_data, tmp_path):
-    proc = subprocess.Popen(["bash", "recipes/tiny/isreshape.sh"], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True,
-                            env=recipe_env(RUN_ROOT=str(tmp_path), **SMALL, DATA_DIR=str(tiny_data), VERBOSE="1"))
-    seen, folder = [], None
-    deadline = time.monotonic() + RUN_TIMEOUT
-    for line in proc.stdout:  # wait until verl's workers run: the cluster is fully up
-        seen.append(line)
-        folder = folder or (re.search(r"Ray in (\S+)", line) or [None, None])[1]
-        if "WorkerDict" in line or time.monotonic() > deadline:
-            break
-    assert folder and processes_of(folder), "".join(seen[-50:])
-    os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole foreground group
-    rest, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 130
+def test_ctrl_c_stops_every_process(run_of_this_test):
+    returncode, rest, folder, seen, running, left = run_of_this_test
+    assert folder and running, "".join(seen[-50:])
+    assert returncode == 130
     assert rest.splitlines()[-1].startswith("interrupted (Ctrl-C): the run stopped after "), rest[-2000:]
-    assert processes_of(folder) == []
-    assert processes_of_run(tmp_path) == []  # Ray's DashboardAgent and RuntimeEnvAgent too
+    assert left == {"ray": [], "run": []}  # Ray's DashboardAgent and RuntimeEnvAgent too
