@@ -197,7 +197,7 @@ def test_a_hub_model_that_cannot_be_reached_is_refused_in_seconds(fake):
 
 def test_one_run_folder_has_one_writer(fake):
     """Issue 25, BAD 2: two launches with the same RUN_ROOT and EXP_NAME at once."""
-    env = {**fake, "EXP_NAME": "same", "FAKE_STEPS": "20", "FAKE_SLEEP": "0.2"}
+    env = {**fake, "EXP_NAME": "same", "FAKE_STEPS": "20", "FAKE_SLEEP": "0.5"}  # 10 s: the second starts within it
     first = subprocess.Popen(["bash", "recipes/tiny/grpo.sh"], cwd=REPO, env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
     try:
@@ -390,3 +390,46 @@ def test_seeds_belong_to_compare_only(fake):
     proc = launch("tiny/grpo.sh", {**fake, "SEEDS": "0 1"})
     assert proc.returncode == 2
     assert one_error_line(proc) == "error: SEEDS='0 1' only applies to compare.sh, not to grpo.sh; set SEED, or unset it"
+
+
+# ---- verl's process started early (DEVICE=cpu): it imports while the launcher checks, and runs on `go` ----
+TOY_ENTRY = """import sys
+print("imported as", __name__, flush=True)
+if __name__ == "__main__":
+    print("ran with", sys.argv[1:], sys.argv[0].endswith("toy_entry.py"), flush=True)
+"""
+
+
+@pytest.fixture
+def toy_command(tmp_path) -> tuple[list[str], dict]:
+    """`python -m toy_entry a b=1`, a module that says when it is imported and when it runs as `__main__`."""
+    (tmp_path / "toy_entry.py").write_text(TOY_ENTRY)
+    return [sys.executable, "-m", "toy_entry", "a", "b=1"], {**os.environ, "PYTHONPATH": f"{tmp_path}:{REPO}"}
+
+
+def test_an_early_start_imports_waits_and_on_go_runs_the_module_as_python_m(toy_command):
+    from isreshape_verl.launch.run import EarlyStart
+
+    early = EarlyStart(*toy_command)
+    assert early.proc.stdout.readline() == "imported as toy_entry\n"
+    time.sleep(0.5)
+    assert early.proc.poll() is None  # imported, and waits for the launcher
+    proc = early.go()
+    rest, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0
+    assert rest == "imported as __main__\nran with ['a', 'b=1'] True\n"  # argv as `python -m toy_entry a b=1`
+    early.stop()  # after go: nothing to stop
+    assert proc.returncode == 0
+
+
+def test_an_early_start_that_never_gets_go_does_not_run(toy_command):
+    from isreshape_verl.launch.run import EarlyStart
+
+    stopped = EarlyStart(*toy_command)  # a failed check: the launcher stops it
+    assert stopped.proc.stdout.readline() == "imported as toy_entry\n"
+    stopped.stop()
+    assert stopped.proc.returncode == -signal.SIGKILL
+    (python, _, *module_and_args), env = toy_command
+    orphan = subprocess.run([python, "-m", "isreshape_verl.launch.early", *module_and_args], input="",
+                            capture_output=True, text=True, env=env, timeout=30)
+    assert (orphan.returncode, orphan.stdout) == (1, "imported as toy_entry\n")  # the launcher gone: stdin closed

@@ -22,7 +22,7 @@ from typing import TextIO
 from isreshape_verl.launch import overrides
 from isreshape_verl.launch.knobs import (DATASETS, IS_KNOBS, KNOBS, LOSSES, ROLLOUT_CORRECTIONS, KnobError, Knobs,
                                          check_environment, check_is_knobs, loss_knobs, resolve)
-from isreshape_verl.launch.run import check_model_dir, launch, shell_command
+from isreshape_verl.launch.run import EarlyStart, check_model_dir, child_environment, launch, shell_command
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 
@@ -163,10 +163,16 @@ def run_recipe(dataset: str, loss: str, extra: list[str], env: Mapping[str, str]
 
         # before the config check: seconds, where composing verl's config takes several
         check_cluster(env["RAY_ADDRESS"], int(knobs["NNODES"]), int(knobs["GPUS_PER_NODE"]), env)
-    if check:
-        config_check(knobs, cmd, "refusing to launch, the config does not pass isreshape_verl.recipe_check "
-                                 "(RECIPE_CHECK=0 skips it)")
-    return launch(knobs, cmd, run_dir, ray_tmp, extra, env, out, err)
+    # on CPU, verl's process imports verl while the config is checked (run.EarlyStart)
+    early = EarlyStart(cmd, child_environment(knobs, run_dir, env)) if knobs.cpu else None
+    try:
+        if check:
+            config_check(knobs, cmd, "refusing to launch, the config does not pass isreshape_verl.recipe_check "
+                                     "(RECIPE_CHECK=0 skips it)")
+        return launch(knobs, cmd, run_dir, ray_tmp, extra, env, out, err, early)
+    finally:
+        if early:
+            early.stop()
 
 
 # ---- compare: the arms in sequence, same knobs, one folder ----

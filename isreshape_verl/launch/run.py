@@ -251,9 +251,55 @@ def final_validation(run_dir: Path) -> str:
     return f"; val acc {last[1]:.4g} at step {last[0]}" if last else ""
 
 
+def child_environment(knobs: Knobs, run_dir: Path, env: Mapping[str, str]) -> dict[str, str]:
+    """verl's environment: `env`, a fresh RUN_MARKER, verl's metrics file and TensorBoard folder in `run_dir`,
+    and on CPU the CPU mode (verl's VERL_USE_EXTERNAL_MODULES hook)."""
+    child_env = {**env, RUN_MARKER: uuid.uuid4().hex, "VERL_FILE_LOGGER_PATH": f"{run_dir}/metrics.jsonl",
+                 "TENSORBOARD_DIR": f"{run_dir}/tensorboard"}
+    if knobs.cpu:
+        from isreshape_verl.launch.overrides import CPU_MODULE
+
+        old = env.get("VERL_USE_EXTERNAL_MODULES")
+        child_env["VERL_USE_EXTERNAL_MODULES"] = CPU_MODULE + (f",{old}" if old else "")
+        if knobs["ROLLOUT"] == "vllm":
+            child_env["VLLM_TARGET_DEVICE"] = "cpu"
+    return child_env
+
+
+class EarlyStart:
+    """verl's process, started before the launcher's config check through `isreshape_verl.launch.early`: it
+    imports verl (about 5 s on a CPU) while the launcher checks, then waits. `go()` lets it run `cmd` and returns
+    it; `stop()` ends it when it never ran (a failed check, a refused launch, Ctrl-C). The CPU recipes use it,
+    where start-up is most of a short run; a GPU launch starts `cmd` itself, as before."""
+
+    def __init__(self, cmd: list[str], child_env: dict[str, str]):
+        from isreshape_verl.launch.early import GO
+
+        self.env, self.ran, self._go = child_env, False, GO
+        self.proc = subprocess.Popen([cmd[0], "-m", "isreshape_verl.launch.early", *cmd[2:]],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     env=child_env, text=True, errors="replace", bufsize=1)
+
+    def go(self) -> subprocess.Popen:
+        self.ran = True
+        try:
+            self.proc.stdin.write(self._go + "\n")
+            self.proc.stdin.close()
+        except BrokenPipeError:  # it failed while importing: its output and exit status say why
+            pass
+        self.proc.stdin = None  # as a process started without a stdin pipe (communicate() would flush it)
+        return self.proc
+
+    def stop(self) -> None:
+        if not self.ran:
+            self.proc.kill()
+            self.proc.communicate()
+
+
 def launch(knobs: Knobs, cmd: list[str], run_dir: Path, ray_tmp: str | None, extra: list[str],
-           env: Mapping[str, str], out: TextIO, err: TextIO) -> int:
-    """Run `cmd` in `run_dir` (already checked); returns its exit status (130 / 143 after a signal)."""
+           env: Mapping[str, str], out: TextIO, err: TextIO, early: EarlyStart | None = None) -> int:
+    """Run `cmd` in `run_dir` (already checked), or let `early` run it; returns its exit status (130 / 143
+    after a signal)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     lock = lock_run_dir(run_dir)
     try:
@@ -266,23 +312,15 @@ def launch(knobs: Knobs, cmd: list[str], run_dir: Path, ray_tmp: str | None, ext
         keep_old_metrics(run_dir, out)
         write_atomically(run_dir / "command.sh", shell_command(cmd))
         write_atomically(run_dir / "launch.json", json.dumps(_settings(knobs, extra), indent=1) + "\n")
-        return _supervise(knobs, cmd, run_dir, ray_tmp, env, out, err)
+        return _supervise(knobs, cmd, run_dir, ray_tmp, env, out, err, early)
     finally:
         os.close(lock)
 
 
 def _supervise(knobs: Knobs, cmd: list[str], run_dir: Path, ray_tmp: str | None, env: Mapping[str, str],
-               out: TextIO, err: TextIO) -> int:
-    marker = uuid.uuid4().hex
-    child_env = {**env, RUN_MARKER: marker, "VERL_FILE_LOGGER_PATH": f"{run_dir}/metrics.jsonl",
-                 "TENSORBOARD_DIR": f"{run_dir}/tensorboard"}
-    if knobs.cpu:
-        from isreshape_verl.launch.overrides import CPU_MODULE
-
-        old = env.get("VERL_USE_EXTERNAL_MODULES")
-        child_env["VERL_USE_EXTERNAL_MODULES"] = CPU_MODULE + (f",{old}" if old else "")
-        if knobs["ROLLOUT"] == "vllm":
-            child_env["VLLM_TARGET_DEVICE"] = "cpu"
+               out: TextIO, err: TextIO, early: EarlyStart | None = None) -> int:
+    child_env = early.env if early else child_environment(knobs, run_dir, env)
+    marker = child_env[RUN_MARKER]
     verbose = knobs["VERBOSE"] == "1"
     print(f"# run dir: {run_dir} (metrics.jsonl, tensorboard/, checkpoints/, train.log)", file=out)
     if knobs.cpu:
@@ -341,8 +379,8 @@ def _supervise(knobs: Knobs, cmd: list[str], run_dir: Path, ray_tmp: str | None,
             print(f"# not watching the cluster's nodes: {type(exc).__name__}: {exc}", file=out)
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=child_env, text=True,
-                                errors="replace", bufsize=1)
+        proc = early.go() if early else subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                                         env=child_env, text=True, errors="replace", bufsize=1)
         if signalled:  # a signal while it started
             proc.send_signal(signalled[0][0])
         with open(run_dir / "train.log", "w") as log:
