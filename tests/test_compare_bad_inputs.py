@@ -373,10 +373,17 @@ def test_a_full_disk_at_the_first_write_leaves_nothing(tmp_path, monkeypatch, ca
 
 
 # ---- Ctrl-C and SIGTERM (row 7): real signals, so real processes -------------------------------------------------
+def _sigint_as_in_a_terminal() -> None:
+    """A shell's background job (`pytest &`) starts with SIGINT ignored, which Python and its children keep; a
+    terminal's foreground process has it at the default, where Python raises KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start(argv, cache):
     env = {**os.environ, "ISRESHAPE_CACHE": str(cache), "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen([sys.executable, "-m", "isreshape_verl.sandbox", *argv], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=_sigint_as_in_a_terminal)
 
 
 def _wait_for(proc, ready, what):
