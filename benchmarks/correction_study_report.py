@@ -165,7 +165,7 @@ def main(argv=None) -> int:
              "accuracy over the run's evaluations.", "", best_arm_table(by_dtype), ""]
     for dtype, runs in by_dtype.items():
         plot = f"accuracy_{dtype}.png"
-        plot_accuracy(runs, str(out / plot))
+        plot_accuracy(sorted(runs, key=lambda run: run["lag"]), str(out / plot))  # panels by lag, ascending
         parts += [f"## {DTYPES[dtype]}", "", verdict_intro(runs, TIS), "", verdict_table(runs, TIS), "",
                   "Diagnostics, means over steps and seeds (ratio: π_θ/μ in the bypass arms, π_θ/π_old in the "
                   "decoupled ones):", "", diagnostics_table(runs), "",

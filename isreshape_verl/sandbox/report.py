@@ -285,14 +285,16 @@ def plot_accuracy(runs: list[dict], path: str, panel: str = "lag {}") -> None:
     colors = {loss: f"C{i}" for i, loss in enumerate(losses)}
     fig, axes = plt.subplots(1, len(lags), figsize=(5.2 * len(lags), 4.2), squeeze=False, sharey=True)
     for ax, lag in zip(axes[0], lags):
+        seeds = set()  # runs per loss in this panel, for its title (the legend is shared by the panels)
         for loss in losses:
             members = [r for r in runs if r["loss"] == loss and r["lag"] == lag]
             if not members:
                 continue
+            seeds.add(len(members))
             curves = [[(row["step"], row["test_acc"]) for row in m["rows"] if row.get("test_acc") is not None] for m in members]
             steps = sorted(set.intersection(*[set(s for s, _ in c) for c in curves]))
             acc = np.array([[dict(c)[s] for s in steps] for c in curves])  # (seeds, evals)
-            ax.plot(steps, acc.mean(0), color=colors[loss], lw=2, label=f"{loss} (test acc, {len(members)} seed(s))")
+            ax.plot(steps, acc.mean(0), color=colors[loss], lw=2, label=loss)
             if len(members) > 1:
                 ax.fill_between(steps, acc.min(0), acc.max(0), color=colors[loss], alpha=0.15)
             rew = [[(row["step"], row["reward_ema"]) for row in m["rows"] if "reward_ema" in row] for m in members]
@@ -300,7 +302,8 @@ def plot_accuracy(runs: list[dict], path: str, panel: str = "lag {}") -> None:
             if rsteps:
                 ra = np.array([[dict(c)[s] for s in rsteps] for c in rew])
                 ax.plot(rsteps, ra.mean(0), color=colors[loss], lw=1, ls="--", alpha=0.8)
-        ax.set_title(panel.format(lag))
+        counts = "–".join(str(n) for n in sorted({min(seeds), max(seeds)})) if seeds else "0"
+        ax.set_title(f"{panel.format(lag)} ({counts} seed{'' if counts == '1' else 's'})")
         ax.set_xlabel("RL step")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("greedy test accuracy (solid)\nsampled train reward, EMA (dashed)")
